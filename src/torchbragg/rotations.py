@@ -1,0 +1,52 @@
+"""Rotations in the C program's conventions (float64 numpy).
+
+``rotate_xyz`` turns a vector about x, then y, then z (right-handed, angles in
+radians), skipping a zero angle exactly as nanoBragg does. ``rotate_axis`` is
+Rodrigues' rotation about a unit axis.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["rotate_xyz", "rotate_axis", "axis_rotation_matrix", "unit"]
+
+
+def unit(v) -> np.ndarray:
+    """Unit vector along ``v`` (zero vector stays zero)."""
+    v = np.asarray(v, dtype=np.float64)
+    n = float(np.sqrt(v @ v))
+    return v / n if n != 0.0 else np.zeros(3)
+
+
+def rotate_xyz(v, rx: float, ry: float, rz: float) -> np.ndarray:
+    """Rotate ``v`` about x by ``rx``, then y by ``ry``, then z by ``rz`` (radians)."""
+    x, y, z = (float(c) for c in v)
+    if rx != 0:
+        c, s = np.cos(rx), np.sin(rx)
+        y, z = y * c - z * s, y * s + z * c
+    if ry != 0:
+        c, s = np.cos(ry), np.sin(ry)
+        x, z = x * c + z * s, -x * s + z * c
+    if rz != 0:
+        c, s = np.cos(rz), np.sin(rz)
+        x, y = x * c - y * s, x * s + y * c
+    return np.array([x, y, z])
+
+
+def rotate_axis(v, axis, angle: float) -> np.ndarray:
+    """Rotate ``v`` by ``angle`` (radians) about the unit vector ``axis``."""
+    v = np.asarray(v, dtype=np.float64)
+    return axis_rotation_matrix(axis, angle) @ v
+
+
+def axis_rotation_matrix(axis, angle: float) -> np.ndarray:
+    """3×3 matrix of a right-handed rotation by ``angle`` about unit ``axis``."""
+    ax, ay, az = (float(c) for c in axis)
+    c, s = np.cos(angle), np.sin(angle)
+    t = 1.0 - c
+    return np.array([
+        [ax * ax * t + c, ax * ay * t - az * s, ax * az * t + ay * s],
+        [ay * ax * t + az * s, ay * ay * t + c, ay * az * t - ax * s],
+        [az * ax * t - ay * s, az * ay * t + ax * s, az * az * t + c],
+    ])

@@ -1,0 +1,744 @@
+"""Resolve a :class:`~torchbragg.config.SimulationConfig` into numbers.
+
+This is the engine's equivalent of the set-up part of nanoBragg's ``main``:
+default beam centres per convention, detector pivots and rotations, step counts
+(phi, divergence, dispersion, thickness, mosaic), the source list, the crystal
+lattice vectors, automatic oversampling and interpolation, the fluence and the
+structure-factor table. All values are SI (metres, radians) float64 numpy, as in
+C. Nothing here touches torch; :mod:`torchbragg.simulation` moves the results to
+the caller's device and dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from .arguments import ArgumentError
+from .config import CONVENTIONS, SimulationConfig
+from .rotations import rotate_axis, rotate_xyz, unit
+
+__all__ = ["ResolvedSetup", "resolve", "SetupError", "R_E_SQR", "AVOGADRO"]
+
+R_E_SQR = 7.94079248018965e-30  # Thomson cross section, m²
+AVOGADRO = 6.02214179e23
+RTD = 180.0 / math.pi
+
+
+class SetupError(ValueError):
+    """A configuration that cannot be rendered."""
+
+
+@dataclass
+class ResolvedSetup:
+    """All numbers one render needs, in SI units (float64)."""
+
+    # detector
+    convention: str
+    pivot: str
+    fpixels: int
+    spixels: int
+    pixel_size: float
+    detsize_f: float
+    detsize_s: float
+    fdet: np.ndarray
+    sdet: np.ndarray
+    odet: np.ndarray
+    pix0: np.ndarray
+    distance: float
+    close_distance: float
+    xbeam: float
+    ybeam: float
+    fbeam: float
+    sbeam: float
+    xclose: float
+    yclose: float
+    fclose: float
+    sclose: float
+    orgx: float
+    orgy: float
+    dials_origin: np.ndarray
+    twotheta: float
+    curved: bool
+    point_pixel: bool
+    roi: Tuple[int, int, int, int]  # fast min, fast max, slow min, slow max (inclusive)
+    mask: Optional[np.ndarray]
+    thicksteps: int
+    thickstep: float
+    thick: float
+    mu: float
+    # beam
+    beam: np.ndarray
+    polar_vector: np.ndarray
+    vert_vector: np.ndarray
+    kahn: float
+    nopolar: bool
+    lambda0: float
+    source_dirs: np.ndarray  # [S,3] unit vectors from sample towards the source
+    source_lambdas: np.ndarray  # [S] metres
+    fluence: float
+    dmin: float
+    divsteps: int
+    dispsteps: int
+    hdivrange: float
+    vdivrange: float
+    hdivstep: float
+    vdivstep: float
+    dispersion: float
+    # crystal
+    a0: np.ndarray  # real-space vectors, metres (rows a, b, c)
+    a_star: np.ndarray  # reciprocal vectors, 1/Å (rows a*, b*, c*), unrotated
+    cell: Tuple[float, float, float, float, float, float]
+    V_cell: float
+    N: Tuple[float, float, float]
+    shape: str
+    fudge: float
+    spindle: np.ndarray
+    phi0: float
+    phistep: float
+    phisteps: int
+    osc: float
+    mosaic_spread: float
+    mosaic_umats: np.ndarray  # [M,3,3]
+    water_size: float
+    I_bg: float
+    # sampling
+    oversample: int
+    recommended_oversample: int
+    oversample_thick: bool
+    oversample_polar: bool
+    oversample_omega: bool
+    interpolate: bool
+    steps: int
+    # structure factors
+    hkl: Optional[object]  # torchbragg.hkl_table.HKLTable or None
+    default_F: float
+    hkl_source: dict = field(default_factory=dict)
+    log: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def shape_px(self) -> Tuple[int, int]:
+        """Image shape (slow, fast)."""
+        return (self.spixels, self.fpixels)
+
+    @property
+    def phi_values(self) -> np.ndarray:
+        """Spindle angle of each phi step (radians)."""
+        return self.phi0 + self.phistep * np.arange(self.phisteps)
+
+
+def _path(cfg: SimulationConfig, name: Optional[str]) -> Optional[Path]:
+    if name is None:
+        return None
+    p = Path(name)
+    if not p.is_absolute() and cfg.cwd:
+        p = Path(cfg.cwd) / p
+    return p
+
+
+def _div_steps(steps: int, rng: float, step: float, unset_range_default: float = 1.0):
+    """C's rule for divergence and dispersion sweeps (values <0 mean "not given")."""
+    if steps <= 0:
+        if rng < 0.0:
+            if step <= 0.0:
+                steps, rng, step = 1, 0.0, 0.0
+            else:
+                rng, steps = step, 2
+        else:
+            if step <= 0.0:
+                step, steps = rng, 2
+            else:
+                steps = int(math.ceil(rng / step))
+    else:
+        if rng < 0.0:
+            if step <= 0.0:
+                rng = unset_range_default
+                step = rng / steps
+            else:
+                rng, steps = step, 2
+        else:
+            if step <= 0.0:
+                if steps <= 1:
+                    steps = 2
+                step = rng / (steps - 1)
+    if rng <= 0.0 or step <= 0.0 or steps <= 0:
+        steps, rng, step = 1, 0.0, 0.0
+    return steps, rng, step
+
+
+def _read_header(cfg: SimulationConfig, log: List[str]):
+    """Apply geometry from -mask and -img SMV headers, like C does first."""
+    from . import smv
+
+    det = cfg.detector
+    state = {}
+    mask = None
+    for kind, name in (("mask", det.mask_path), ("img", cfg.output.img_header_path)):
+        path = _path(cfg, name)
+        if path is None:
+            continue
+        try:
+            header, image = smv.read_smv(path)
+        except FileNotFoundError:
+            raise SetupError(f"-{kind} {name}: no such file") from None
+        except ValueError as err:
+            raise SetupError(f"-{kind} {name}: {err}") from None
+        width, height = int(header.get("SIZE1", 0)), int(header.get("SIZE2", 0))
+        state["fpixels"], state["spixels"] = width, height
+
+        def value(key):
+            try:
+                return float(str(header[key]).split(",")[0]) if key in header else None
+            except ValueError:
+                return None
+
+        pix = value("PIXEL_SIZE")
+        if pix is not None:
+            state["pixel"] = pix / 1000.0
+        for key, dest, scale in (("DISTANCE", "distance", 1e-3), ("CLOSE_DISTANCE", "close_distance", 1e-3),
+                                 ("WAVELENGTH", "lambda0", 1e-10), ("ORGX", "orgx", 1.0), ("ORGY", "orgy", 1.0),
+                                 ("PHI", "phi0", 1 / RTD), ("OSC_RANGE", "osc", 1 / RTD)):
+            v = value(key)
+            if v is not None:
+                state[dest] = v * scale
+        pixel = state.get("pixel", det.pixel_mm / 1000.0)
+        xb, yb = value("BEAM_CENTER_X"), value("BEAM_CENTER_Y")
+        if xb is not None:
+            state["xbeam"] = xb / 1000.0
+        if yb is not None:
+            # the mask header's Y is flipped (detsize_s - Y), the -img header's is not
+            state["ybeam"] = (pixel * height - yb / 1000.0) if kind == "mask" else yb / 1000.0
+        if kind == "mask":
+            mask = np.asarray(image).reshape(height, width)
+        log.append(f"reading {path}")
+    return state, mask
+
+
+def resolve(cfg: SimulationConfig) -> ResolvedSetup:
+    """Turn a configuration into the numbers of one render (C's set-up rules)."""
+    from .hkl_table import read_fdump, read_hkl
+
+    log: List[str] = []
+    notes: List[str] = []
+    det, beam, xtal, samp = cfg.detector, cfg.beam, cfg.crystal, cfg.sampling
+    conv = det.convention.upper()
+    if conv not in CONVENTIONS:
+        raise SetupError(f"unknown detector convention {det.convention!r}; expected one of {', '.join(CONVENTIONS)}")
+
+    hdr, mask = _read_header(cfg, log)
+    args = set(cfg.args or [])
+
+    # ---------------- detector size -----------------------------------------
+    pixel = det.pixel_mm / 1000.0
+    if "pixel" in hdr and "-pixel" not in args:
+        pixel = hdr["pixel"]
+    fpixels = det.fpixels if det.fpixels is not None else hdr.get("fpixels", 0)
+    spixels = det.spixels if det.spixels is not None else hdr.get("spixels", 0)
+    detsize_f = det.detsize_f_mm / 1000.0
+    detsize_s = det.detsize_s_mm / 1000.0
+    if fpixels:
+        detsize_f = pixel * fpixels
+    if spixels:
+        detsize_s = pixel * spixels
+    if pixel <= 0:
+        raise SetupError(f"-pixel must be positive, got {pixel * 1000} mm")
+    fpixels = int(math.ceil(detsize_f / pixel - 0.5))
+    spixels = int(math.ceil(detsize_s / pixel - 0.5))
+    if fpixels <= 0 or spixels <= 0:
+        raise SetupError(f"detector has no pixels ({fpixels}x{spixels})")
+    if mask is not None and mask.shape != (spixels, fpixels):
+        raise SetupError(f"-mask {det.mask_path}: image is {mask.shape[1]}x{mask.shape[0]} pixels, detector is {fpixels}x{spixels}")
+
+    def pick(user_mm, key, scale=1e-3):
+        if user_mm is not None:
+            return user_mm * scale
+        return hdr.get(key, math.nan)
+
+    distance = pick(det.distance_mm, "distance")
+    if math.isnan(distance):
+        distance = 0.1
+    close_distance = pick(det.close_distance_mm, "close_distance")
+    xbeam = pick(det.xbeam_mm, "xbeam")
+    ybeam = pick(det.ybeam_mm, "ybeam")
+    xclose = det.xclose_mm / 1000.0 if det.xclose_mm is not None else math.nan
+    yclose = det.yclose_mm / 1000.0 if det.yclose_mm is not None else math.nan
+    orgx = det.orgx if det.orgx is not None else hdr.get("orgx", math.nan)
+    orgy = det.orgy if det.orgy is not None else hdr.get("orgy", math.nan)
+    lambda0 = beam.wavelength_A * 1e-10
+    if "lambda0" in hdr and not (args & {"-lambda", "-wavelength", "-wave", "-energy"}):
+        lambda0 = hdr["lambda0"]
+    if lambda0 <= 0:
+        raise SetupError(f"wavelength must be positive, got {lambda0 * 1e10} Å")
+
+    # ---------------- beam centre defaults -----------------------------------
+    fclose = (orgx - 0.5) * pixel if not math.isnan(orgx) else detsize_f / 2.0
+    sclose = (orgy - 0.5) * pixel if not math.isnan(orgy) else detsize_s / 2.0
+    if math.isnan(xclose):
+        xclose = fclose
+    if math.isnan(yclose):
+        yclose = sclose
+    fbeam, sbeam = fclose, sclose
+
+    vecs = {
+        "beam": np.array([1.0, 0, 0]), "fdet": np.array([0, 0, 1.0]), "sdet": np.array([0, -1.0, 0]),
+        "odet": np.array([1.0, 0, 0]), "twotheta": np.array([0, 0, -1.0]), "polar": np.array([0, 0, 1.0]),
+        "spindle": np.array([0, 0, 1.0]),
+    }
+    # the C defaults before any convention block (used by CUSTOM)
+    custom_defaults = {
+        "beam": np.array([1.0, 0, 0]), "fdet": np.array([0, 0, 1.0]), "sdet": np.array([0, -1.0, 0]),
+        "odet": np.array([1.0, 0, 0]), "twotheta": np.array([0, 0, 1.0]), "polar": np.array([0, 0, 1.0]),
+        "spindle": np.array([0, 0, 1.0]),
+    }
+    pivot = None
+    if conv == "ADXV":
+        xbeam = (detsize_f + pixel) / 2.0 if math.isnan(xbeam) else xbeam
+        ybeam = (detsize_s - pixel) / 2.0 if math.isnan(ybeam) else ybeam
+        vecs.update(beam=[0, 0, 1], fdet=[1, 0, 0], sdet=[0, -1, 0], odet=[0, 0, 1], twotheta=[-1, 0, 0],
+                    polar=[1, 0, 0], spindle=[1, 0, 0])
+        fbeam, sbeam, pivot = xbeam, detsize_s - ybeam, "beam"
+    elif conv in ("MOSFLM", "DENZO"):
+        xbeam = (detsize_s + pixel) / 2.0 if math.isnan(xbeam) else xbeam
+        ybeam = (detsize_f + pixel) / 2.0 if math.isnan(ybeam) else ybeam
+        half = 0.5 * pixel if conv == "MOSFLM" else 0.0
+        fbeam, sbeam, pivot = ybeam + half, xbeam + half, "beam"
+    elif conv in ("XDS", "DIALS"):
+        xbeam = xclose if math.isnan(xbeam) else xbeam
+        ybeam = yclose if math.isnan(ybeam) else ybeam
+        if conv == "XDS":
+            vecs.update(beam=[0, 0, 1], fdet=[1, 0, 0], sdet=[0, 1, 0], odet=[0, 0, 1], twotheta=[1, 0, 0],
+                        polar=[1, 0, 0], spindle=[1, 0, 0])
+        else:
+            vecs.update(beam=[0, 0, 1], fdet=[1, 0, 0], sdet=[0, 1, 0], odet=[0, 0, 1], twotheta=[0, 1, 0],
+                        polar=[0, 1, 0], spindle=[0, 1, 0])
+        fbeam, sbeam, pivot = xbeam, ybeam, "sample"
+    else:  # CUSTOM
+        vecs = dict(custom_defaults)
+        xbeam = xclose if math.isnan(xbeam) else xbeam
+        ybeam = yclose if math.isnan(ybeam) else ybeam
+        fbeam, sbeam = xbeam, ybeam
+        fclose, sclose = xbeam, ybeam
+        pivot = det.pivot or det.implied_pivot or "beam"
+    if conv != "CUSTOM" and det.pivot is not None and det.pivot != pivot:
+        notes.append(f"note: -pivot {det.pivot} has no effect with the {conv} convention "
+                     f"(nanoBragg forces the {pivot} pivot); use the CUSTOM vectors to choose the pivot")
+    vecs = {k: np.asarray(v, dtype=np.float64) for k, v in vecs.items()}
+    user = {"beam": beam.beam_vector, "fdet": det.fdet_vector, "sdet": det.sdet_vector, "odet": det.odet_vector,
+            "twotheta": det.twotheta_axis, "polar": beam.polar_vector, "spindle": xtal.spindle_axis}
+    for k, v in user.items():
+        if v is not None:
+            if conv != "CUSTOM":
+                notes.append(f"note: a user {k} vector switches nanoBragg to the CUSTOM convention")
+            vecs[k] = np.asarray(v, dtype=np.float64)
+    beam_v = unit(vecs["beam"])
+    fdet = unit(vecs["fdet"])
+    sdet = unit(vecs["sdet"])
+    odet_raw = vecs["odet"]
+    odet = unit(odet_raw)
+    if float(np.sqrt(odet_raw @ odet_raw)) != 1.0:
+        log.append("WARNING: auto-generating odet_vector")
+        odet = unit(np.cross(fdet, sdet))
+    polar_v = unit(vecs["polar"])
+    spindle = unit(vecs["spindle"])
+    twotheta_axis = vecs["twotheta"]
+    vert = unit(np.cross(beam_v, polar_v))
+
+    # ---------------- step counts ------------------------------------------
+    osc = xtal.osc_deg / RTD if xtal.osc_deg is not None else hdr.get("osc", -1.0)
+    phistep = xtal.phistep_deg / RTD if xtal.phistep_deg is not None else -1.0
+    phisteps = xtal.phisteps if xtal.phisteps is not None else -1
+    phi0 = xtal.phi0_deg / RTD if "-phi" in args or cfg.args is None or "phi0" not in hdr else hdr["phi0"]
+    if phisteps < 0:
+        if osc < 0.0:
+            if phistep <= 0.0:
+                phisteps, osc, phistep = 1, 0.0, 0.0
+            else:
+                osc, phisteps = phistep, 2
+        else:
+            if phistep <= 0.0:
+                phisteps, phistep = 2, osc / 2.0
+            else:
+                phisteps = int(math.ceil(osc / phistep))
+    else:
+        if phisteps == 0:
+            phisteps = 1
+        if osc < 0.0:
+            if phistep <= 0.0:
+                osc = 1.0 / RTD
+                phistep = osc / phisteps
+            else:
+                osc, phisteps = phistep, 2
+        else:
+            if phistep < 0.0:
+                phistep = osc / phisteps
+
+    mrad = 1e-3
+    hsteps, hrange, hstep = _div_steps(
+        beam.hdivsteps if beam.hdivsteps is not None else -1,
+        beam.hdivrange_mrad * mrad if beam.hdivrange_mrad is not None else -1.0,
+        beam.hdivstep_mrad * mrad if beam.hdivstep_mrad is not None else -1.0)
+    vsteps, vrange, vstep = _div_steps(
+        beam.vdivsteps if beam.vdivsteps is not None else -1,
+        beam.vdivrange_mrad * mrad if beam.vdivrange_mrad is not None else -1.0,
+        beam.vdivstep_mrad * mrad if beam.vdivstep_mrad is not None else -1.0)
+    dsteps, dispersion, dstep = _div_steps(
+        beam.dispsteps if beam.dispsteps is not None else -1, beam.dispersion_percent / 100.0, -1.0)
+
+    # detector thickness (C's own variant of the rule)
+    thick = det.thick_um * 1e-6
+    tsteps = det.thicksteps if det.thicksteps is not None else -1
+    tstep = -1.0
+    if tsteps <= 0:
+        if thick < 0.0:
+            tsteps, thick, tstep = 1, 0.0, 0.0
+        else:
+            tsteps = 2
+            tstep = thick / tsteps
+    else:
+        if thick < 0.0:
+            thick = 0.5e-6
+            tstep = thick / tsteps
+        else:
+            if tsteps <= 1:
+                tsteps = 2
+            tstep = thick / (tsteps - 1)
+    mu = -1.0
+    if det.absorption_off:
+        thick, mu = 0.0, 0.0
+    elif det.attenuation_depth_um is not None:
+        mu = 1.0 / (det.attenuation_depth_um * 1e-6)
+    if thick > 0.0 and mu < 0.0:
+        mu = 1.0 / thick
+        log.append(f"WARNING: setting detector attenuation depth to {mu:g} m")
+    if thick <= 0.0 or tstep <= 0.0 or tsteps <= 0:
+        tsteps, thick, tstep = 1, 0.0, 0.0
+
+    mosaic_spread = xtal.mosaic_deg / RTD if xtal.mosaic_deg is not None else -1.0
+    domains = xtal.mosaic_domains if xtal.mosaic_domains is not None else -1
+    if domains <= 0:
+        if mosaic_spread < 0.0:
+            domains, mosaic_spread = 1, 0.0
+        elif mosaic_spread == 0.0:
+            domains = 1
+        else:
+            log.append("WARNING: finite mosaicity with only one domain! upping to 10 mosaic domains")
+            domains = 10
+    else:
+        if mosaic_spread < 0.0:
+            log.append("WARNING: no mosaic spread specified.  setting mosaic_domains = 1")
+            mosaic_spread, domains = 0.0, 1
+        elif mosaic_spread == 0.0:
+            log.append("WARNING: zero mosaic spread specified.  setting mosaic_domains = 1")
+            domains = 1
+
+    # ---------------- detector placement -------------------------------------
+    rx, ry, rz = det.rotx_deg / RTD, det.roty_deg / RTD, det.rotz_deg / RTD
+    twotheta = det.twotheta_deg / RTD
+    ratio = float(beam_v @ rotate_xyz(odet, rx, ry, rz))
+    if ratio == 0.0:
+        ratio = np.finfo(float).tiny
+    if math.isnan(close_distance):
+        close_distance = abs(ratio * distance)
+    distance = close_distance / ratio
+    if det.pix0_vector_m is not None:
+        pix0 = np.asarray(det.pix0_vector_m, dtype=np.float64)
+    else:
+        pix0 = np.zeros(3)
+    if pivot == "sample":
+        pix0 = -fclose * fdet - sclose * sdet + close_distance * odet
+        pix0 = rotate_axis(rotate_xyz(pix0, rx, ry, rz), twotheta_axis, twotheta)
+    fdet = rotate_axis(rotate_xyz(fdet, rx, ry, rz), twotheta_axis, twotheta)
+    sdet = rotate_axis(rotate_xyz(sdet, rx, ry, rz), twotheta_axis, twotheta)
+    odet = rotate_axis(rotate_xyz(odet, rx, ry, rz), twotheta_axis, twotheta)
+    if pivot == "beam":
+        pix0 = -fbeam * fdet - sbeam * sdet + distance * beam_v
+    fclose = -float(pix0 @ fdet)
+    sclose = -float(pix0 @ sdet)
+    close_distance = float(pix0 @ odet)
+    impact = close_distance / ratio * beam_v - pix0
+    fbeam = float(fdet @ impact)
+    sbeam = float(sdet @ impact)
+    distance = close_distance / ratio
+    orgx = fclose / pixel + 0.5
+    orgy = sclose / pixel + 0.5
+    dials_origin = 1000.0 * np.array([pix0 @ np.array([0, 0, 1.0]), pix0 @ np.array([0, 1.0, 0]),
+                                      pix0 @ np.array([-1.0, 0, 0])])
+
+    # ---------------- crystal --------------------------------------------------
+    a_star, a_real, cell, V_cell = _lattice(cfg, lambda0, log)
+    Na, Nb, Nc = (float(n) for n in xtal.N)
+    size = [s * 1e-6 for s in xtal.size_um]
+    lengths = [float(np.sqrt(v @ v)) * 1e-10 for v in a_real]  # metres
+    if size[0] > 0:
+        Na = float(math.ceil(size[0] / lengths[0]))
+    if size[1] > 0:
+        Nb = float(math.ceil(size[1] / lengths[1]))
+    if size[2] > 0:
+        Nc = float(math.ceil(size[2] / lengths[2]))
+    Na, Nb, Nc = (max(n, 1.0) for n in (Na, Nb, Nc))
+    xtalsize_max = max(lengths[0] * Na, lengths[1] * Nb, lengths[2] * Nc)
+    reciprocal_pixel_size = lambda0 * distance / pixel
+    recommended = int(math.ceil(3.0 * xtalsize_max / reciprocal_pixel_size))
+    if recommended <= 0:
+        recommended = 1
+    oversample = samp.oversample if samp.oversample is not None and samp.oversample > 0 else 0
+    if oversample <= 0:
+        oversample = recommended
+        log.append(f"auto-selected {oversample}-fold oversampling")
+    elif oversample < recommended:
+        log.append(f"WARNING: maximum dimension of sample is {xtalsize_max * 1e10:g} A")
+        log.append(f"         but reciprocal pixel size is {reciprocal_pixel_size * 1e10:g} A")
+        log.append("         intensity may vary significantly across a pixel!")
+        log.append(f"         recommend -oversample {recommended} to work around this")
+
+    interpolate = xtal.interpolate
+    if interpolate is None:
+        interpolate = Na <= 2 or Nb <= 2 or Nc <= 2
+        log.append("auto-selected tricubic interpolation of structure factors" if interpolate
+                   else "auto-selected no interpolation")
+
+    # ---------------- structure factors ---------------------------------------
+    table = None
+    hkl_path = _path(cfg, xtal.hkl_path)
+    here = Path(cfg.cwd) if cfg.cwd else Path.cwd()
+    fdump_here = here / "Fdump.bin"
+    hkl_warnings: List[str] = []
+    if hkl_path is not None:
+        if not hkl_path.exists():
+            raise SetupError(f"-hkl {xtal.hkl_path}: no such file")
+        if _is_fdump(hkl_path):
+            table = read_fdump(hkl_path, default_F=xtal.default_F)
+        else:
+            table = read_hkl(hkl_path, xtal.default_F)
+        hkl_warnings.extend(getattr(table, "warnings", []))
+    elif fdump_here.exists():
+        if cfg.compat.implicit_fdump:
+            table = read_fdump(fdump_here, default_F=xtal.default_F)
+            hkl_warnings.append(f"read {fdump_here} because -use_fdump was given (C behaviour)")
+        else:
+            hkl_warnings.append(
+                f"{fdump_here} is present but unused: nanoBragg would silently read it here "
+                "(no -hkl given); pass -hkl Fdump.bin or -use_fdump to read it")
+    if table is None and xtal.default_F == 0.0:
+        raise SetupError("no structure factors: give -hkl FILE or a non-zero -default_F")
+    if table is not None and table.count == 0:
+        interpolate = False
+    if table is None:
+        interpolate = False
+    hkl_source = _describe_source(table, xtal.default_F, hkl_warnings)
+
+    # ---------------- sources ------------------------------------------------------
+    source_dirs, source_lambdas, divsteps = _sources(cfg, beam_v, polar_v, vert, lambda0, hsteps, hrange, hstep,
+                                                     vsteps, vrange, vstep, dsteps, dispersion, dstep)
+
+    # ---------------- mosaic -------------------------------------------------------
+    from .c_random import mosaic_umats
+
+    umats = mosaic_umats(mosaic_spread, domains, xtal.mosaic_seed)
+
+    # ---------------- fluence and background -----------------------------------
+    fluence = beam.fluence
+    beamsize = beam.beamsize_mm / 1000.0
+    flux = beam.flux
+    if flux != 0.0 and beam.exposure_s > 0.0 and beamsize >= 0:
+        fluence = flux * beam.exposure_s / beamsize / beamsize
+    water_size = xtal.water_um * 1e-6
+    water_F, water_MW = 2.57, 18.0
+    I_bg = water_F * water_F * R_E_SQR * fluence * water_size ** 3 * 1e6 * AVOGADRO / water_MW
+
+    roi = det.roi
+    if roi is None:
+        roi = (0, fpixels, 0, spixels)
+    steps = len(source_lambdas) * domains * phisteps * oversample * oversample
+
+    return ResolvedSetup(
+        convention=conv, pivot=pivot, fpixels=fpixels, spixels=spixels, pixel_size=pixel,
+        detsize_f=detsize_f, detsize_s=detsize_s, fdet=fdet, sdet=sdet, odet=odet, pix0=pix0,
+        distance=distance, close_distance=close_distance, xbeam=xbeam, ybeam=ybeam, fbeam=fbeam, sbeam=sbeam,
+        xclose=xclose, yclose=yclose, fclose=fclose, sclose=sclose, orgx=orgx, orgy=orgy,
+        dials_origin=dials_origin, twotheta=twotheta, curved=det.curved, point_pixel=det.point_pixel,
+        roi=tuple(int(v) for v in roi), mask=mask, thicksteps=tsteps, thickstep=tstep, thick=thick, mu=mu,
+        beam=beam_v, polar_vector=polar_v, vert_vector=vert, kahn=beam.kahn_factor, nopolar=beam.nopolar,
+        lambda0=lambda0, source_dirs=source_dirs, source_lambdas=source_lambdas, fluence=fluence,
+        dmin=beam.dmin_A * 1e-10, divsteps=divsteps, dispsteps=dsteps, hdivrange=hrange, vdivrange=vrange,
+        hdivstep=hstep, vdivstep=vstep, dispersion=dispersion,
+        a0=a_real * 1e-10, a_star=a_star, cell=cell, V_cell=V_cell, N=(Na, Nb, Nc), shape=xtal.shape,
+        fudge=xtal.fudge, spindle=spindle, phi0=phi0, phistep=phistep, phisteps=phisteps, osc=osc,
+        mosaic_spread=mosaic_spread, mosaic_umats=umats, water_size=water_size, I_bg=I_bg,
+        oversample=oversample, recommended_oversample=recommended, oversample_thick=samp.oversample_thick,
+        oversample_polar=samp.oversample_polar, oversample_omega=samp.oversample_omega,
+        interpolate=bool(interpolate), steps=steps, hkl=table, default_F=xtal.default_F,
+        hkl_source=hkl_source, log=log, notes=notes,
+    )
+
+
+def _is_fdump(path: Path) -> bool:
+    if path.name.lower().endswith(".bin"):
+        return True
+    with open(path, "rb") as fh:
+        head = fh.read(256)
+    return b"\n\f" in head
+
+
+def _describe_source(table, default_F: float, warnings_: List[str]) -> dict:
+    if table is None:
+        return {"kind": "none", "source": None, "bounds": None, "count": 0, "default_F": default_F,
+                "warnings": warnings_,
+                "describe": f"no HKL table: every reflection uses default_F = {default_F:g}"}
+    bounds = [list(b) for b in table.bounds]
+    return {"kind": table.kind, "source": str(table.source), "bounds": bounds, "count": int(table.count),
+            "default_F": default_F, "warnings": warnings_, "describe": table.describe()}
+
+
+def _lattice(cfg: SimulationConfig, lambda0: float, log: List[str]):
+    """Reciprocal (1/Å) and real (Å) lattice vectors as rows, like C."""
+    from .matrix_file import read_mosflm_matrix
+
+    xtal = cfg.crystal
+    user_cell = xtal.cell is not None
+    a_star = np.zeros((3, 3))
+    lengths = [0.0, 0.0, 0.0]
+    V_cell = 0.0
+    if user_cell:
+        a, b, c, al, be, ga = (list(xtal.cell) + [0.0] * 6)[:6]
+        if b <= 0.0:
+            b = a
+        if c <= 0.0:
+            c = a
+        al = al / RTD if al > 0 else math.pi / 2
+        be = be / RTD if be > 0 else math.pi / 2
+        ga = ga / RTD if ga > 0 else math.pi / 2
+        if a <= 0:
+            raise SetupError(f"-cell: the a axis must be positive, got {a:g}")
+        lengths = [a, b, c]
+        aavg = (al + be + ga) / 2.0
+        skew = abs(math.sin(aavg) * math.sin(aavg - al) * math.sin(aavg - be) * math.sin(aavg - ga))
+        V_cell = 2.0 * a * b * c * math.sqrt(skew)
+        if V_cell <= 0.0:
+            raise SetupError(f"-cell {xtal.cell}: impossible unit cell volume {V_cell:g}")
+        V_star = 1.0 / V_cell
+        as_, bs, cs = b * c * math.sin(al) * V_star, c * a * math.sin(be) * V_star, a * b * math.sin(ga) * V_star
+        cos_as = (math.cos(be) * math.cos(ga) - math.cos(al)) / (math.sin(be) * math.sin(ga))
+        cos_bs = (math.cos(ga) * math.cos(al) - math.cos(be)) / (math.sin(ga) * math.sin(al))
+        cos_gs = (math.cos(al) * math.cos(be) - math.cos(ga)) / (math.sin(al) * math.sin(be))
+        sin_gs = c * V_star / as_ / bs
+        sin_gs = min(sin_gs, 1.0)
+        a_star[0] = [as_, 0.0, 0.0]
+        a_star[1] = [bs * cos_gs, bs * sin_gs, 0.0]
+        a_star[2] = [cs * cos_bs, cs * (cos_as - cos_bs * cos_gs) / sin_gs, cs * V_cell / (a * b * c * sin_gs)]
+    if xtal.matrix_path is not None:
+        path = _path(cfg, xtal.matrix_path)
+        if not path.exists():
+            raise SetupError(f"-mat {xtal.matrix_path}: no such file")
+        m = np.asarray(read_mosflm_matrix(path), dtype=np.float64)
+        # columns of the file are a*, b*, c*; rows x, y, z; the matrix carries the wavelength
+        a_star = m.T * (1e-10 / lambda0)
+        log.append(f"reading {path}")
+    elif not user_cell:
+        raise SetupError("no unit cell: give -cell a b c alpha beta gamma or -mat FILE")
+    misset = None
+    if xtal.misset_random:
+        from .c_random import random_misset
+
+        seed = xtal.misset_seed if xtal.misset_seed is not None else cfg.output.seed
+        if seed is None:  # C: the time of day, like -seed
+            import time
+
+            seed = int(time.time())
+            log.append(f"-misset random with no seed: using -misset_seed {seed}")
+        misset = random_misset(seed)
+        log.append("random orientation misset angles: %f %f %f deg" % tuple(m * RTD for m in misset))
+    elif xtal.misset_deg is not None:
+        misset = tuple(m / RTD for m in xtal.misset_deg)
+    if misset is not None:
+        a_star = np.array([rotate_xyz(v, *misset) for v in a_star])
+    axb, bxc, cxa = np.cross(a_star[0], a_star[1]), np.cross(a_star[1], a_star[2]), np.cross(a_star[2], a_star[0])
+    V_star = float(a_star[0] @ bxc)
+    if user_cell:
+        def rescale(v, mag):
+            n = float(np.sqrt(v @ v))
+            return v * (mag / (n if n > 0 else 1.0))
+
+        bxc = rescale(bxc, lengths[0] / V_cell)
+        cxa = rescale(cxa, lengths[1] / V_cell)
+        axb = rescale(axb, lengths[2] / V_cell)
+        V_star = 1.0 / V_cell
+    V_cell = 1.0 / V_star
+    real = np.array([bxc * V_cell, cxa * V_cell, axb * V_cell])
+    a_star = np.array([np.cross(real[1], real[2]), np.cross(real[2], real[0]), np.cross(real[0], real[1])]) * V_star
+    la = [float(np.sqrt(v @ v)) for v in real]
+    cosines = [float(real[1] @ real[2]) / la[1] / la[2], float(real[0] @ real[2]) / la[0] / la[2],
+               float(real[0] @ real[1]) / la[0] / la[1]]
+    angles = [math.degrees(math.acos(max(-1.0, min(1.0, c)))) for c in cosines]
+    cell = (la[0], la[1], la[2], angles[0], angles[1], angles[2])
+    log.append("Unit Cell: %g %g %g %g %g %g" % cell)
+    log.append(f"volume = {V_cell:g} A^3")
+    return a_star, real, cell, V_cell
+
+
+def _sources(cfg, beam_v, polar_v, vert, lambda0, hsteps, hrange, hstep, vsteps, vrange, vstep,
+             dsteps, dispersion, dstep):
+    source_distance = 10.0
+    if cfg.beam.sourcefile:
+        path = _path(cfg, cfg.beam.sourcefile)
+        rows = _read_source_file(path)
+        dirs, lams = [], []
+        for row in rows:
+            x, y, z, _w, lam = (row + [math.nan] * 5)[:5]
+            x = -source_distance * beam_v[0] if math.isnan(x) else x
+            y = -source_distance * beam_v[1] if math.isnan(y) else y
+            z = -source_distance * beam_v[2] if math.isnan(z) else z
+            lam = lambda0 if math.isnan(lam) else lam
+            dirs.append(unit([x, y, z]))
+            lams.append(lam)
+        return np.array(dirs), np.array(lams), len(rows)
+    dirs, lams = [], []
+    divsteps = 0
+    for ht in range(hsteps):
+        for vt in range(vsteps):
+            hdiv = hstep * ht - hrange / 2.0
+            vdiv = vstep * vt - vrange / 2.0
+            test = 0.0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                test = (np.float64(hdiv * hdiv - hstep * hstep / 4.0 * (1 - hsteps % 2)) / np.float64(hrange) / hrange
+                        + np.float64(vdiv * vdiv - vstep * vstep / 4.0 * (1 - vsteps % 2)) / np.float64(vrange) / vrange)
+            if cfg.beam.round_div and test * 4.0 > 1.1:
+                continue
+            divsteps += 1
+            vec = -source_distance * beam_v
+            vec = rotate_axis(vec, polar_v, vdiv)
+            vec = rotate_axis(vec, vert, hdiv)
+            for dt in range(dsteps):
+                lam = lambda0 * (1.0 + dstep * dt - dispersion / 2.0)
+                dirs.append(unit(vec))
+                lams.append(lam)
+    if not dirs:
+        raise SetupError("the divergence settings leave no source")
+    return np.array(dirs), np.array(lams), divsteps
+
+
+def _read_source_file(path: Path) -> List[List[float]]:
+    import re
+
+    if path is None or not path.exists():
+        raise SetupError(f"-sourcefile {path}: no such file")
+    rows = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        fields = [f for f in re.split(r"[ \t,;:!]+", text) if f]
+        try:
+            rows.append([float(f) for f in fields[:5]])
+        except ValueError:
+            raise SetupError(f"{path}:{lineno}: expected numbers X Y Z I lambda: {line!r}") from None
+    if not rows:
+        raise SetupError(f"{path}: no sources in file")
+    return rows

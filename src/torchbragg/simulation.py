@@ -1,0 +1,398 @@
+"""The :class:`Simulation` object: configuration → image, fallback map, taps."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .arguments import parse_args
+from .config import SimulationConfig
+from .kernel import (LOOKUP_REASONS, KernelTensors, evaluate_block, evaluation_ordinals,
+                     interp_out_of_range)
+from .rotations import axis_rotation_matrix
+from .setup import R_E_SQR, ResolvedSetup, resolve
+
+__all__ = ["Simulation", "RenderCancelled", "FallbackMap", "RenderStats"]
+
+ProgressFn = Callable[[int, int], None]
+CancelFn = Callable[[], bool]
+
+#: evaluations held at once by default (bounds memory: ~100 bytes each in float32)
+DEFAULT_EVALUATIONS_PER_CHUNK = 1 << 21
+
+
+class RenderCancelled(RuntimeError):
+    """Raised inside :meth:`Simulation.render` when ``should_cancel()`` says so."""
+
+
+@dataclass
+class FallbackMap:
+    """Where the structure factor fell back to ``default_F``.
+
+    Attributes
+    ----------
+    counts : torch.Tensor
+        int32 [slow, fast]: evaluations of each pixel that used default_F.
+    reason : torch.Tensor
+        uint8 [slow, fast]: the dominant fallback reason of each pixel
+        (0 none, 1 no table, 2 outside the table, 3 unlisted in the table).
+    evaluations_per_pixel : int
+    """
+
+    counts: torch.Tensor
+    reason: torch.Tensor
+    evaluations_per_pixel: int
+    REASONS = {0: "table", 1: "default_F:no_table", 2: "default_F:outside_table", 3: "default_F:unlisted"}
+
+    def pixel_counts(self) -> dict:
+        """Number of pixels whose dominant reason is each code."""
+        values = torch.bincount(self.reason.flatten().long(), minlength=4).tolist()
+        return {self.REASONS[i]: int(values[i]) for i in range(4)}
+
+
+@dataclass
+class RenderStats:
+    """The statistics nanoBragg prints after a render."""
+
+    max_I: float
+    max_I_fast_m: float
+    max_I_slow_m: float
+    max_pixel: Tuple[int, int]
+    mean: float
+    rms: float
+    rmsd: float
+    solid_angle_sr: float
+    pixels: int
+
+    def lines(self) -> List[str]:
+        return [
+            f"solid angle subtended by detector = {self.solid_angle_sr:g} steradian "
+            f"( {100 * self.solid_angle_sr / 4 / math.pi:g}% sphere)",
+            f"max_I = {self.max_I:g}  at {self.max_I_fast_m:g} {self.max_I_slow_m:g}",
+            f"mean= {self.mean:g} rms= {self.rms:g} rmsd= {self.rmsd:g}",
+        ]
+
+
+class Simulation:
+    """A nanoBragg simulation bound to a device and dtype.
+
+    Parameters
+    ----------
+    config : SimulationConfig
+    device : str or torch.device
+    dtype : torch.dtype
+        ``torch.float32`` (default) or ``torch.float64``.
+    chunk_rows : int, optional
+        Detector rows rendered at once; by default chosen to hold about two
+        million evaluations. The image does not depend on it.
+
+    Examples
+    --------
+    >>> sim = Simulation.from_args(["-cell", "100", "100", "100", "90", "90", "90",
+    ...                             "-default_F", "100", "-N", "5", "-detpixels", "64"])
+    >>> image = sim.render()
+    """
+
+    def __init__(self, config: SimulationConfig, device: Union[str, torch.device] = "cpu",
+                 dtype: torch.dtype = torch.float32, chunk_rows: Optional[int] = None):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.config = config
+        self.setup: ResolvedSetup = resolve(config)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._tensors = self._make_tensors()
+        E = self.evaluations_per_pixel
+        self.chunk_rows = int(chunk_rows) if chunk_rows else max(
+            1, DEFAULT_EVALUATIONS_PER_CHUNK // max(1, self.setup.fpixels * E))
+        self._cutoff_cache: Optional[Tuple[bool, Optional[int]]] = None
+        self.last_stats: Optional[RenderStats] = None
+
+    # ------------------------------------------------------------------ API
+    @classmethod
+    def from_args(cls, args: Sequence[str], device: Union[str, torch.device] = "cpu",
+                  dtype: torch.dtype = torch.float32, cwd: Optional[str] = None,
+                  chunk_rows: Optional[int] = None) -> "Simulation":
+        """Build a simulation from nanoBragg command-line arguments."""
+        cfg = parse_args(list(args))
+        cfg.cwd = str(cwd) if cwd is not None else None
+        return cls(cfg, device=device, dtype=dtype, chunk_rows=chunk_rows)
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        """Image shape (slow, fast)."""
+        return self.setup.shape_px
+
+    @property
+    def evaluations_per_pixel(self) -> int:
+        s = self.setup
+        return s.thicksteps * s.oversample ** 2 * len(s.source_lambdas) * s.phisteps * len(s.mosaic_umats)
+
+    @property
+    def hkl_info(self) -> dict:
+        """Where the structure factors came from (kind, source, bounds, count, default_F, warnings)."""
+        return dict(self.setup.hkl_source)
+
+    def render(self, progress: Optional[ProgressFn] = None, should_cancel: Optional[CancelFn] = None) -> torch.Tensor:
+        """Render the image: photons per pixel, ``[slow, fast]`` on the simulation's device."""
+        image, _ = self._render(progress, should_cancel, fallback=False)
+        return image
+
+    def render_with_fallback(self, progress: Optional[ProgressFn] = None,
+                             should_cancel: Optional[CancelFn] = None) -> Tuple[torch.Tensor, FallbackMap]:
+        """Render the image and the per-pixel default_F fallback map."""
+        return self._render(progress, should_cancel, fallback=True)
+
+    def tap(self, slow: int, fast: int, taps: Sequence[str] = ("hkl_subpixel",)):
+        """Run the engine's kernel on one pixel and return its :class:`~torchbragg.taps.PixelTap`."""
+        from .taps import run_tap
+
+        return run_tap(self, slow, fast, taps)
+
+    # ------------------------------------------------------------ internals
+    def _make_tensors(self) -> KernelTensors:
+        s, dt, dev = self.setup, self.dtype, self.device
+
+        def t(x):
+            return torch.as_tensor(np.asarray(x, dtype=np.float64), dtype=dt, device=dev)
+
+        phis = s.phi_values
+        base = s.a0 * 1e10  # rows a, b, c in Å
+        rotations = [axis_rotation_matrix(s.spindle, p) if p != 0.0 else None for p in phis]
+        normal, first = _phi_orientations(phis, self.config.compat.phi0_reuse)
+        umats = s.mosaic_umats if s.mosaic_spread > 0 else np.eye(3)[None]
+        if s.mosaic_spread <= 0:
+            umats = np.repeat(umats, len(s.mosaic_umats), axis=0)
+
+        def lattice(index_list):
+            mats = []
+            for q in index_list:
+                ap = base if q is None or rotations[q] is None else base @ rotations[q].T
+                mats.append(np.stack([ap @ u.T for u in umats]))
+            return np.stack(mats)  # [P,M,3,3]
+
+        lat = lattice(normal)
+        lat_first = lattice(first) if first != normal else None
+        table = listed = bounds = None
+        if s.hkl is not None:
+            tb = s.hkl
+            table = t(np.ascontiguousarray(tb.values).reshape(-1))
+            listed = torch.as_tensor(np.ascontiguousarray(tb.listed).reshape(-1), device=dev)
+            bounds = (tb.h_min, tb.h_max, tb.k_min, tb.k_max, tb.l_min, tb.l_max)
+        return KernelTensors(
+            dtype=dt, device=dev, fdet=t(s.fdet), sdet=t(s.sdet), odet=t(s.odet), pix0=t(s.pix0), beam=t(s.beam),
+            pixel_size=s.pixel_size, subpixel_size=s.pixel_size / s.oversample, oversample=s.oversample,
+            thick_offsets=t(np.arange(s.thicksteps) * s.thickstep), thickstep=s.thickstep, mu=s.mu, thick=s.thick,
+            distance=s.distance, close_distance=s.close_distance, curved=s.curved, point_pixel=s.point_pixel,
+            incident=t(-s.source_dirs), inv_lambda=t(1e-10 / s.source_lambdas), polar_axis=t(s.polar_vector),
+            kahn=s.kahn, nopolar=s.nopolar, dmin_A=s.dmin * 1e10, lattice=t(lat),
+            lattice_first=t(lat_first) if lat_first is not None else None, a_star=t(s.a_star), N=s.N,
+            shape=s.shape, fudge=s.fudge, water=s.water_size != 0.0, table=table, listed=listed, bounds=bounds,
+            default_F=s.default_F, interpolate=s.interpolate and s.hkl is not None,
+        )
+
+    def active_mask(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Pixels of a block that C renders (inside -roi, not zero in -mask)."""
+        xmin, xmax, ymin, ymax = self.setup.roi
+        act = ((rows >= ymin) & (rows <= ymax))[:, None] & ((cols >= xmin) & (cols <= xmax))[None, :]
+        if self.setup.mask is not None:
+            m = torch.as_tensor(self.setup.mask != 0, device=self.device)
+            act = act & m[rows][:, cols]
+        return act
+
+    def first_pixel(self) -> Optional[Tuple[int, int]]:
+        """The first pixel C renders (row-major inside the ROI and mask)."""
+        xmin, xmax, ymin, ymax = self.setup.roi
+        ymax, xmax = min(ymax, self.setup.spixels - 1), min(xmax, self.setup.fpixels - 1)
+        if self.setup.mask is None:
+            return (ymin, xmin) if ymin <= ymax and xmin <= xmax else None
+        sub = np.asarray(self.setup.mask)[ymin:ymax + 1, xmin:xmax + 1] != 0
+        hits = np.argwhere(sub)
+        return (int(hits[0][0]) + ymin, int(hits[0][1]) + xmin) if len(hits) else None
+
+    def interpolation_cutoff(self) -> Optional[int]:
+        """Global evaluation ordinal where C switches interpolation off (None: never)."""
+        if self._cutoff_cache is not None:
+            return self._cutoff_cache[1]
+        kt = self._tensors
+        cutoff = None
+        if kt.interpolate:
+            first = self.first_pixel()
+            ny, nx = self.shape
+            cols = torch.arange(nx, device=self.device)
+            for r0 in range(0, ny, self.chunk_rows):
+                rows = torch.arange(r0, min(ny, r0 + self.chunk_rows), device=self.device)
+                res = evaluate_block(kt, rows, cols, first_pixel=first, want_hkl_only=True)
+                bad = interp_out_of_range(kt, res["hkl"]) & ~res["skipped"]
+                act = self.active_mask(rows, cols)
+                bad = bad & act.reshape(act.shape + (1,) * (bad.dim() - 2))
+                if bool(bad.any()):
+                    ords = evaluation_ordinals(rows, cols, nx, res["E"], bad.shape)
+                    cutoff = int(ords[bad].min())
+                    break
+        self._cutoff_cache = (True, cutoff)
+        return cutoff
+
+    def evaluate(self, rows: torch.Tensor, cols: torch.Tensor, detail: bool = False) -> dict:
+        """Run the kernel on a block (used by rendering and taps)."""
+        return evaluate_block(self._tensors, rows, cols, interp_cutoff=self.interpolation_cutoff(),
+                              fpixels=self.setup.fpixels, first_pixel=self.first_pixel(), detail=detail)
+
+    def reduce(self, res: dict) -> dict:
+        """Reduce per-evaluation results to pixel values, following C's factor rules.
+
+        Returns a dict with ``value`` (photons), ``I_sum`` (sum before scaling,
+        background included), and the factors applied at the end.
+        """
+        s = self.setup
+        inten = res["intensity"]
+        R, C = inten.shape[:2]
+        flat = inten.reshape(R, C, -1).to(torch.float64 if self.dtype == torch.float64 else inten.dtype)
+        omega, capture, polar = res["omega"], res["capture"], res["polar"]
+        T = capture.shape[2]
+        omega_first = omega[:, :, 0, 0, 0]
+        capture_last = capture[:, :, T - 1, 0, 0]
+        # polarisation: value at the first (subpixel, source) not skipped by -dmin
+        pol = polar.reshape(R, C, -1)
+        ok = ~res["dmin_skip"].reshape(R, C, -1)
+        first_ok = torch.argmax(ok.to(torch.int8), dim=-1)
+        polar_first = torch.where(ok.any(-1), torch.gather(pol, -1, first_ok[..., None])[..., 0],
+                                  torch.zeros_like(pol[..., 0]))
+        scale = R_E_SQR * s.fluence / s.steps
+        if not (s.oversample_thick or s.oversample_polar or s.oversample_omega):
+            I_sum = flat.sum(-1) + s.I_bg
+            value = I_sum * scale * capture_last * polar_first * omega_first
+            return {"value": value, "I_sum": I_sum, "omega_applied": omega_first,
+                    "capture_applied": capture_last, "polar_applied": polar_first}
+        # C multiplies the running sum by each oversampled factor inside the loop
+        evshape = inten.shape
+        mult = torch.ones(evshape, dtype=inten.dtype, device=inten.device)
+        sub_shape = evshape[:5] + (1,) * (len(evshape) - 5)
+        if s.oversample_thick:
+            mult = mult * capture.reshape(sub_shape)
+        if s.oversample_omega:
+            mult = mult * omega.reshape(sub_shape)
+        if s.oversample_polar:
+            mult = mult * polar.reshape(evshape[:6] + (1,) * (len(evshape) - 6))
+        mult = torch.where(res["skipped"], torch.ones_like(mult), mult).reshape(R, C, -1)
+        suffix = torch.flip(torch.cumprod(torch.flip(mult, [-1]), -1), [-1])
+        I_sum = (flat * suffix).sum(-1) + s.I_bg * suffix[..., 0]
+        value = I_sum * scale
+        if not s.oversample_thick:
+            value = value * capture_last
+        if not s.oversample_polar:
+            value = value * polar_first
+        if not s.oversample_omega:
+            value = value * omega_first
+        return {"value": value, "I_sum": I_sum, "omega_applied": omega_first if not s.oversample_omega else None,
+                "capture_applied": capture_last if not s.oversample_thick else None,
+                "polar_applied": polar_first if not s.oversample_polar else None}
+
+    def _render(self, progress, should_cancel, fallback: bool):
+        s = self.setup
+        ny, nx = self.shape
+        out_dtype = self.dtype
+        image = torch.zeros((ny, nx), dtype=out_dtype, device=self.device)
+        counts = torch.zeros((ny, nx), dtype=torch.int32, device=self.device) if fallback else None
+        reason = torch.zeros((ny, nx), dtype=torch.uint8, device=self.device) if fallback else None
+        omega_sum = 0.0
+        xmin, xmax, ymin, ymax = s.roi
+        r_lo, r_hi = max(0, ymin), min(ny - 1, ymax)
+        c_lo, c_hi = max(0, xmin), min(nx - 1, xmax)
+        cols = torch.arange(c_lo, c_hi + 1, device=self.device)
+        self.interpolation_cutoff()
+        total = max(0, r_hi - r_lo + 1)
+        done = 0
+        with torch.no_grad():
+            for r0 in range(r_lo, r_hi + 1, self.chunk_rows):
+                if should_cancel is not None and should_cancel():
+                    raise RenderCancelled("render cancelled")
+                rows = torch.arange(r0, min(r_hi + 1, r0 + self.chunk_rows), device=self.device)
+                res = self.evaluate(rows, cols)
+                red = self.reduce(res)
+                act = self.active_mask(rows, cols)
+                value = torch.where(act, red["value"].to(out_dtype), torch.zeros((), dtype=out_dtype,
+                                                                                 device=self.device))
+                image[rows[0]:rows[-1] + 1, c_lo:c_hi + 1] = value
+                om = res["omega"] if s.oversample_omega else res["omega"][:, :, :1, :1, :1].expand_as(res["omega"])
+                omega_sum += float((om.sum(dim=(2, 3, 4)) * act).sum())
+                if fallback:
+                    c, r = _fallback_counts(res, act)
+                    counts[rows[0]:rows[-1] + 1, c_lo:c_hi + 1] = c
+                    reason[rows[0]:rows[-1] + 1, c_lo:c_hi + 1] = r
+                done += rows.numel()
+                if progress is not None:
+                    progress(done, total)
+        self.last_stats = self._stats(image, omega_sum)
+        if fallback:
+            return image, FallbackMap(counts=counts, reason=reason, evaluations_per_pixel=self.evaluations_per_pixel)
+        return image, None
+
+    def _stats(self, image: torch.Tensor, omega_sum: float) -> RenderStats:
+        s = self.setup
+        xmin, xmax, ymin, ymax = s.roi
+        img = image.detach().to("cpu", torch.float64)
+        rows = torch.arange(img.shape[0])
+        cols = torch.arange(img.shape[1])
+        act = self.active_mask(rows.to(self.device), cols.to(self.device)).cpu()
+        vals = img[act]
+        n = int(vals.numel())
+        if n == 0:
+            return RenderStats(0.0, 0.0, 0.0, (0, 0), 0.0, 0.0, 0.0, 0.0, 0)
+        # C keeps the first maximum in render order (strictly greater)
+        flat_img = torch.where(act, img, torch.full_like(img, -math.inf)).reshape(-1)
+        idx = int(torch.argmax(flat_img))
+        sl, fa = divmod(idx, img.shape[1])
+        max_I = float(flat_img[idx])
+        if max_I <= 0:
+            max_I, sl, fa = 0.0, 0, 0
+        sub = s.pixel_size / s.oversample
+        last = s.oversample - 1
+        f_m = sub * (fa * s.oversample + last) + sub / 2.0
+        s_m = sub * (sl * s.oversample + last) + sub / 2.0
+        mean = float(vals.sum()) / n
+        rms = math.sqrt(float((vals * vals).sum()) / max(1, n - 1))
+        rmsd = math.sqrt(float(((vals - mean) ** 2).sum()) / max(1, n - 1))
+        return RenderStats(max_I, f_m, s_m, (sl, fa), mean, rms, rmsd, omega_sum / s.steps, n)
+
+
+def _fallback_counts(res: dict, act: torch.Tensor):
+    R, C = act.shape
+    reason = res["reason"].reshape(R, C, -1)
+    used = ~res["skipped"].reshape(R, C, -1)
+    per = [((reason == code) & used).sum(-1, dtype=torch.int32) for code in (1, 2, 3)]
+    stack = torch.stack(per, -1)
+    counts = stack.sum(-1, dtype=torch.int32)
+    dominant = (torch.argmax(stack, dim=-1) + 1).to(torch.uint8)
+    dominant = torch.where(counts > 0, dominant, torch.zeros_like(dominant))
+    return counts * act, dominant * act
+
+
+def _phi_orientations(phis: np.ndarray, reuse: bool):
+    """Which spindle rotation each phi step uses.
+
+    Returns two lists of indices into ``phis`` (``None`` = unrotated): one for
+    every phi loop, one for the very first loop of the run. With C's quirk a
+    step at phi == 0 keeps the orientation of the last non-zero step before it,
+    wrapping round to the previous loop; the very first loop starts unrotated.
+    """
+    P = len(phis)
+    nonzero = [i for i in range(P) if phis[i] != 0.0]
+    normal, first = [], []
+    for p in range(P):
+        if phis[p] != 0.0 or not reuse:
+            normal.append(p if phis[p] != 0.0 else None)
+            first.append(p if phis[p] != 0.0 else None)
+            continue
+        before = [i for i in nonzero if i < p]
+        if before:
+            normal.append(before[-1])
+            first.append(before[-1])
+        else:
+            normal.append(nonzero[-1] if nonzero else None)
+            first.append(None)
+    return normal, first
