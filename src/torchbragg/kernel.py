@@ -99,8 +99,8 @@ class BlockResult:
     scattering: torch.Tensor  # [R,C,T,os,os,S,3] 1/Å
 
 
-def _sincg_frac(h: torch.Tensor, h0: torch.Tensor, N: float) -> torch.Tensor:
-    """sin(πNh)/sin(πh) evaluated through the fractional part h - h0.
+def _sincg_frac(frac: torch.Tensor, h0: torch.Tensor, N: float, h: torch.Tensor) -> torch.Tensor:
+    """sin(πNh)/sin(πh) evaluated through the fractional part ``frac = h - h0``.
 
     Using the distance to the nearest integer keeps float32 renders accurate at
     high Miller indices, where sin(πh) of a large argument loses digits.
@@ -108,12 +108,12 @@ def _sincg_frac(h: torch.Tensor, h0: torch.Tensor, N: float) -> torch.Tensor:
     if N != int(N):
         x = math.pi * h
         return torch.where(x == 0, torch.full_like(h, N), torch.sin(N * x) / torch.sin(x))
-    x = (h - h0.to(h.dtype)) * math.pi
+    x = frac * math.pi
     n = int(N)
-    sign = 1.0 - 2.0 * torch.remainder(h0 * (n - 1), 2).to(h.dtype)
+    sign = 1.0 - 2.0 * torch.remainder(h0 * (n - 1), 2).to(frac.dtype)
     safe = torch.where(x == 0, torch.ones_like(x), x)
     value = torch.sin(n * safe) / torch.sin(safe)
-    return sign * torch.where(x == 0, torch.full_like(h, float(n)), value)
+    return sign * torch.where(x == 0, torch.full_like(frac, float(n)), value)
 
 
 def _sinc3(x: torch.Tensor) -> torch.Tensor:
@@ -166,15 +166,16 @@ def evaluate_block(kt: KernelTensors, rows: torch.Tensor, cols: torch.Tensor, *,
     dict of tensors
     """
     dt, dev = kt.dtype, kt.device
+    gdt = kt.fdet.dtype  # geometry dtype: float64
     R, C = rows.numel(), cols.numel()
     os_ = kt.oversample
     T = kt.thick_offsets.numel()
     S = kt.incident.shape[0]
     P, M = kt.lattice.shape[0], kt.lattice.shape[1]
 
-    sub = torch.arange(os_, device=dev, dtype=dt) + 0.5
-    Fdet = (cols.to(dt)[:, None] * os_ + sub[None, :]) * kt.subpixel_size  # [C, os]
-    Sdet = (rows.to(dt)[:, None] * os_ + sub[None, :]) * kt.subpixel_size  # [R, os]
+    sub = torch.arange(os_, device=dev, dtype=gdt) + 0.5
+    Fdet = (cols.to(gdt)[:, None] * os_ + sub[None, :]) * kt.subpixel_size  # [C, os]
+    Sdet = (rows.to(gdt)[:, None] * os_ + sub[None, :]) * kt.subpixel_size  # [R, os]
     pos = (Fdet[None, :, None, None, :, None] * kt.fdet
            + Sdet[:, None, None, :, None, None] * kt.sdet
            + kt.thick_offsets[None, None, :, None, None, None] * kt.odet
@@ -199,8 +200,10 @@ def evaluate_block(kt: KernelTensors, rows: torch.Tensor, cols: torch.Tensor, *,
         if r_hit.numel() and c_hit.numel():
             r0, c0 = int(r_hit[0]), int(c_hit[0])
             hkl[r0, c0, 0, 0, 0, 0] = torch.einsum("x,pmjx->pmj", scat[r0, c0, 0, 0, 0, 0], kt.lattice_first)
+    # geometry above runs in float64 (C's precision); the rest in the render dtype
     hkl0 = torch.ceil(hkl - 0.5)
-    h, k, l = hkl.unbind(-1)
+    frac = (hkl - hkl0).to(dt)
+    fh, fk, fl = frac.unbind(-1)
     h0, k0, l0 = hkl0.unbind(-1)
 
     stol = 0.5 * torch.linalg.vector_norm(scat, dim=-1)  # [R,C,T,os,os,S]
@@ -212,20 +215,21 @@ def evaluate_block(kt: KernelTensors, rows: torch.Tensor, cols: torch.Tensor, *,
     # lattice factor
     Na, Nb, Nc = kt.N
     if kt.shape == "square":
-        F_latt = torch.ones_like(h)
-        for x, x0, n in ((h, h0, Na), (k, k0, Nb), (l, l0, Nc)):
+        F_latt = torch.ones_like(fh)
+        for x, x0, n, full in ((fh, h0, Na, 0), (fk, k0, Nb, 1), (fl, l0, Nc, 2)):
             if n > 1:
-                F_latt = F_latt * _sincg_frac(x, x0, n)
+                F_latt = F_latt * _sincg_frac(x, x0, n, hkl[..., full].to(dt))
     elif kt.shape == "round":
-        hrad = (h - h0) ** 2 * Na * Na + (k - k0) ** 2 * Nb * Nb + (l - l0) ** 2 * Nc * Nc
+        hrad = fh * fh * Na * Na + fk * fk * Nb * Nb + fl * fl * Nc * Nc
         F_latt = Na * Nb * Nc * 0.723601254558268 * _sinc3(math.pi * torch.sqrt(hrad * kt.fudge))
     else:
         dq = torch.einsum("...j,jx->...x", hkl - hkl0, kt.a_star)
-        rad = (dq * dq).sum(-1) * (Na * Na * Nb * Nb * Nc * Nc)
+        rad = ((dq * dq).sum(-1) * (Na * Na * Nb * Nb * Nc * Nc)).to(dt)
         if kt.shape == "gauss":
             F_latt = Na * Nb * Nc * torch.exp(-(rad / 0.63 * kt.fudge))
         else:
             F_latt = Na * Nb * Nc * (rad * kt.fudge < 0.3969).to(dt)
+    h = fh
 
     evshape = hkl.shape[:-1]
     skipped = dmin_skip[..., None, None].expand(evshape)
@@ -270,11 +274,12 @@ def evaluate_block(kt: KernelTensors, rows: torch.Tensor, cols: torch.Tensor, *,
         polar = torch.ones_like(stol)
     else:
         polar = _polarization(kt, diffracted)
+    omega, capture, polar = omega.to(dt), capture.to(dt), polar.to(dt)
 
     out = {"intensity": intensity, "omega": omega, "capture": capture, "polar": polar,
            "dmin_skip": dmin_skip, "skipped": skipped, "reason": reason, "E": E}
     if detail:
-        out.update(hkl=hkl, hkl0=torch.stack((h0i, k0i, l0i), -1), F_cell=F_cell, F_latt=F_latt,
+        out.update(hkl=hkl.to(dt), hkl0=torch.stack((h0i, k0i, l0i), -1), F_cell=F_cell, F_latt=F_latt,
                    position=pos, airpath=airpath, scattering=scat)
     return out
 
@@ -333,8 +338,8 @@ def _interpolate(kt, hkl, F_cell, reason, skipped, rows, cols, fpixels, E, cutof
     ki = (base[:, 1, None] + offs - kmin)
     li = (base[:, 2, None] + offs - lmin)
     idx = (hi[:, :, None, None] * nk + ki[:, None, :, None]) * nl + li[:, None, None, :]  # [n,4,4,4]
-    vals = kt.table[idx]
-    val = torch.einsum("nijk,ni,nj,nk->n", vals, w[:, 0], w[:, 1], w[:, 2])
+    vals = kt.table[idx].to(w.dtype)
+    val = torch.einsum("nijk,ni,nj,nk->n", vals, w[:, 0], w[:, 1], w[:, 2]).to(F_cell.dtype)
     F_cell = F_cell.clone()
     F_cell[use] = val
     reason = reason.clone()

@@ -160,6 +160,9 @@ class Simulation:
         def t(x):
             return torch.as_tensor(np.asarray(x, dtype=np.float64), dtype=dt, device=dev)
 
+        def g(x):  # geometry is always float64: h = a·q needs C's precision
+            return torch.as_tensor(np.asarray(x, dtype=np.float64), dtype=torch.float64, device=dev)
+
         phis = s.phi_values
         base = s.a0 * 1e10  # rows a, b, c in Å
         rotations = [axis_rotation_matrix(s.spindle, p) if p != 0.0 else None for p in phis]
@@ -184,13 +187,13 @@ class Simulation:
             listed = torch.as_tensor(np.ascontiguousarray(tb.listed).reshape(-1), device=dev)
             bounds = (tb.h_min, tb.h_max, tb.k_min, tb.k_max, tb.l_min, tb.l_max)
         return KernelTensors(
-            dtype=dt, device=dev, fdet=t(s.fdet), sdet=t(s.sdet), odet=t(s.odet), pix0=t(s.pix0), beam=t(s.beam),
+            dtype=dt, device=dev, fdet=g(s.fdet), sdet=g(s.sdet), odet=g(s.odet), pix0=g(s.pix0), beam=g(s.beam),
             pixel_size=s.pixel_size, subpixel_size=s.pixel_size / s.oversample, oversample=s.oversample,
-            thick_offsets=t(np.arange(s.thicksteps) * s.thickstep), thickstep=s.thickstep, mu=s.mu, thick=s.thick,
+            thick_offsets=g(np.arange(s.thicksteps) * s.thickstep), thickstep=s.thickstep, mu=s.mu, thick=s.thick,
             distance=s.distance, close_distance=s.close_distance, curved=s.curved, point_pixel=s.point_pixel,
-            incident=t(-s.source_dirs), inv_lambda=t(1e-10 / s.source_lambdas), polar_axis=t(s.polar_vector),
-            kahn=s.kahn, nopolar=s.nopolar, dmin_A=s.dmin * 1e10, lattice=t(lat),
-            lattice_first=t(lat_first) if lat_first is not None else None, a_star=t(s.a_star), N=s.N,
+            incident=g(-s.source_dirs), inv_lambda=g(1e-10 / s.source_lambdas), polar_axis=g(s.polar_vector),
+            kahn=s.kahn, nopolar=s.nopolar, dmin_A=s.dmin * 1e10, lattice=g(lat),
+            lattice_first=g(lat_first) if lat_first is not None else None, a_star=g(s.a_star), N=s.N,
             shape=s.shape, fudge=s.fudge, water=s.water_size != 0.0, table=table, listed=listed, bounds=bounds,
             default_F=s.default_F, interpolate=s.interpolate and s.hkl is not None,
         )
