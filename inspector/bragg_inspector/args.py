@@ -1,0 +1,59 @@
+"""Helpers for nanoBragg argument lines (pure Python, no Qt, no engine)."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Sequence
+
+# Used only when the engine does not (yet) export ``torchbragg.TAP_CONFIG_ARGS``.
+FALLBACK_TAP_CONFIG_ARGS: list[str] = (
+    "-cell 100 100 100 90 90 90 -N 5 -default_F 100 -lambda 0.5 -distance 500 "
+    "-pixel 0.05 -detpixels 4096 -oversample 2"
+).split()
+
+
+def split_args(text: str | Sequence[str]) -> list[str]:
+    """Split an argument line the way a POSIX shell would ("" keeps spaces)."""
+    if isinstance(text, str):
+        try:
+            return shlex.split(text)
+        except ValueError as exc:  # unbalanced quotes
+            raise ValueError(f"cannot split the argument line: {exc}") from None
+    return [str(a) for a in text]
+
+
+def join_args(args: Sequence[str]) -> str:
+    return shlex.join([str(a) for a in args])
+
+
+def get_flag_value(args: Sequence[str], flag: str) -> str | None:
+    """Value following the last occurrence of ``flag`` (exact match), or None."""
+    value = None
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
+def set_flag_value(args: Sequence[str], flag: str, value: str | None) -> list[str]:
+    """Replace every ``flag VALUE`` pair by a single one (appended where the
+    first one stood, or at the end); ``value=None`` removes the flag."""
+    out: list[str] = []
+    pos = None
+    i = 0
+    args = list(args)
+    while i < len(args):
+        if args[i] == flag:
+            if pos is None:
+                pos = len(out)
+            i += 2  # drop flag and its value
+            continue
+        out.append(args[i])
+        i += 1
+    if value is not None:
+        pair = [flag, str(value)]
+        if pos is None:
+            out.extend(pair)
+        else:
+            out[pos:pos] = pair
+    return out
