@@ -1,0 +1,259 @@
+"""The ``torchbragg`` command: a drop-in for the nanoBragg program.
+
+``torchbragg <nanoBragg arguments> [-device cpu|cuda] [-dtype float32|float64]``
+renders like the C program, prints the same statistics and writes the files it
+is asked for (``-floatfile``, ``-intfile``, ``-noisefile``, ``-pgmfile``).
+
+Subcommands: ``torchbragg compare REF OUT`` (image metrics) and
+``torchbragg bench`` (speed and memory figures).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence, TextIO
+
+import numpy as np
+
+__all__ = ["main", "run_simulation", "split_engine_options", "TerminalProgress"]
+
+USAGE = """usage: torchbragg <nanoBragg arguments> [-device cpu|cuda] [-dtype float32|float64] [-chunk_rows N]
+       torchbragg compare REF OUT [--shape SLOW FAST] [--json]
+       torchbragg bench [--help]
+       torchbragg --help-flags        (every nanoBragg flag this engine understands)
+
+example:
+  torchbragg -cell 100 100 100 90 90 90 -N 5 -default_F 100 -lambda 0.5 \\
+      -distance 500 -pixel 0.05 -detpixels 4096 -oversample 2 -floatfile out.bin"""
+
+
+class TerminalProgress:
+    """A one-line progress bar on a terminal (silent when not a terminal)."""
+
+    def __init__(self, stream: TextIO = sys.stderr, label: str = "rendering"):
+        self.stream = stream
+        self.label = label
+        self.enabled = hasattr(stream, "isatty") and stream.isatty()
+        self.start = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total <= 0:
+            return
+        frac = done / total
+        bar = "#" * int(30 * frac)
+        elapsed = time.perf_counter() - self.start
+        self.stream.write(f"\r{self.label} [{bar:<30}] {100 * frac:5.1f}% {elapsed:6.1f}s")
+        if done >= total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def split_engine_options(argv: Sequence[str]):
+    """Separate this engine's options (-device, -dtype, -chunk_rows) from nanoBragg's."""
+    from .arguments import ArgumentError
+
+    rest: List[str] = []
+    opts = {"device": "cpu", "dtype": "float32", "chunk_rows": None}
+    i = 0
+    argv = list(argv)
+    while i < len(argv):
+        a = argv[i]
+        if a in ("-device", "--device", "-dtype", "--dtype", "-chunk_rows", "--chunk_rows"):
+            if i + 1 >= len(argv):
+                raise ArgumentError(f"{a}: expected a value")
+            key = a.lstrip("-")
+            opts[key] = argv[i + 1]
+            i += 2
+            continue
+        rest.append(a)
+        i += 1
+    if opts["dtype"] not in ("float32", "float64"):
+        raise ArgumentError(f"-dtype: expected float32 or float64, got {opts['dtype']!r}")
+    if opts["chunk_rows"] is not None:
+        try:
+            opts["chunk_rows"] = int(opts["chunk_rows"])
+        except ValueError:
+            raise ArgumentError(f"-chunk_rows: expected an integer, got {opts['chunk_rows']!r}") from None
+    return rest, opts
+
+
+def _describe_setup(sim, out: TextIO) -> None:
+    s = sim.setup
+    p = lambda *a: print(*a, file=out)  # noqa: E731
+    p(f"torchbragg {__import__('torchbragg').__version__}: nanoBragg-compatible renderer "
+      f"({sim.device}, {str(sim.dtype).replace('torch.', '')})")
+    p(f"{s.convention.lower()} convention selected.")
+    p("pivoting detector around direct beam spot" if s.pivot == "beam" else "pivoting detector around sample")
+    for line in s.log + s.notes:
+        p(line)
+    info = sim.hkl_info
+    p(f"structure factors: {info['describe']}")
+    for w in info["warnings"]:
+        p(f"WARNING: {w}")
+    shape_name = {"square": "parallelpiped", "round": "ellipsoidal", "gauss": "gaussian", "tophat": "tophat-spot"}
+    p(f"  {shape_name[s.shape]} xtal: {s.N[0]:.0f}x{s.N[1]:.0f}x{s.N[2]:.0f} cells")
+    p(f"  wave={s.lambda0:g} meters +/- {s.dispersion * 100:g}% in {s.dispsteps} steps")
+    p("  polarization effect disabled" if s.nopolar else f"  Kahn polarization factor: {s.kahn:f}")
+    p(f"  incident fluence: {s.fluence:g} photons/m^2")
+    p(f"  distance={s.distance:g} detsize={s.detsize_f:g}x{s.detsize_s:g}  pixel={s.pixel_size:g} meters "
+      f"({s.fpixels}x{s.spixels} pixels)")
+    p(f"  sensor is {s.thick:g} m thick in {s.thicksteps} layers with mu= {s.mu:g}")
+    p(f"  Xbeam={s.xbeam:g} Ybeam={s.ybeam:g}")
+    p(f"  Fbeam={s.fbeam:g} Sbeam={s.sbeam:g}")
+    p(f"  Xclose={s.xclose:g} Yclose={s.yclose:g}")
+    p(f"  Fclose={s.fclose:g} Sclose={s.sclose:g}")
+    p("  DIRECTION_OF_DETECTOR_X-AXIS= %g %g %g" % tuple(s.fdet))
+    p("  DIRECTION_OF_DETECTOR_Y-AXIS= %g %g %g" % tuple(s.sdet))
+    p("  DIRECTION_OF_DETECTOR_Z-AXIS= %g %g %g" % tuple(s.odet))
+    p("  INCIDENT_BEAM_DIRECTION= %g %g %g" % tuple(s.beam))
+    p("  spindle ROTATION_AXIS= %g %g %g" % tuple(s.spindle))
+    p("  dials origin= %g %g %g" % tuple(s.dials_origin))
+    p(f"  {len(s.source_lambdas)} sources")
+    p(f"  {len(s.mosaic_umats)} mosaic domains over mosaic spread of {s.mosaic_spread * 180 / math.pi:g} degrees")
+    p(f"  {s.phisteps} phi steps from {s.phi0 * 180 / math.pi:g} to {(s.phi0 + s.osc) * 180 / math.pi:g} degrees")
+    extra = "".join(f" +{n}" for n, on in (("thick", s.oversample_thick), ("polar", s.oversample_polar),
+                                             ("omega", s.oversample_omega)) if on)
+    p(f"  {s.oversample}x{s.oversample} pixel oversample steps{extra}")
+    if not sim.config.compat.phi0_reuse:
+        p("  -fix_phi0: phi = 0 uses the unrotated crystal (C reuses the previous step)")
+
+
+def header_fields(sim) -> dict:
+    """SMV header entries for this simulation, as C writes them."""
+    from .smv import smv_header_fields
+
+    s = sim.setup
+    return smv_header_fields(
+        pixel_size_mm=s.pixel_size * 1000.0, distance_mm=s.distance * 1000.0, wavelength_A=s.lambda0 * 1e10,
+        beam_center_x_mm=s.xbeam * 1000.0, beam_center_y_mm=s.ybeam * 1000.0,
+        adxv_center_mm=(s.fbeam * 1000.0, (s.detsize_s - s.sbeam) * 1000.0),
+        mosflm_center_mm=((s.sbeam - 0.5 * s.pixel_size) * 1000.0, (s.fbeam - 0.5 * s.pixel_size) * 1000.0),
+        denzo_beam_mm=(s.sbeam * 1000.0, s.fbeam * 1000.0), dials_origin_mm=tuple(s.dials_origin),
+        xds_org_px=(s.orgx, s.orgy), close_distance_mm=s.close_distance * 1000.0,
+        phi_deg=s.phi0 * 180 / math.pi, osc_range_deg=s.osc * 180 / math.pi,
+        twotheta_deg=s.twotheta * 180 / math.pi)
+
+
+def write_outputs(sim, image: np.ndarray, out: TextIO) -> None:
+    """Write the files named by -floatfile/-intfile/-pgmfile/-noisefile (atomically)."""
+    from .atomic_io import atomic_write_bytes
+    from .smv import to_intimage, write_smv
+
+    o = sim.config.output
+    base = Path(sim.config.cwd) if sim.config.cwd else Path.cwd()
+    img32 = np.ascontiguousarray(image, dtype="<f4")
+
+    def where(name):
+        p = Path(name)
+        return p if p.is_absolute() else base / p
+
+    if o.floatfile:
+        atomic_write_bytes(where(o.floatfile), img32.tobytes())
+        print(f"writing {o.floatfile} as {img32.size} 4-byte floats", file=out)
+    stats = sim.last_stats
+    scale = o.intfile_scale if o.intfile_scale > 0 else (55000.0 / stats.max_I if stats and stats.max_I > 0 else 1.0)
+    if o.intfile:
+        ints, scale = to_intimage(img32, scale, o.adc_offset)
+        print(f"intfile_scale = {scale:g}", file=out)
+        write_smv(where(o.intfile), ints, header_fields(sim))
+        print(f"writing {o.intfile} as 2-byte integers", file=out)
+    if o.pgmfile:
+        from .pgm import write_pgm
+
+        pscale = o.pgm_scale if o.pgm_scale > 0 else (250.0 / (5.0 * stats.rmsd) if stats and stats.rmsd > 0 else scale)
+        write_pgm(where(o.pgmfile), img32, pscale)
+        print(f"pgm_scale = {pscale:g}", file=out)
+        print(f"writing {o.pgmfile} as 1-byte integers", file=out)
+    if o.noisefile:
+        from .c_random import poisson_noise_image
+
+        seed = o.seed
+        if seed is None:
+            seed = int(time.time())
+            print(f"noise seed: {seed} (no -seed given)", file=out)
+        noise, photons, overloads = poisson_noise_image(img32, seed, o.adc_offset, roi=sim.setup.roi)
+        print(f"{photons:.0f} photons on noise image ({overloads} overloads)", file=out)
+        write_smv(where(o.noisefile), noise, header_fields(sim))
+        print(f"writing {o.noisefile} as 2-byte integers", file=out)
+
+
+def run_simulation(argv: Sequence[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+    """Render nanoBragg arguments like the C program; returns the exit code."""
+    import torch
+
+    from .simulation import RenderCancelled, Simulation
+
+    nb_args, opts = split_engine_options(argv)
+    dtype = torch.float64 if opts["dtype"] == "float64" else torch.float32
+    t0 = time.perf_counter()
+    sim = Simulation.from_args(nb_args, device=opts["device"], dtype=dtype, chunk_rows=opts["chunk_rows"])
+    _describe_setup(sim, out)
+    out.flush()
+    try:
+        image = sim.render(progress=TerminalProgress(err))
+    except KeyboardInterrupt:
+        raise RenderCancelled("interrupted; nothing was written") from None
+    img = image.detach().to("cpu", torch.float32).numpy()
+    for line in sim.last_stats.lines():
+        print(line, file=out)
+    if sim.config.output.printout_pixel is not None:
+        from .taps import format_tap_table
+
+        f, s = sim.config.output.printout_pixel
+        print(format_tap_table(sim.tap(s, f, taps=("hkl_subpixel", "intensity", "geometry"))), file=out)
+    write_outputs(sim, img, out)
+    print(f"rendered in {time.perf_counter() - t0:.2f} s", file=out)
+    return 0
+
+
+def _help_flags(out: TextIO) -> None:
+    from .arguments import ENGINE_FLAGS, FLAGS
+
+    print("nanoBragg flags understood by torchbragg:", file=out)
+    for name in sorted(FLAGS, key=str.lower):
+        nargs, _, help_ = FLAGS[name]
+        print(f"  {name:<22} {nargs} value{'s' if nargs != 1 else ' '}  {help_}", file=out)
+    print("engine options:", file=out)
+    for name, (nargs, help_) in ENGINE_FLAGS.items():
+        print(f"  {name:<22} {nargs} value   {help_}", file=out)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``torchbragg`` console script."""
+    from .arguments import ArgumentError
+    from .setup import SetupError
+    from .simulation import RenderCancelled
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] == "--help-flags":
+        _help_flags(sys.stdout)
+        return 0
+    if argv[0] == "compare":
+        from .compare import main_compare
+
+        return main_compare(argv[1:])
+    if argv[0] == "bench":
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
+    try:
+        return run_simulation(argv)
+    except (ArgumentError, SetupError) as err:
+        print(f"torchbragg: error: {err}", file=sys.stderr)
+        return 2
+    except RenderCancelled as err:
+        print(f"torchbragg: {err}", file=sys.stderr)
+        return 130
+    except (OSError, ValueError) as err:  # file formats name file, line and value
+        print(f"torchbragg: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
