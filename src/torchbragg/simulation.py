@@ -109,7 +109,7 @@ class Simulation:
         E = self.evaluations_per_pixel
         self.chunk_rows = int(chunk_rows) if chunk_rows else max(
             1, DEFAULT_EVALUATIONS_PER_CHUNK // max(1, self.setup.fpixels * E))
-        self._cutoff_cache: Optional[Tuple[bool, Optional[int]]] = None
+        self._cutoff_cache: Optional[Tuple[int, Optional[int]]] = None  # (rows scanned, cutoff)
         self.last_stats: Optional[RenderStats] = None
 
     # ------------------------------------------------------------------ API
@@ -209,6 +209,11 @@ class Simulation:
 
     def first_pixel(self) -> Optional[Tuple[int, int]]:
         """The first pixel C renders (row-major inside the ROI and mask)."""
+        if not hasattr(self, "_first_pixel"):
+            self._first_pixel = self._find_first_pixel()
+        return self._first_pixel
+
+    def _find_first_pixel(self) -> Optional[Tuple[int, int]]:
         xmin, xmax, ymin, ymax = self.setup.roi
         ymax, xmax = min(ymax, self.setup.spixels - 1), min(xmax, self.setup.fpixels - 1)
         if self.setup.mask is None:
@@ -217,32 +222,43 @@ class Simulation:
         hits = np.argwhere(sub)
         return (int(hits[0][0]) + ymin, int(hits[0][1]) + xmin) if len(hits) else None
 
-    def interpolation_cutoff(self) -> Optional[int]:
-        """Global evaluation ordinal where C switches interpolation off (None: never)."""
-        if self._cutoff_cache is not None:
-            return self._cutoff_cache[1]
+    def interpolation_cutoff(self, until_row: Optional[int] = None) -> Optional[int]:
+        """Global evaluation ordinal where C switches interpolation off (None: never).
+
+        C turns tricubic interpolation off for the rest of the run at the first
+        lookup whose 4×4×4 neighbourhood leaves the table. The scan runs in
+        render order and stops at ``until_row`` when given (a tap only needs to
+        know whether the switch happened before its pixel).
+        """
         kt = self._tensors
-        cutoff = None
-        if kt.interpolate:
-            first = self.first_pixel()
-            ny, nx = self.shape
-            cols = torch.arange(nx, device=self.device)
-            for r0 in range(0, ny, self.chunk_rows):
-                rows = torch.arange(r0, min(ny, r0 + self.chunk_rows), device=self.device)
+        if not kt.interpolate:
+            return None
+        scanned, cutoff = self._cutoff_cache or (0, None)
+        ny, nx = self.shape
+        limit = ny if until_row is None else min(ny, until_row + 1)
+        if cutoff is not None or scanned >= limit:
+            return cutoff
+        first = self.first_pixel()
+        cols = torch.arange(nx, device=self.device)
+        with torch.no_grad():
+            for r0 in range(scanned, limit, self.chunk_rows):
+                rows = torch.arange(r0, min(limit, r0 + self.chunk_rows), device=self.device)
                 res = evaluate_block(kt, rows, cols, first_pixel=first, want_hkl_only=True)
                 bad = interp_out_of_range(kt, res["hkl"]) & ~res["skipped"]
                 act = self.active_mask(rows, cols)
                 bad = bad & act.reshape(act.shape + (1,) * (bad.dim() - 2))
+                scanned = int(rows[-1]) + 1
                 if bool(bad.any()):
                     ords = evaluation_ordinals(rows, cols, nx, res["E"], bad.shape)
                     cutoff = int(ords[bad].min())
                     break
-        self._cutoff_cache = (True, cutoff)
+        self._cutoff_cache = (scanned, cutoff)
         return cutoff
 
     def evaluate(self, rows: torch.Tensor, cols: torch.Tensor, detail: bool = False) -> dict:
         """Run the kernel on a block (used by rendering and taps)."""
-        return evaluate_block(self._tensors, rows, cols, interp_cutoff=self.interpolation_cutoff(),
+        cutoff = self.interpolation_cutoff(until_row=int(rows.max()))
+        return evaluate_block(self._tensors, rows, cols, interp_cutoff=cutoff,
                               fpixels=self.setup.fpixels, first_pixel=self.first_pixel(), detail=detail)
 
     def reduce(self, res: dict) -> dict:
