@@ -1,0 +1,96 @@
+"""Evidence bundles: ``reports/<topic>/<phase>/<UTC STAMP>/``.
+
+A bundle holds ``py_taps/`` (tap JSON written by this engine), ``comparison/``
+(audits, comparisons with the C program) and ``commands.txt`` (the exact command
+line and environment of every run that wrote into it, appended). Bundles are
+never overwritten: a new one always gets a fresh stamp folder.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["new_bundle", "open_bundle", "is_bundle", "record_command", "utc_stamp"]
+
+_ENV_KEYS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "TORCHBRAGG_FAST",
+             "TORCHINDUCTOR_CACHE_DIR")
+
+
+def utc_stamp(now: Optional[_dt.datetime] = None) -> str:
+    """``YYYYMMDDTHHMMSSZ`` in UTC."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%SZ")
+
+
+def is_bundle(path) -> bool:
+    """True for a folder laid out as a bundle (has ``py_taps/`` and ``comparison/``)."""
+    p = Path(path)
+    return (p / "py_taps").is_dir() and (p / "comparison").is_dir()
+
+
+def new_bundle(parent) -> Path:
+    """Create a fresh ``<parent>/<UTC STAMP>/`` bundle; never reuses an existing folder."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = utc_stamp()
+    n = 1
+    while True:
+        path = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+    (path / "py_taps").mkdir()
+    (path / "comparison").mkdir()
+    (path / "commands.txt").touch()
+    return path
+
+
+def open_bundle(path) -> Path:
+    """An existing bundle, or a fresh one under ``path`` when ``path`` is a parent folder."""
+    return Path(path) if is_bundle(path) else new_bundle(path)
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def record_command(bundle, argv: Sequence[str], *, device: str = "cpu", dtype: str = "float64",
+                   note: Optional[str] = None) -> None:
+    """Append the exact command line and the environment of a run to ``commands.txt``."""
+    import torch
+
+    lines = [
+        f"# {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}",
+        f"cd {shlex.quote(os.getcwd())}",
+        shlex.join([Path(argv[0]).name if argv else "bragg-tap"] + list(argv[1:])),
+        f"#   python {platform.python_version()} torch {torch.__version__} on {platform.platform()}",
+        f"#   device {device} dtype {dtype} threads {torch.get_num_threads()} git {_git_commit() or 'unknown'}",
+    ]
+    env = {k: os.environ[k] for k in _ENV_KEYS if k in os.environ}
+    if env:
+        lines.append("#   env " + " ".join(f"{k}={v}" for k, v in env.items()))
+    if note:
+        lines.append(f"#   {note}")
+    with open(Path(bundle) / "commands.txt", "a", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def command_line() -> list:
+    """The current process's command line."""
+    return [sys.argv[0]] + sys.argv[1:]
