@@ -173,8 +173,27 @@ def _div_steps(steps: int, rng: float, step: float, unset_range_default: float =
     return steps, rng, step
 
 
+def c_header_value(text: str, keyword: str) -> Optional[float]:
+    """Read a number from an SMV header the way C does.
+
+    C takes the *last* occurrence of ``keyword`` as a substring anywhere in the
+    header, then the number after the next ``=``. So ``DISTANCE`` is read from a
+    later ``CLOSE_DISTANCE`` line and ``ORGX`` from ``XDS_ORGX``.
+    """
+    pos = text.rfind(keyword)
+    if pos < 0:
+        return None
+    eq = text.find("=", pos + len(keyword))
+    if eq < 0:
+        return 0.0
+    import re
+
+    m = re.match(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)", text[eq + 1:])
+    return float(m.group(1)) if m else 0.0
+
+
 def _read_header(cfg: SimulationConfig, log: List[str]):
-    """Apply geometry from -mask and -img SMV headers, like C does first."""
+    """Apply geometry from -mask and -img SMV headers, like C does before parsing flags."""
     from . import smv
 
     det = cfg.detector
@@ -186,18 +205,16 @@ def _read_header(cfg: SimulationConfig, log: List[str]):
             continue
         try:
             header, image = smv.read_smv(path)
+            text = smv._header_block(path)[0]
         except FileNotFoundError:
             raise SetupError(f"-{kind} {name}: no such file") from None
         except ValueError as err:
             raise SetupError(f"-{kind} {name}: {err}") from None
-        width, height = int(header.get("SIZE1", 0)), int(header.get("SIZE2", 0))
+        height, width = np.asarray(image).shape
         state["fpixels"], state["spixels"] = width, height
 
         def value(key):
-            try:
-                return float(str(header[key]).split(",")[0]) if key in header else None
-            except ValueError:
-                return None
+            return c_header_value(text, key)
 
         pix = value("PIXEL_SIZE")
         if pix is not None:
@@ -216,7 +233,7 @@ def _read_header(cfg: SimulationConfig, log: List[str]):
             # the mask header's Y is flipped (detsize_s - Y), the -img header's is not
             state["ybeam"] = (pixel * height - yb / 1000.0) if kind == "mask" else yb / 1000.0
         if kind == "mask":
-            mask = np.asarray(image).reshape(height, width)
+            mask = np.asarray(image)
         log.append(f"reading {path}")
     return state, mask
 
