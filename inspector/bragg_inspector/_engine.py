@@ -102,8 +102,12 @@ def render(sim, progress: Callable[[int, int], None] | None = None,
     return np.ascontiguousarray(to_numpy(img), dtype=np.float32), fb
 
 
+TAPS = ("hkl_subpixel", "geometry", "intensity")
+
+
 def tap(sim, slow: int, fast: int):
-    return sim.tap(int(slow), int(fast))
+    """The engine's tap of one pixel: per-evaluation rows, geometry and intensity."""
+    return sim.tap(int(slow), int(fast), taps=TAPS)
 
 
 def write_tap_json(tap_obj, folder: Path, tag: str | None = None) -> Path:
@@ -120,9 +124,18 @@ def compare_images(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
     return d
 
 
-def load_raw_float(path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
-    load = importlib.import_module("torchbragg.compare").load_image
-    return np.asarray(load(str(path), shape=shape) if shape is not None else load(str(path)), dtype=np.float32)
+def load_image_info(path: str | Path, shape: tuple[int, int] | None = None,
+                    fallback_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, str]:
+    """SMV or raw float32 image through the engine: (image, where the shape came from).
+
+    Shape of a raw file: ``shape``, else its ``<name>.json`` sidecar, else
+    ``fallback_shape``, else a perfect square; otherwise a ValueError naming the file."""
+    cmp = importlib.import_module("torchbragg.compare")
+    if hasattr(cmp, "load_image_info"):
+        img, note = cmp.load_image_info(str(path), shape, fallback_shape=fallback_shape)
+    else:  # pragma: no cover - older engine: load_image only
+        img, note = cmp.load_image(str(path), shape=shape or fallback_shape), "load_image"
+    return np.asarray(to_numpy(img), dtype=np.float32), str(note)
 
 
 def read_smv(path: str | Path) -> tuple[dict, np.ndarray]:

@@ -8,7 +8,6 @@ and where the shape of a headerless float image comes from.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,91 +27,32 @@ class ImageFormatError(ValueError):
 
 
 # --------------------------------------------------------------------------- images
-def sidecar_candidates(path: Path) -> list[Path]:
-    path = Path(path)
-    return [Path(str(path) + ".json"), path.with_suffix(".json")]
+def read_image(path: str | Path, shape: tuple[int, int] | None = None,
+               fallback_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
+    """Read an SMV (.img/.smv) or raw float32 (.bin/.f32) image with the engine.
 
-
-def _shape_from_mapping(d: Mapping[str, Any]) -> tuple[int, int] | None:
-    if "shape" in d:
-        s = d["shape"]
-        if isinstance(s, Sequence) and len(s) == 2:
-            return int(s[0]), int(s[1])
-    if "slow" in d and "fast" in d:
-        return int(d["slow"]), int(d["fast"])
-    if "detpixels" in d:
-        return int(d["detpixels"]), int(d["detpixels"])
-    return None
-
-
-def sidecar_shape(path: Path) -> tuple[tuple[int, int], Path] | None:
-    """(shape, sidecar path) from a JSON next to a raw image, if there is one."""
-    for cand in sidecar_candidates(path):
-        if cand.is_file():
-            try:
-                d = json.loads(cand.read_text())
-            except (OSError, ValueError) as exc:
-                raise ImageFormatError(f"{cand.name}: sidecar JSON is unreadable ({exc})") from None
-            if not isinstance(d, Mapping) or (shape := _shape_from_mapping(d)) is None:
-                raise ImageFormatError(
-                    f"{cand.name}: sidecar JSON has no image shape (expected \"shape\": [slow, fast])")
-            return shape, cand
-    return None
-
-
-def raw_float_shape(path: Path, shape: tuple[int, int] | None = None) -> tuple[int, int]:
-    """Shape of a raw float32 image: given, from a sidecar JSON, or a perfect square."""
-    path = Path(path)
-    try:
-        nbytes = path.stat().st_size
-    except OSError as exc:
-        raise ImageFormatError(f"{path.name}: cannot read ({exc.strerror or exc})") from None
-    if nbytes % 4:
-        raise ImageFormatError(f"{path.name}: {nbytes} bytes is not a whole number of float32 values")
-    n = nbytes // 4
-    if shape is None:
-        sc = sidecar_shape(path)
-        if sc is not None:
-            shape = sc[0]
-    if shape is None:
-        side = math.isqrt(n)
-        if side * side != n or n == 0:
-            raise ImageFormatError(
-                f"{path.name}: {n} float32 values is not a square image; the shape is ambiguous. "
-                f"Put a sidecar {path.name}.json with {{\"shape\": [slow, fast]}} next to it.")
-        shape = (side, side)
-    if shape[0] * shape[1] != n:
-        raise ImageFormatError(
-            f"{path.name}: {n} float32 values do not fit shape {shape[0]}×{shape[1]} "
-            f"({shape[0] * shape[1]} values)")
-    return (int(shape[0]), int(shape[1]))
-
-
-def read_image(path: str | Path, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
-    """Read an SMV or raw float image; returns (float32 array [slow, fast], metadata)."""
+    A raw file's shape comes from ``shape``, its ``<name>.json`` sidecar
+    (``{"shape": [slow, fast]}``), ``fallback_shape``, or a perfect square;
+    anything else is an :class:`ImageFormatError` that names the file.
+    Returns (float32 array [slow, fast], metadata)."""
     path = Path(path)
     if not path.is_file():
         raise ImageFormatError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix in SMV_SUFFIXES:
+    if path.suffix.lower() not in SMV_SUFFIXES + RAW_SUFFIXES:
+        raise ImageFormatError(f"{path.name}: not a diffraction image (expected .img, .smv, .bin or .f32)")
+    try:
+        data, note = _engine.load_image_info(path, shape, fallback_shape)
+    except (ValueError, OSError) as exc:
+        raise ImageFormatError(str(exc)) from None
+    meta: dict[str, Any] = {"path": str(path), "shape_from": note}
+    if path.suffix.lower() in SMV_SUFFIXES:
         try:
-            header, data = _engine.read_smv(path)
-        except Exception as exc:
-            raise ImageFormatError(f"{path.name}: not a readable SMV image ({exc})") from None
-        meta = {"format": "smv", "path": str(path), "header": {str(k): str(v) for k, v in header.items()}}
-    else:
-        shp = raw_float_shape(path, shape)
-        try:
-            data = _engine.load_raw_float(path, shp)
-        except Exception as exc:
-            raise ImageFormatError(f"{path.name}: cannot load as float32 {shp} ({exc})") from None
-        meta = {"format": "float32", "path": str(path)}
-    data = np.asarray(data, dtype=np.float32)
+            header, _ = _engine.read_smv(path)
+            meta["header"] = {str(k): str(v) for k, v in header.items()}
+        except Exception:  # header is a nicety; the image was read
+            pass
     if data.ndim != 2:
         raise ImageFormatError(f"{path.name}: expected a 2-D image, got shape {data.shape}")
-    if shape is not None and tuple(data.shape) != tuple(shape):
-        raise ImageFormatError(
-            f"{path.name}: image is {data.shape[0]}×{data.shape[1]}, expected {shape[0]}×{shape[1]}")
     return data, meta
 
 
@@ -124,7 +64,7 @@ def tap_pixel(d: Mapping[str, Any]) -> tuple[int, int]:
         return int(px["slow"]), int(px["fast"])
     if isinstance(px, Sequence) and not isinstance(px, str) and len(px) == 2:
         return int(px[0]), int(px[1])
-    for key in ("pixel_slow_fast", "slow_fast"):
+    for key in ("pixel_coords", "pixel_slow_fast", "slow_fast"):
         if key in d:
             return int(d[key][0]), int(d[key][1])
     if "slow" in d and "fast" in d:
@@ -132,18 +72,28 @@ def tap_pixel(d: Mapping[str, Any]) -> tuple[int, int]:
     raise ValueError("tap JSON has no pixel (slow, fast)")
 
 
+def _normalise_row(r: Mapping[str, Any]) -> dict:
+    """A tap-JSON subpixel record (``hkl_rounded`` …) as a flat row (``h0`` …)."""
+    row = dict(r)
+    if "hkl_rounded" in r and "h0" not in r:
+        row["h0"], row["k0"], row["l0"] = (int(x) for x in r["hkl_rounded"])
+    if "hkl_fractional" in r and "h" not in r:
+        row["h"], row["k"], row["l"] = (float(x) for x in r["hkl_fractional"])
+    if "subpixel_index" in r and "subS" not in r:
+        row["subS"], row["subF"] = (int(x) for x in r["subpixel_index"])
+    return row
+
+
 def tap_rows(d: Mapping[str, Any]) -> list[dict]:
-    for key in ("rows", "hkl_subpixel", "evaluations"):
+    """The per-evaluation rows of a tap document (``values.subpixels`` in
+    specs/tap_schema.json), flattened to the keys of ``PixelTap.rows``."""
+    values = d.get("values")
+    if isinstance(values, Mapping) and isinstance(values.get("subpixels"), list):
+        return [_normalise_row(r) for r in values["subpixels"] if isinstance(r, Mapping)]
+    for key in ("rows", "subpixels"):
         v = d.get(key)
         if isinstance(v, list):
-            return v
-        if isinstance(v, Mapping) and isinstance(v.get("rows"), list):
-            return v["rows"]
-    taps = d.get("taps")
-    if isinstance(taps, Mapping):
-        for v in taps.values():
-            if isinstance(v, Mapping) and isinstance(v.get("rows"), list):
-                return v["rows"]
+            return [_normalise_row(r) for r in v if isinstance(r, Mapping)]
     return []
 
 

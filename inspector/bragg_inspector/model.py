@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import _engine
-from .io import ImageFormatError, exclusive_write_json, hkl_label, read_image, sidecar_shape
+from .io import ImageFormatError, exclusive_write_json, hkl_label, read_image
 
 # Columns of the tap table, in display order.  The loop-index columns other than
 # subS/subF are shown only when they take more than one value in the tap.
@@ -108,8 +108,8 @@ class TapRecord:
             parts.append(f"value {self.value:.6g}")
         if self.d_angstrom is not None and math.isfinite(self.d_angstrom):
             parts.append(f"d = {self.d_angstrom:.4g} Å")
-        elif self.d_angstrom is not None:
-            parts.append("d = ∞")
+        else:
+            parts.append("d = ∞ Å")
         if self.two_theta_deg is not None:
             parts.append(f"2θ = {self.two_theta_deg:.4g}°")
         return ", ".join(parts)
@@ -299,8 +299,7 @@ class InspectorModel:
             raise ValueError("render a simulation before opening a reference image")
         path = Path(path)
         shape = self.image.shape
-        raw_no_sidecar = path.suffix.lower() not in (".img", ".smv") and path.is_file() and sidecar_shape(path) is None
-        ref, _meta = read_image(path, shape=shape if raw_no_sidecar else None)
+        ref, _meta = read_image(path, fallback_shape=shape)
         if ref.shape != shape:
             raise ImageFormatError(
                 f"{path.name}: reference is {ref.shape[0]}×{ref.shape[1]}, the simulation is {shape[0]}×{shape[1]}")

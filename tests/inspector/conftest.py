@@ -61,3 +61,35 @@ def screenshot_dir(tmp_path) -> Path:
         return tmp_path
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     return SCREENSHOTS
+
+
+@pytest.fixture
+def notes():
+    """Messages of the napari notifications shown during the test."""
+    from napari.utils.notifications import notification_manager
+
+    got: list[str] = []
+
+    def _on(n):
+        got.append(str(n.message))
+
+    notification_manager.notification_ready.connect(_on)
+    yield got
+    notification_manager.notification_ready.disconnect(_on)
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    """A shown viewer (real canvas under Xvfb), big enough for the docks."""
+    v = make_napari_viewer(show=True)
+    v.window._qt_window.resize(1800, 1150)
+    return v
+
+
+@pytest.fixture
+def insp(viewer, tmp_path, qtbot):
+    from bragg_inspector import Inspector
+
+    i = Inspector(viewer, cwd=tmp_path)
+    qtbot.wait(10)
+    return i

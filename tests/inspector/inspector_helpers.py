@@ -23,7 +23,26 @@ def engine_ready() -> bool:
     return hasattr(torchbragg, "Simulation")
 
 
+def taps_ready() -> bool:
+    try:
+        import torchbragg.taps  # noqa: F401
+    except Exception:
+        return False
+    return engine_ready()
+
+
 needs_engine = pytest.mark.skipif(not engine_ready(), reason="torchbragg.Simulation is not available yet")
+needs_taps = pytest.mark.skipif(not taps_ready(), reason="torchbragg.taps is not available yet")
+SCHEMA = ROOT / "specs" / "tap_schema.json"
+
+
+def validate_tap_json(doc) -> None:
+    """Validate against specs/tap_schema.json (skipped while the schema does not exist)."""
+    if not SCHEMA.is_file():
+        return
+    import jsonschema
+
+    jsonschema.validate(doc, json.loads(SCHEMA.read_text()))
 
 
 def register_manifest() -> None:
