@@ -10,6 +10,7 @@ missing or non-numeric value names the flag and the value.
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Callable, Dict, List, Optional, Tuple
 
 from .config import SimulationConfig
@@ -179,7 +180,10 @@ _simple("-vdivsteps", 1, "beam.vdivsteps", int, "vertical divergence steps")
 _simple("-sourcefile", 1, "beam.sourcefile", help="text file of sources: X Y Z I lambda")
 _simple("-beam_vector", 3, "beam.beam_vector", "vec", "beam direction (CUSTOM convention)")
 _simple("-polar_vector", 3, "beam.polar_vector", "vec", "E-vector direction (CUSTOM convention)")
-_simple("-polar", 1, "beam.kahn_factor", float, "Kahn polarisation factor")
+@_flag("-polar", 1, "Kahn polarisation factor (switches polarisation back on)")
+def _polar(cfg, flag, vals):
+    cfg.beam.kahn_factor = _num(flag, vals[0])
+    cfg.beam.nopolar = False
 _simple("-nopolar", 0, "beam.nopolar", help="no polarisation correction")
 
 
@@ -211,14 +215,22 @@ def _dmin(cfg, flag, vals):
 # ---- detector ------------------------------------------------------------
 def _convention(name, pivot):
     def handler(cfg, flag, vals):
+        # as in C, a named convention replaces every axis vector given before it
         cfg.detector.convention = name
         cfg.detector.implied_pivot = pivot
+        for section, attr in _VECTOR_FIELDS:
+            setattr(getattr(cfg, section), attr, None)
 
     return handler
 
 
 for _conv, _piv in (("MOSFLM", "beam"), ("XDS", "sample"), ("ADXV", "beam"), ("DENZO", "beam"), ("DIALS", "beam")):
     _flag("-" + _conv.lower(), 0, f"{_conv} detector convention")(_convention(_conv, _piv))
+
+
+_VECTOR_FIELDS = (("beam", "beam_vector"), ("beam", "polar_vector"), ("crystal", "spindle_axis"),
+                  ("detector", "fdet_vector"), ("detector", "sdet_vector"), ("detector", "odet_vector"),
+                  ("detector", "twotheta_axis"), ("detector", "pix0_vector_m"))
 
 
 def _custom_vec(attr, section="detector"):
@@ -249,8 +261,8 @@ def _with_pivot(attr, pivot, conv=float):
 
 _flag("-distance", 1, "sample to detector distance along the beam (mm)")(_with_pivot("distance_mm", "beam"))
 _flag("-close_distance", 1, "sample to detector plane distance (mm)")(_with_pivot("close_distance_mm", "sample"))
-_flag("-Xbeam", 1, "direct beam fast coordinate (mm)")(_with_pivot("xbeam_mm", "beam"))
-_flag("-Ybeam", 1, "direct beam slow coordinate (mm)")(_with_pivot("ybeam_mm", "beam"))
+_flag("-Xbeam", 1, "direct beam X coordinate (mm; the slow axis in MOSFLM/DENZO, fast otherwise)")(_with_pivot("xbeam_mm", "beam"))
+_flag("-Ybeam", 1, "direct beam Y coordinate (mm; the fast axis in MOSFLM/DENZO, slow otherwise)")(_with_pivot("ybeam_mm", "beam"))
 _flag("-Xclose", 1, "nearest point fast coordinate (mm)")(_with_pivot("xclose_mm", "sample"))
 _flag("-Yclose", 1, "nearest point slow coordinate (mm)")(_with_pivot("yclose_mm", "sample"))
 _flag("-ORGX", 1, "XDS origin, fast (pixels)")(_with_pivot("orgx", "sample"))
@@ -278,13 +290,13 @@ _simple("-detector_thicksteps -thicksteps", 1, "detector.thicksteps", int, "sens
 _simple("-mask", 1, "detector.mask_path", help="SMV mask image (0 = skip pixel)")
 
 
-@_flag("-detector_abs -detector_absorb -detector_attenuation", 1, "sensor attenuation depth (µm), or inf")
+@_flag("-detector_abs -detector_absorb", 1, "sensor attenuation depth (µm), or inf")
 def _det_abs(cfg, flag, vals):
     if "inf" in vals[0].lower() or _num(flag, vals[0]) == 0.0:
-        cfg.detector.absorption_off = True
-        cfg.detector.attenuation_depth_um = None
+        # C: no absorption modelling: thickness 0 *at this point of the line*, mu 0
+        cfg.detector.thick_um = 0.0
+        cfg.detector.attenuation_depth_um = math.inf
     else:
-        cfg.detector.absorption_off = False
         cfg.detector.attenuation_depth_um = _num(flag, vals[0])
 
 
@@ -335,7 +347,17 @@ def _printout_pixel(cfg, flag, vals):
     cfg.output.printout_pixel = (_int(flag, vals[0]), _int(flag, vals[1]))
 
 
-for _name in ("-nonoise", "-nopgm", "-coherent", "-printout", "-noprogress", "-progress"):
+@_flag("-nonoise", 0, "cancel an earlier -noisefile")
+def _nonoise(cfg, flag, vals):
+    cfg.output.noisefile = None
+
+
+@_flag("-nopgm", 0, "cancel an earlier -pgmfile")
+def _nopgm(cfg, flag, vals):
+    cfg.output.pgmfile = None
+
+
+for _name in ("-coherent", "-printout", "-noprogress", "-progress"):
     _flag(_name, 0, "accepted for compatibility")(lambda cfg, flag, vals: None)
 for _name in ("-stol", "-4stol", "-Q", "-stolout"):
     _flag(_name, 1, "amorphous F(stol) file: read by C but never used; accepted, no effect")(

@@ -72,6 +72,14 @@ def split_engine_options(argv: Sequence[str]):
         i += 1
     if opts["dtype"] not in ("float32", "float64"):
         raise ArgumentError(f"-dtype: expected float32 or float64, got {opts['dtype']!r}")
+    import torch
+
+    try:
+        device = torch.device(opts["device"])
+    except RuntimeError:
+        raise ArgumentError(f"-device: expected cpu, cuda or cuda:N, got {opts['device']!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError(f"-device {opts['device']}: CUDA is not available on this machine")
     if opts["chunk_rows"] is not None:
         try:
             opts["chunk_rows"] = int(opts["chunk_rows"])
@@ -157,6 +165,10 @@ def write_outputs(sim, image: np.ndarray, out: TextIO) -> None:
     scale = o.intfile_scale if o.intfile_scale > 0 else (55000.0 / stats.max_I if stats and stats.max_I > 0 else 1.0)
     if o.intfile:
         ints, scale = to_intimage(img32, scale, o.adc_offset)
+        xmin, xmax, ymin, ymax = sim.setup.roi  # C leaves pixels outside -roi at 0
+        keep = np.zeros(ints.shape, dtype=bool)
+        keep[max(0, ymin):ymax + 1, max(0, xmin):xmax + 1] = True
+        ints = np.where(keep, ints, 0).astype(ints.dtype)
         print(f"intfile_scale = {scale:g}", file=out)
         write_smv(where(o.intfile), ints, header_fields(sim))
         print(f"writing {o.intfile} as 2-byte integers", file=out)
@@ -167,6 +179,14 @@ def write_outputs(sim, image: np.ndarray, out: TextIO) -> None:
         write_pgm(where(o.pgmfile), img32, pscale)
         print(f"pgm_scale = {pscale:g}", file=out)
         print(f"writing {o.pgmfile} as 1-byte integers", file=out)
+    if o.write_fdump:
+        from .hkl_table import write_fdump
+
+        if sim.setup.hkl is None:
+            print(f"WARNING: -write_fdump {o.write_fdump}: no HKL table was read, nothing written", file=out)
+        else:
+            write_fdump(where(o.write_fdump), sim.setup.hkl)
+            print(f"writing structure factors to {o.write_fdump} (Fdump.bin format)", file=out)
     if o.noisefile:
         from .c_random import poisson_noise_image
 

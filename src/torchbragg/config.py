@@ -84,8 +84,8 @@ class DetectorConfig:
     mask_path: Optional[str] = None
     thick_um: float = 0.0
     thicksteps: Optional[int] = None
-    attenuation_depth_um: Optional[float] = None  # -detector_abs; None: C default
-    absorption_off: bool = False  # -detector_abs inf / 0
+    #: -detector_abs (µm); None: C's default (the thickness); inf: no absorption (mu = 0)
+    attenuation_depth_um: Optional[float] = None
 
 
 @dataclass

@@ -342,7 +342,7 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
         ybeam = yclose if math.isnan(ybeam) else ybeam
         fbeam, sbeam = xbeam, ybeam
         fclose, sclose = xbeam, ybeam
-        pivot = det.pivot or det.implied_pivot or "beam"
+        pivot = det.implied_pivot or det.pivot or "beam"  # C: the last pivot-setting flag wins
     if conv != "CUSTOM" and det.pivot is not None and det.pivot != pivot:
         notes.append(f"note: -pivot {det.pivot} has no effect with the {conv} convention "
                      f"(nanoBragg forces the {pivot} pivot); use the CUSTOM vectors to choose the pivot")
@@ -427,10 +427,11 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
                 tsteps = 2
             tstep = thick / (tsteps - 1)
     mu = -1.0
-    if det.absorption_off:
-        thick, mu = 0.0, 0.0
-    elif det.attenuation_depth_um is not None:
-        mu = 1.0 / (det.attenuation_depth_um * 1e-6)
+    if det.attenuation_depth_um is not None:
+        mu = 0.0 if math.isinf(det.attenuation_depth_um) else 1.0 / (det.attenuation_depth_um * 1e-6)
+        if mu == 0.0 and thick > 0.0:
+            notes.append("WARNING: -detector_thick after -detector_abs inf: like nanoBragg, the sensor then "
+                         "captures nothing (mu = 0) and the image is zero")
     if thick > 0.0 and mu < 0.0:
         mu = 1.0 / thick
         log.append(f"WARNING: setting detector attenuation depth to {mu:g} m")
@@ -491,7 +492,18 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
     # ---------------- crystal --------------------------------------------------
     a_star, a_real, cell, V_cell = _lattice(cfg, lambda0, log)
     Na, Nb, Nc = (float(n) for n in xtal.N)
+    interpolate = xtal.interpolate
+    if interpolate is None:  # C decides from -N/-Na/-Nb/-Nc, before any crystal size is converted
+        interpolate = Na <= 2 or Nb <= 2 or Nc <= 2
+        log.append("auto-selected tricubic interpolation of structure factors" if interpolate
+                   else "auto-selected no interpolation")
     size = [s * 1e-6 for s in xtal.size_um]
+    beamsize_m = beam.beamsize_mm / 1000.0
+    if beamsize_m >= 0:  # C clips the crystal's height and width (not its thickness) to the beam
+        for i, axis in ((1, "high"), (2, "wide")):
+            if beamsize_m < size[i]:
+                log.append(f"WARNING: clipping sample ({size[i]:g} m {axis}) with beam ({beamsize_m:g} m)")
+                size[i] = beamsize_m
     lengths = [float(np.sqrt(v @ v)) * 1e-10 for v in a_real]  # metres
     if size[0] > 0:
         Na = float(math.ceil(size[0] / lengths[0]))
@@ -502,6 +514,9 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
     Na, Nb, Nc = (max(n, 1.0) for n in (Na, Nb, Nc))
     xtalsize_max = max(lengths[0] * Na, lengths[1] * Nb, lengths[2] * Nc)
     reciprocal_pixel_size = lambda0 * distance / pixel
+    if not math.isfinite(distance) or distance == 0.0:
+        raise SetupError("the beam is parallel to the detector plane (distance along the beam is "
+                         f"{distance:g} m): check -beam_vector/-odet_vector and the detector rotations")
     recommended = int(math.ceil(3.0 * xtalsize_max / reciprocal_pixel_size))
     if recommended <= 0:
         recommended = 1
@@ -514,12 +529,6 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
         log.append(f"         but reciprocal pixel size is {reciprocal_pixel_size * 1e10:g} A")
         log.append("         intensity may vary significantly across a pixel!")
         log.append(f"         recommend -oversample {recommended} to work around this")
-
-    interpolate = xtal.interpolate
-    if interpolate is None:
-        interpolate = Na <= 2 or Nb <= 2 or Nc <= 2
-        log.append("auto-selected tricubic interpolation of structure factors" if interpolate
-                   else "auto-selected no interpolation")
 
     # ---------------- structure factors ---------------------------------------
     table = None
