@@ -64,6 +64,9 @@ def _audit(argv: List[str]) -> int:
         path = write_audit(ns.bundle, ns.c_taps)
     except (OSError, ValueError) as err:
         return _fail(str(err))
+    from .report_bundle import record_command
+
+    record_command(ns.bundle, ["bragg-tap", "audit"] + list(argv), note=f"wrote {path}")
     print(path)
     return 0
 
