@@ -14,13 +14,26 @@ index ``e`` used for the interpolation switch-off rule.
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 
-__all__ = ["KernelTensors", "BlockResult", "evaluate_block", "LOOKUP_REASONS", "LOOKUP_CODES"]
+__all__ = ["KernelTensors", "BlockResult", "evaluate_block", "LOOKUP_REASONS", "LOOKUP_CODES", "FastPlan",
+           "fast_enabled", "fast_unsupported", "fast_library", "kernel_cache_dir"]
 
 #: lookup reason codes used in per-evaluation results and fallback maps
 LOOKUP_REASONS = {
@@ -345,3 +358,661 @@ def _interpolate(kt, hkl, F_cell, reason, skipped, rows, cols, fpixels, E, cutof
     reason = reason.clone()
     reason[use] = 4
     return F_cell, reason
+
+
+# ---------------------------------------------------------------------------
+# Fused render kernel (CPU)
+# ---------------------------------------------------------------------------
+#
+# The eager kernel above materialises every per-evaluation quantity as a
+# tensor (about 100 bytes per evaluation) and runs ~60 separate passes over
+# them. Rendering only needs one number per pixel, so for CPU renders a small
+# C++ function does the same arithmetic per evaluation in registers: geometry
+# up to h, k, l in float64 (as above), the lattice factor, structure factor
+# and intensity in the render dtype, summed per pixel in float64. It is
+# compiled once per (dtype, crystal shape, table, fallback-count) variant with
+# the system C++ compiler into a per-user cache folder and loaded with ctypes
+# (no torch headers, so a first compile takes about a second). Anything it
+# cannot do (curved detectors, fractional N with square crystals, the
+# -oversample_thick/polar/omega loop rules, interpolation before the C
+# switch-off point, the first pixel's phi=0 quirk) is left to the eager kernel
+# by the caller. ``TORCHBRAGG_FAST=0`` switches it off; taps always use the
+# eager kernel.
+
+_D_FIELDS = (("fdet", 3), ("sdet", 3), ("odet", 3), ("pix0", 3), ("subpixel", 1), ("pixel", 1),
+             ("close", 1), ("thickstep", 1), ("mu", 1), ("dmin", 1), ("kahn", 1), ("I_bg", 1),
+             ("scale", 1), ("N", 3), ("default_F", 1), ("fudge", 1), ("a_star", 9), ("N2prod", 1),
+             ("Nprod", 1))
+_I_FIELDS = (("oversample", 1), ("T", 1), ("S", 1), ("P", 1), ("M", 1), ("fpixels", 1), ("point_pixel", 1),
+             ("nopolar", 1), ("thick_on", 1), ("dmin_on", 1), ("water", 1), ("bounds", 6))
+
+
+def _field_offsets(fields):
+    out, pos = {}, 0
+    for name, n in fields:
+        out[name] = pos
+        pos += n
+    return out, pos
+
+
+_D_OFF, _D_LEN = _field_offsets(_D_FIELDS)
+_I_OFF, _I_LEN = _field_offsets(_I_FIELDS)
+
+_FAST_SOURCE = r"""// torchbragg fused render kernel. Compiled on first use by torchbragg.kernel
+// with -DTB_REAL=float|double -DTB_SHAPE=0..3 -DTB_TABLE=0|1 -DTB_COUNT=0|1;
+// the parameter indices (D_*, I_*) are generated from kernel.py and prepended.
+#include <cmath>
+#include <cstdint>
+
+typedef TB_REAL real;
+#define CB 256
+
+// sin(pi r) for |r| <= 0.5: Taylor series of sin z, z = pi r (truncation below rounding)
+static inline real sin_poly(real r) {
+    const real z = r * (real)3.14159265358979323846;
+    const real z2 = z * z;
+    real p;
+#if TB_DOUBLE
+    p = (real)(-1.0 / 51090942171709440000.0);
+    p = p * z2 + (real)(1.0 / 121645100408832000.0);
+    p = p * z2 + (real)(-1.0 / 355687428096000.0);
+    p = p * z2 + (real)(1.0 / 1307674368000.0);
+    p = p * z2 + (real)(-1.0 / 6227020800.0);
+#else
+    p = (real)(-1.0 / 6227020800.0);
+#endif
+    p = p * z2 + (real)(1.0 / 39916800.0);
+    p = p * z2 + (real)(-1.0 / 362880.0);
+    p = p * z2 + (real)(1.0 / 5040.0);
+    p = p * z2 + (real)(-1.0 / 120.0);
+    p = p * z2 + (real)(1.0 / 6.0);
+    // alternate signs: sin z = z - z^3/3! + z^5/5! - ...
+    return z - z * z2 * p;
+}
+
+// sin(pi y) for any y: reduce by the nearest integer k, sign (-1)^k
+static inline real sinpi(real y) {
+    const real k = std::rint(y);
+    const real half = k * (real)0.5;
+    const real odd = half - std::floor(half);  // 0 or 0.5
+    return ((real)1 - (real)4 * odd) * sin_poly(y - k);
+}
+
+// sin(pi N h) / sin(pi h) through f = h - h0, h0 the nearest integer (f in (-0.5, 0.5])
+static inline real sincg(real f, double h0, real n, bool n_even) {
+    const real v = (f == (real)0) ? n : sinpi(n * f) / sin_poly(f);
+    const double half = h0 * 0.5;
+    const bool odd = (half - std::floor(half)) != 0.0;
+    return (n_even && odd) ? -v : v;
+}
+
+extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* lattice, const double* src,
+                        const real* table, const uint8_t* listed, const uint8_t* mask,
+                        int64_t row0, int64_t nrows, int64_t col0, int64_t ncols,
+                        real* image, int64_t image_stride, int32_t* counts, uint8_t* reasons,
+                        int64_t fb_stride, double* row_stats) {
+    const int64_t os = ip[I_oversample], T = ip[I_T], S = ip[I_S], P = ip[I_P], M = ip[I_M];
+    const int64_t fpixels = ip[I_fpixels];
+    const bool point_pixel = ip[I_point_pixel] != 0, nopolar = ip[I_nopolar] != 0;
+    const bool thick_on = ip[I_thick_on] != 0, dmin_on = ip[I_dmin_on] != 0, water = ip[I_water] != 0;
+    const double sub = dp[D_subpixel], pix = dp[D_pixel], close = dp[D_close];
+    const double fx = dp[D_fdet + 0], fy = dp[D_fdet + 1], fz = dp[D_fdet + 2];
+    const double sx_ = dp[D_sdet + 0], sy_ = dp[D_sdet + 1], sz_ = dp[D_sdet + 2];
+    const double ox = dp[D_odet + 0], oy = dp[D_odet + 1], oz = dp[D_odet + 2];
+    const double p0x = dp[D_pix0 + 0], p0y = dp[D_pix0 + 1], p0z = dp[D_pix0 + 2];
+    const double thickstep = dp[D_thickstep], mu = dp[D_mu], dmin = dp[D_dmin], kahn = dp[D_kahn];
+    const double I_bg = dp[D_I_bg], scale = dp[D_scale];
+    const real na = (real)dp[D_N + 0], nb = (real)dp[D_N + 1], nc = (real)dp[D_N + 2];
+    const bool na_even = ((int64_t)dp[D_N + 0] - 1) % 2 != 0;
+    const bool nb_even = ((int64_t)dp[D_N + 1] - 1) % 2 != 0;
+    const bool nc_even = ((int64_t)dp[D_N + 2] - 1) % 2 != 0;
+    const real default_F = (real)dp[D_default_F];
+    const double fudge = dp[D_fudge];
+    (void)fudge; (void)table; (void)listed; (void)counts; (void)reasons; (void)fb_stride;
+#if TB_TABLE
+    const int64_t hmin = ip[I_bounds + 0], hmax = ip[I_bounds + 1], kmin = ip[I_bounds + 2];
+    const int64_t kmax = ip[I_bounds + 3], lmin = ip[I_bounds + 4], lmax = ip[I_bounds + 5];
+    const double dhmin = (double)hmin, dhmax = (double)hmax, dkmin = (double)kmin, dkmax = (double)kmax;
+    const double dlmin = (double)lmin, dlmax = (double)lmax;
+    const double dnk = (double)(kmax - kmin + 1), dnl = (double)(lmax - lmin + 1);
+    const double dsize = (double)((hmax - hmin + 1) * (kmax - kmin + 1) * (lmax - lmin + 1));
+    const int32_t* codes = (const int32_t*)listed;
+#endif
+    const int64_t first_sub = 0, last_t = T - 1;
+    (void)first_sub;
+
+    alignas(64) double dx[CB], dy[CB], dz[CB], cap[CB];
+    alignas(64) double qx[CB], qy[CB], qz[CB];
+    alignas(64) double dskip[CB];  // 1.0 where -dmin skips the (subpixel, source)
+    alignas(64) double acc[CB], om_first[CB], cap_last[CB], pol_first[CB];
+    alignas(64) unsigned char found[CB];
+#if TB_COUNT
+    alignas(64) int32_t c1[CB], c2[CB], c3[CB];
+#endif
+
+    for (int64_t r = 0; r < nrows; ++r) {
+        const int64_t row = row0 + r;
+        double omega_row = 0.0;
+        for (int64_t cb = 0; cb < ncols; cb += CB) {
+            const int n = (int)((ncols - cb) < CB ? (ncols - cb) : CB);
+            const int64_t cstart = col0 + cb;
+            for (int c = 0; c < n; ++c) {
+                acc[c] = 0.0; om_first[c] = 0.0; cap_last[c] = 1.0; pol_first[c] = 0.0; found[c] = 0;
+#if TB_COUNT
+                c1[c] = 0; c2[c] = 0; c3[c] = 0;
+#endif
+            }
+            int n_found = 0;
+            for (int64_t t = 0; t < T; ++t) {
+                const double toff = (double)t * thickstep;
+                for (int64_t ss = 0; ss < os; ++ss) {
+                    const double Sdet = ((double)(row * os) + ((double)ss + 0.5)) * sub;
+                    const double bx = Sdet * sx_, by = Sdet * sy_, bz = Sdet * sz_;
+                    for (int64_t sf = 0; sf < os; ++sf) {
+                        const double fo = (double)sf + 0.5;
+                        const bool first_sub_px = (t == 0 && ss == 0 && sf == 0);
+                        const bool last_cap = (t == last_t && ss == 0 && sf == 0);
+#pragma omp simd
+                        for (int c = 0; c < n; ++c) {
+                            const double Fdet = ((double)((cstart + c) * os) + fo) * sub;
+                            const double px = Fdet * fx + bx + toff * ox + p0x;
+                            const double py = Fdet * fy + by + toff * oy + p0y;
+                            const double pz = Fdet * fz + bz + toff * oz + p0z;
+                            const double air = std::sqrt(px * px + py * py + pz * pz);
+                            const double inv = 1.0 / air;
+                            dx[c] = px * inv; dy[c] = py * inv; dz[c] = pz * inv;
+                            if (first_sub_px) {
+                                om_first[c] = point_pixel ? 1.0 / (air * air)
+                                                          : pix * pix / (air * air) * close / air;
+                            }
+                        }
+                        if (thick_on) {
+                            for (int c = 0; c < n; ++c) {
+                                const double parallax = dx[c] * ox + dy[c] * oy + dz[c] * oz;
+                                cap[c] = std::exp(-(double)t * thickstep * mu / parallax)
+                                         - std::exp(-((double)t + 1.0) * thickstep * mu / parallax);
+                            }
+                            if (last_cap)
+                                for (int c = 0; c < n; ++c) cap_last[c] = cap[c];
+                        }
+                        for (int64_t s = 0; s < S; ++s) {
+                            const double* sp = src + 10 * s;
+                            const double ix = sp[0], iy = sp[1], iz = sp[2], il = sp[3];
+                            const double Bx = sp[4], By = sp[5], Bz = sp[6];
+                            const double Ex = sp[7], Ey = sp[8], Ez = sp[9];
+#pragma omp simd
+                            for (int c = 0; c < n; ++c) {
+                                const double X = (dx[c] - ix) * il, Y = (dy[c] - iy) * il, Z = (dz[c] - iz) * il;
+                                qx[c] = X; qy[c] = Y; qz[c] = Z;
+                                bool skip = false;
+                                if (dmin_on) {
+                                    const double stol = 0.5 * std::sqrt(X * X + Y * Y + Z * Z);
+                                    skip = (stol > 0.0) && (dmin > 0.5 / (stol > 0.0 ? stol : 1.0));
+                                }
+                                dskip[c] = skip ? 1.0 : 0.0;
+                            }
+                            if (n_found < n) {
+                                // polarisation of the first (subpixel, source) not skipped by -dmin;
+                                // cos(2 psi), psi = -atan2(d.B, d.E), as (x^2 - y^2) / (x^2 + y^2)
+                                int newly = 0;
+#pragma omp simd reduction(+ : newly)
+                                for (int c = 0; c < n; ++c) {
+                                    const double cos2t = dx[c] * ix + dy[c] * iy + dz[c] * iz;
+                                    const double c2 = cos2t * cos2t, s2 = 1.0 - c2;
+                                    const double yb = dx[c] * Bx + dy[c] * By + dz[c] * Bz;
+                                    const double xe = dx[c] * Ex + dy[c] * Ey + dz[c] * Ez;
+                                    const double r2 = xe * xe + yb * yb;
+                                    const double cos2psi = r2 > 0.0 ? (xe * xe - yb * yb) / (r2 > 0.0 ? r2 : 1.0) : 1.0;
+                                    const double polar = nopolar ? 1.0 : 0.5 * (1.0 + c2 - kahn * cos2psi * s2);
+                                    const bool take = !found[c] && dskip[c] == 0.0;
+                                    pol_first[c] = take ? polar : pol_first[c];
+                                    found[c] = take ? 1 : found[c];
+                                    newly += take ? 1 : 0;
+                                }
+                                n_found += newly;
+                            }
+                            for (int64_t pm = 0; pm < P * M; ++pm) {
+                                const double* L = lattice + 9 * pm;
+                                const double a0 = L[0], a1 = L[1], a2 = L[2];
+                                const double b0 = L[3], b1 = L[4], b2 = L[5];
+                                const double e0 = L[6], e1 = L[7], e2 = L[8];
+#pragma omp simd
+                                for (int c = 0; c < n; ++c) {
+                                    const double X = qx[c], Y = qy[c], Z = qz[c];
+                                    const double h = X * a0 + Y * a1 + Z * a2;
+                                    const double k = X * b0 + Y * b1 + Z * b2;
+                                    const double l = X * e0 + Y * e1 + Z * e2;
+                                    const double h0 = std::ceil(h - 0.5), k0 = std::ceil(k - 0.5), l0 = std::ceil(l - 0.5);
+                                    const real fh = (real)(h - h0), fk = (real)(k - k0), fl = (real)(l - l0);
+                                    real Fl;
+#if TB_SHAPE == 0
+                                    Fl = sincg(fh, h0, na, na_even) * sincg(fk, k0, nb, nb_even)
+                                         * sincg(fl, l0, nc, nc_even);
+#elif TB_SHAPE == 1
+                                    {
+                                        const real hrad = fh * fh * na * na + fk * fk * nb * nb + fl * fl * nc * nc;
+                                        const real x = (real)3.14159265358979323846 * std::sqrt(hrad * (real)fudge);
+                                        const real xs = x == (real)0 ? (real)1 : x;
+                                        const real s3 = (real)3 * (std::sin(xs) / xs - std::cos(xs)) / (xs * xs);
+                                        Fl = na * nb * nc * (real)0.723601254558268 * (x == (real)0 ? (real)1 : s3);
+                                    }
+#else
+                                    {
+                                        const double dh = h - h0, dk = k - k0, dl = l - l0;
+                                        const double* A = dp + D_a_star;
+                                        const double u = dh * A[0] + dk * A[3] + dl * A[6];
+                                        const double v = dh * A[1] + dk * A[4] + dl * A[7];
+                                        const double w = dh * A[2] + dk * A[5] + dl * A[8];
+                                        const real rad = (real)((u * u + v * v + w * w) * dp[D_N2prod]);
+#if TB_SHAPE == 2
+                                        Fl = (real)dp[D_Nprod] * std::exp(-(rad / (real)0.63 * (real)fudge));
+#else
+                                        Fl = (real)dp[D_Nprod] * (real)(rad * (real)fudge < (real)0.3969);
+#endif
+                                    }
+#endif
+                                    // a zero lattice factor skips the lookup (C); sin(pi N h) of a square crystal is
+                                    // never exactly zero in C's float64 or the eager kernel, but the reduced
+                                    // argument here can be, so square crystals never skip on it
+                                    const bool skipped = (dskip[c] != 0.0) | (!water & (TB_SHAPE != 0) & (Fl == (real)0));
+                                    real Fc;
+#if TB_TABLE
+                                    // bounds and flat index in float64 (exact for integers): no out-of-range
+                                    // integer conversion. Outside the table the index is the extra last
+                                    // entry, which holds default_F (code 2), so the loads are plain gathers.
+                                    const bool inside = (h0 >= dhmin) & (h0 <= dhmax) & (k0 >= dkmin) & (k0 <= dkmax)
+                                                        & (l0 >= dlmin) & (l0 <= dlmax);
+                                    const double didx = ((h0 - dhmin) * dnk + (k0 - dkmin)) * dnl + (l0 - dlmin);
+                                    const int idx = (int)(inside ? didx : dsize);
+                                    Fc = table[idx];
+#if TB_COUNT
+                                    const int code = codes[idx];
+#endif
+#else
+                                    Fc = default_F;
+#if TB_COUNT
+                                    const int code = 1;
+#endif
+#endif
+                                    const real I = skipped ? (real)0 : Fc * Fc * Fl * Fl;
+                                    acc[c] += (double)I;
+#if TB_COUNT
+                                    c1[c] += (!skipped && code == 1);
+                                    c2[c] += (!skipped && code == 2);
+                                    c3[c] += (!skipped && code == 3);
+#endif
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            const double nsub = (double)(T * os * os);
+            real* out = image + r * image_stride + cb;
+            const uint8_t* mrow = mask != nullptr ? mask + row * fpixels + cstart : nullptr;
+            double om_blk = 0.0;
+#pragma omp simd reduction(+ : om_blk)
+            for (int c = 0; c < n; ++c) {
+                const bool active = mrow == nullptr || mrow[c] != 0;
+                const double v = (acc[c] + I_bg) * scale * cap_last[c] * pol_first[c] * om_first[c];
+                out[c] = active ? (real)v : (real)0;
+                om_blk += active ? nsub * om_first[c] : 0.0;
+#if TB_COUNT
+                const int32_t tot = c1[c] + c2[c] + c3[c];
+                const int32_t m12 = c2[c] > c1[c] ? c2[c] : c1[c];
+                const int dom = c3[c] > m12 ? 3 : (c2[c] > c1[c] ? 2 : 1);
+                counts[r * fb_stride + cb + c] = active ? tot : 0;
+                reasons[r * fb_stride + cb + c] = (uint8_t)((active && tot > 0) ? dom : 0);
+#endif
+            }
+            omega_row += om_blk;
+        }
+        // statistics of the row's active pixels as stored: count, sum, sum of squares,
+        // squared deviations from the row mean, first maximum and its column, solid angle
+        const real* out = image + r * image_stride;
+        const uint8_t* mrow = mask != nullptr ? mask + row * fpixels + col0 : nullptr;
+        double cnt = 0.0, sum = 0.0, sumsq = 0.0, vmax = -INFINITY, amax = -1.0;
+#pragma omp simd reduction(+ : cnt, sum, sumsq) reduction(max : vmax)
+        for (int64_t c = 0; c < ncols; ++c) {
+            const bool active = mrow == nullptr || mrow[c] != 0;
+            const double v = active ? (double)out[c] : 0.0;
+            cnt += active ? 1.0 : 0.0;
+            sum += v;
+            sumsq += v * v;
+            vmax = active && v > vmax ? v : vmax;
+        }
+        for (int64_t c = 0; c < ncols; ++c) {  // first column holding the maximum
+            if ((mrow == nullptr || mrow[c] != 0) && (double)out[c] == vmax) { amax = (double)c; break; }
+        }
+        const double mean = cnt > 0.0 ? sum / cnt : 0.0;
+        double m2 = 0.0;
+#pragma omp simd reduction(+ : m2)
+        for (int64_t c = 0; c < ncols; ++c) {
+            const bool active = mrow == nullptr || mrow[c] != 0;
+            const double d = active ? (double)out[c] - mean : 0.0;
+            m2 += d * d;
+        }
+        double* st = row_stats + 7 * r;
+        st[0] = cnt; st[1] = sum; st[2] = sumsq; st[3] = m2; st[4] = vmax; st[5] = amax; st[6] = omega_row;
+    }
+    return 0;
+}
+"""
+
+_SHAPE_CODES = {"square": 0, "round": 1, "gauss": 2, "tophat": 3}
+_CXX_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
+              "-std=c++17", "-shared", "-fPIC"]
+_fast_libs: Dict[tuple, object] = {}
+_fast_errors: Dict[tuple, str] = {}
+_pool_lock = threading.Lock()
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
+
+
+def fast_enabled() -> bool:
+    """False when the environment says ``TORCHBRAGG_FAST=0`` (or ``off``/``false``/``no``)."""
+    return os.environ.get("TORCHBRAGG_FAST", "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+def kernel_cache_dir() -> Path:
+    """Where compiled kernels are kept: ``$TORCHBRAGG_CACHE_DIR`` or ``~/.cache/torchbragg/kernels``."""
+    env = os.environ.get("TORCHBRAGG_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "torchbragg" / "kernels"
+
+
+def _full_source() -> str:
+    lines = [f"#define D_{k} {v}" for k, v in _D_OFF.items()] + [f"#define I_{k} {v}" for k, v in _I_OFF.items()]
+    return "\n".join(lines) + "\n" + _FAST_SOURCE
+
+
+def _cpu_signature() -> str:
+    sig = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return sig + line
+    except OSError:
+        pass
+    return sig + platform.processor()
+
+
+def _compiler() -> Optional[str]:
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return cxx
+    for name in ("g++", "c++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def fast_library(dtype: torch.dtype, shape: str, table: bool, count: bool):
+    """The compiled render function for one variant (compiling it on first use), or None.
+
+    The reason for a None is in :func:`fast_kernel_error`.
+    """
+    key = (dtype, shape, bool(table), bool(count))
+    if key in _fast_libs:
+        return _fast_libs[key]
+    fn = None
+    try:
+        fn = _load_variant(*key)
+    except Exception as err:  # no compiler, compile error, unloadable library: use the eager kernel
+        _fast_errors[key] = f"{type(err).__name__}: {err}"
+        warnings.warn(f"torchbragg: fused render kernel unavailable ({err}); using the eager kernel",
+                      RuntimeWarning, stacklevel=3)
+    _fast_libs[key] = fn
+    return fn
+
+
+def fast_kernel_error(dtype: torch.dtype, shape: str, table: bool, count: bool) -> Optional[str]:
+    return _fast_errors.get((dtype, shape, bool(table), bool(count)))
+
+
+def _load_variant(dtype, shape, table, count):
+    real = "double" if dtype == torch.float64 else "float"
+    defines = [f"-DTB_REAL={real}", f"-DTB_DOUBLE={int(real == 'double')}", f"-DTB_SHAPE={_SHAPE_CODES[shape]}",
+               f"-DTB_TABLE={int(table)}", f"-DTB_COUNT={int(count)}", "-DTB_ENTRY=tb_render"]
+    source = _full_source()
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    key = hashlib.sha256("\0".join([source, cxx, *defines, *_CXX_FLAGS, _cpu_signature()]).encode()).hexdigest()[:20]
+    folder = kernel_cache_dir()
+    lib_path = folder / f"tb_render_{key}.so"
+    if not lib_path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp_src = tempfile.mkstemp(suffix=".cpp", prefix=".tb_", dir=folder)
+        tmp_lib = tmp_src[:-4] + ".so"
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(source)
+            cmd = [cxx, *_CXX_FLAGS, *defines, tmp_src, "-o", tmp_lib]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-2000:]}")
+            os.replace(tmp_lib, lib_path)  # atomic: concurrent processes see a whole library or none
+        finally:
+            for p in (tmp_src, tmp_lib):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+    lib = ctypes.CDLL(str(lib_path))
+    fn = lib.tb_render
+    P = ctypes.c_void_p
+    I64 = ctypes.c_int64
+    fn.argtypes = [P, P, P, P, P, P, P, I64, I64, I64, I64, P, I64, P, P, I64, P]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+#: columns of the per-row statistics the fused kernel returns
+ROW_STATS = ("count", "sum", "sumsq", "m2", "max", "argmax", "omega")
+
+
+def row_statistics(values: torch.Tensor, active: torch.Tensor, omega: Optional[torch.Tensor] = None) -> np.ndarray:
+    """The fused kernel's ``[rows, 7]`` row statistics for rows rendered another way."""
+    v = values.detach().to("cpu", torch.float64)
+    act = active.to("cpu").expand_as(v)
+    cnt = act.sum(-1).to(torch.float64)
+    z = torch.where(act, v, torch.zeros((), dtype=torch.float64))
+    s = z.sum(-1)
+    sq = (z * z).sum(-1)
+    mean = torch.where(cnt > 0, s / cnt.clamp(min=1), torch.zeros_like(s))
+    d = torch.where(act, v - mean[:, None], torch.zeros((), dtype=torch.float64))
+    m2 = (d * d).sum(-1)
+    masked = torch.where(act, v, torch.full((), -math.inf, dtype=torch.float64))
+    mx, am = masked.max(-1) if v.shape[-1] else (torch.full_like(s, -math.inf), torch.zeros_like(s))
+    am = torch.where(torch.isfinite(mx), am.to(torch.float64), torch.full_like(s, -1.0))
+    om = torch.zeros_like(s) if omega is None else omega.detach().to("cpu", torch.float64)
+    return torch.stack([cnt, s, sq, m2, mx, am, om], -1).numpy()
+
+
+def combine_row_statistics(stats: np.ndarray, row_index: np.ndarray, col0: int):
+    """Whole-image statistics from row statistics (Chan's pairwise variance).
+
+    Returns ``(n, mean, rms, rmsd, max_I, (slow, fast) of the first maximum, omega_sum)``
+    with the conventions of :meth:`Simulation._stats`.
+    """
+    cnt, s, sq, m2, mx, am, om = (stats[:, j] for j in range(7))
+    n = int(cnt.sum())
+    omega_sum = float(om.sum())
+    if n == 0:
+        return 0, 0.0, 0.0, 0.0, 0.0, (0, 0), omega_sum
+    mean = float(s.sum()) / n
+    has = cnt > 0
+    row_mean = np.where(has, s / np.where(has, cnt, 1.0), 0.0)
+    M2 = float((m2 + cnt * (row_mean - mean) ** 2)[has].sum())
+    rms = math.sqrt(float(sq.sum()) / max(1, n - 1))
+    rmsd = math.sqrt(M2 / max(1, n - 1))
+    order = np.argsort(row_index, kind="stable")
+    mx_o = np.where(has, mx, -np.inf)[order]
+    j = int(np.argmax(mx_o))  # first row holding the maximum
+    max_I = float(mx_o[j])
+    where = (int(row_index[order][j]), int(am[order][j]) + col0)
+    return n, mean, rms, rmsd, max_I, where, omega_sum
+
+
+def _thread_pool(n: int) -> Optional[ThreadPoolExecutor]:
+    global _pool, _pool_size
+    if n <= 1:
+        return None
+    with _pool_lock:
+        if _pool is None or _pool_size != n:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="torchbragg")
+            _pool_size = n
+        return _pool
+
+
+def fast_unsupported(kt: KernelTensors) -> Optional[str]:
+    """Why the fused kernel cannot render this set-up (None: it can)."""
+    if kt.device.type != "cpu":
+        return "not a CPU render"
+    if kt.curved:
+        return "curved detector"
+    if kt.shape not in _SHAPE_CODES:
+        return f"crystal shape {kt.shape}"
+    if kt.shape == "square" and any(n > 1 and n != int(n) for n in kt.N):
+        return "fractional N with a square crystal"
+    return None
+
+
+class FastPlan:
+    """Packed parameters of one simulation for the fused kernel.
+
+    :meth:`run` renders a block of whole rows straight into the image (and the
+    fallback maps) and returns each row's solid-angle sum.
+    """
+
+    def __init__(self, kt: KernelTensors, *, I_bg: float, scale: float, fpixels: int,
+                 mask: Optional[np.ndarray] = None):
+        why = fast_unsupported(kt)
+        if why is not None:
+            raise ValueError(why)
+        self.kt = kt
+        self.dtype = kt.dtype
+        self.fpixels = int(fpixels)
+        d = np.zeros(_D_LEN, dtype=np.float64)
+        i = np.zeros(_I_LEN, dtype=np.int64)
+        g = lambda x: np.asarray(x.detach().cpu(), dtype=np.float64)  # noqa: E731
+        for name in ("fdet", "sdet", "odet", "pix0"):
+            d[_D_OFF[name]:_D_OFF[name] + 3] = g(getattr(kt, name))
+        d[_D_OFF["subpixel"]] = kt.subpixel_size
+        d[_D_OFF["pixel"]] = kt.pixel_size
+        d[_D_OFF["close"]] = kt.close_distance
+        d[_D_OFF["thickstep"]] = kt.thickstep
+        d[_D_OFF["mu"]] = kt.mu
+        d[_D_OFF["dmin"]] = kt.dmin_A
+        d[_D_OFF["kahn"]] = kt.kahn
+        d[_D_OFF["I_bg"]] = I_bg
+        d[_D_OFF["scale"]] = scale
+        Na, Nb, Nc = (float(n) for n in kt.N)
+        if kt.shape == "square":  # the eager kernel leaves out axes with N <= 1
+            d[_D_OFF["N"]:_D_OFF["N"] + 3] = [n if n > 1 else 1.0 for n in (Na, Nb, Nc)]
+        else:
+            d[_D_OFF["N"]:_D_OFF["N"] + 3] = [Na, Nb, Nc]
+        d[_D_OFF["default_F"]] = kt.default_F
+        d[_D_OFF["fudge"]] = kt.fudge
+        d[_D_OFF["a_star"]:_D_OFF["a_star"] + 9] = g(kt.a_star).reshape(-1)
+        d[_D_OFF["N2prod"]] = Na * Na * Nb * Nb * Nc * Nc
+        d[_D_OFF["Nprod"]] = Na * Nb * Nc
+        T = kt.thick_offsets.numel()
+        S = kt.incident.shape[0]
+        P, M = kt.lattice.shape[0], kt.lattice.shape[1]
+        i[_I_OFF["oversample"]] = kt.oversample
+        i[_I_OFF["T"]], i[_I_OFF["S"]], i[_I_OFF["P"]], i[_I_OFF["M"]] = T, S, P, M
+        i[_I_OFF["fpixels"]] = self.fpixels
+        i[_I_OFF["point_pixel"]] = int(kt.point_pixel)
+        i[_I_OFF["nopolar"]] = int(kt.nopolar)
+        i[_I_OFF["thick_on"]] = int(kt.thick > 0)
+        i[_I_OFF["dmin_on"]] = int(kt.dmin_A > 0)
+        i[_I_OFF["water"]] = int(kt.water)
+        if kt.bounds is not None:
+            i[_I_OFF["bounds"]:_I_OFF["bounds"] + 6] = kt.bounds
+        self.dparams, self.iparams = d, i
+        self.lattice = np.ascontiguousarray(g(kt.lattice).reshape(P * M, 9))
+        inc = g(kt.incident)
+        src = np.zeros((S, 10), dtype=np.float64)
+        src[:, 0:3] = inc
+        src[:, 3] = g(kt.inv_lambda)
+        if not kt.nopolar and kt.kahn != 0.0:  # the eager kernel's polarisation frame
+            axis = np.broadcast_to(g(kt.polar_axis), inc.shape)
+            B = np.cross(axis, inc)
+            B = B / np.linalg.norm(B, axis=-1, keepdims=True)
+            E = np.cross(inc, B)
+            E = E / np.linalg.norm(E, axis=-1, keepdims=True)
+            src[:, 4:7], src[:, 7:10] = B, E
+        self.src = np.ascontiguousarray(src)
+        # the kernel's table has one extra entry, default_F, used for every index outside the box;
+        # ``listed`` becomes the lookup code of each entry (0 table, 3 unlisted, 2 the extra entry)
+        self.table = self.listed = None
+        if kt.table is not None:
+            extra = torch.full((1,), kt.default_F, dtype=kt.table.dtype)
+            self.table = torch.cat([kt.table.detach().cpu(), extra]).contiguous()
+            codes = torch.where(kt.listed.detach().cpu(), 0, 3).to(torch.int32)
+            self.listed = torch.cat([codes, torch.tensor([2], dtype=torch.int32)]).contiguous()
+        self.mask = None if mask is None else np.ascontiguousarray(np.asarray(mask) != 0, dtype=np.uint8)
+        self.evaluations_per_pixel = T * kt.oversample ** 2 * S * P * M
+
+    def function(self, count: bool):
+        return fast_library(self.dtype, self.kt.shape, self.table is not None, count)
+
+    def run(self, row0: int, nrows: int, col0: int, ncols: int, image: torch.Tensor,
+            counts: Optional[torch.Tensor] = None, reasons: Optional[torch.Tensor] = None,
+            threads: Optional[int] = None) -> np.ndarray:
+        """Render rows ``row0 .. row0+nrows-1``, columns ``col0 .. col0+ncols-1``.
+
+        ``image`` (and ``counts``/``reasons`` for a fallback map) are the
+        ``[nrows, ncols]`` views to fill; rows may be strided, columns must be
+        contiguous. Returns ``[nrows, 7]`` float64 row statistics of the active
+        pixels (see :data:`ROW_STATS`).
+        """
+        count = counts is not None
+        fn = self.function(count)
+        if fn is None:
+            raise RuntimeError("fused kernel unavailable")
+        for t, dt in ((image, self.dtype), (counts, torch.int32), (reasons, torch.uint8)):
+            if t is not None and (t.dtype != dt or t.shape != (nrows, ncols) or t.stride(1) != 1
+                                  or t.device.type != "cpu"):
+                raise ValueError("fused kernel output must be a row-strided CPU view of the block")
+        if count and counts.stride(0) != reasons.stride(0):
+            raise ValueError("counts and reasons must share a row stride")
+        stats = np.zeros((max(nrows, 1), len(ROW_STATS)), dtype=np.float64)
+        ptr = lambda a: ctypes.c_void_p(a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr())  # noqa: E731
+        none = ctypes.c_void_p(None)
+        fixed = (ptr(self.dparams), ptr(self.iparams), ptr(self.lattice), ptr(self.src),
+                 ptr(self.table) if self.table is not None else none,
+                 ptr(self.listed) if self.listed is not None else none,
+                 ptr(self.mask) if self.mask is not None else none)
+        isz, ssz = image.element_size(), stats.strides[0]
+        fb_stride = counts.stride(0) if count else 0
+
+        def call(r_start, r_count):
+            off = r_start - row0
+            rc = fn(*fixed, r_start, r_count, col0, ncols,
+                    ctypes.c_void_p(image.data_ptr() + off * image.stride(0) * isz), image.stride(0),
+                    ctypes.c_void_p(counts.data_ptr() + off * fb_stride * 4) if count else none,
+                    ctypes.c_void_p(reasons.data_ptr() + off * fb_stride) if count else none,
+                    fb_stride, ctypes.c_void_p(stats.ctypes.data + off * ssz))
+            if rc != 0:
+                raise RuntimeError(f"fused kernel failed ({rc})")
+
+        n = max(1, min(int(threads or torch.get_num_threads()), nrows))
+        pool = _thread_pool(n)
+        if pool is None:
+            call(row0, nrows)
+        else:
+            # several slices per thread, taken from a queue, balance uneven rows (masks)
+            step = max(1, -(-nrows // (4 * n)))
+            futures = [pool.submit(call, r, min(step, row0 + nrows - r)) for r in range(row0, row0 + nrows, step)]
+            for f in futures:
+                f.result()
+        return stats[:nrows]

@@ -11,8 +11,8 @@ import torch
 
 from .arguments import parse_args
 from .config import SimulationConfig
-from .kernel import (LOOKUP_REASONS, KernelTensors, evaluate_block, evaluation_ordinals,
-                     interp_out_of_range)
+from .kernel import (LOOKUP_REASONS, ROW_STATS, FastPlan, KernelTensors, combine_row_statistics, evaluate_block,
+                     evaluation_ordinals, fast_enabled, fast_unsupported, interp_out_of_range, row_statistics)
 from .rotations import axis_rotation_matrix
 from .setup import R_E_SQR, ResolvedSetup, resolve
 
@@ -23,6 +23,9 @@ CancelFn = Callable[[], bool]
 
 #: evaluations held at once by default (bounds memory: ~100 bytes each in float32)
 DEFAULT_EVALUATIONS_PER_CHUNK = 1 << 21
+#: evaluations per block of the fused kernel (it holds a few numbers per pixel, not per evaluation;
+#: the block size only sets how often progress and cancellation are checked)
+FAST_EVALUATIONS_PER_CHUNK = 1 << 23
 
 
 class RenderCancelled(RuntimeError):
@@ -96,6 +99,9 @@ class Simulation:
     ...                             "-default_F", "100", "-N", "5", "-detpixels", "64"])
     >>> image = sim.render()
     """
+
+    #: fused CPU render kernel: None follows ``TORCHBRAGG_FAST`` (on unless "0"), True/False forces it
+    use_fast_kernel: Optional[bool] = None
 
     def __init__(self, config: SimulationConfig, device: Union[str, torch.device] = "cpu",
                  dtype: torch.dtype = torch.float32, chunk_rows: Optional[int] = None):
@@ -311,6 +317,30 @@ class Simulation:
                 "capture_applied": capture_last if not s.oversample_thick else None,
                 "polar_applied": polar_first if not s.oversample_polar else None}
 
+    def _fast_plan(self) -> Optional[FastPlan]:
+        """The fused-kernel plan for this simulation, or None where only the eager kernel applies.
+
+        ``use_fast_kernel`` (instance or class attribute) overrides the
+        ``TORCHBRAGG_FAST`` environment switch when it is not None.
+        """
+        use = self.use_fast_kernel
+        if use is None:
+            use = fast_enabled()
+        if not use:
+            return None
+        s = self.setup
+        if s.oversample_thick or s.oversample_polar or s.oversample_omega:
+            return None  # C's running-product rules: eager reduce only
+        cached = self.__dict__.get("_fast_plan_cache")
+        if cached is None:
+            kt = self._tensors
+            plan = None
+            if fast_unsupported(kt) is None:
+                plan = FastPlan(kt, I_bg=s.I_bg, scale=R_E_SQR * s.fluence / s.steps, fpixels=s.fpixels,
+                                mask=s.mask)
+            cached = self.__dict__["_fast_plan_cache"] = (plan,)
+        return cached[0]
+
     def _render(self, progress, should_cancel, fallback: bool):
         s = self.setup
         ny, nx = self.shape
@@ -318,38 +348,106 @@ class Simulation:
         image = torch.zeros((ny, nx), dtype=out_dtype, device=self.device)
         counts = torch.zeros((ny, nx), dtype=torch.int32, device=self.device) if fallback else None
         reason = torch.zeros((ny, nx), dtype=torch.uint8, device=self.device) if fallback else None
-        omega_sum = 0.0
         xmin, xmax, ymin, ymax = s.roi
         r_lo, r_hi = max(0, ymin), min(ny - 1, ymax)
         c_lo, c_hi = max(0, xmin), min(nx - 1, xmax)
         cols = torch.arange(c_lo, c_hi + 1, device=self.device)
-        self.interpolation_cutoff()
+        cutoff = self.interpolation_cutoff()
         total = max(0, r_hi - r_lo + 1)
+        plan = self._fast_plan() if total > 0 and c_hi >= c_lo else None
+        if plan is not None and plan.function(fallback) is None:
+            plan = None  # no compiler: eager kernel
+        eager_end = r_hi  # last row the eager kernel renders
+        if plan is not None:
+            if self._tensors.interpolate:
+                if cutoff is None:
+                    eager_end = r_hi  # interpolation never switches off: only the eager kernel interpolates
+                else:
+                    # rows holding evaluations before C's switch-off point interpolate; the rest are nearest-index
+                    last_interp_pixel = (cutoff - 1) // self.evaluations_per_pixel if cutoff > 0 else -1
+                    eager_end = max(r_lo - 1, min(r_hi, last_interp_pixel // nx)) if last_interp_pixel >= 0 else r_lo - 1
+            else:
+                eager_end = r_lo - 1
+        omega_sum = 0.0
         done = 0
+        # fast path: statistics come per row from the kernel (eager rows: from row_statistics)
+        row_stats = np.zeros((total, len(ROW_STATS))) if plan is not None else None
         with torch.no_grad():
-            for r0 in range(r_lo, r_hi + 1, self.chunk_rows):
+            for r0 in range(r_lo, eager_end + 1, self.chunk_rows):
                 if should_cancel is not None and should_cancel():
                     raise RenderCancelled("render cancelled")
-                rows = torch.arange(r0, min(r_hi + 1, r0 + self.chunk_rows), device=self.device)
-                res = self.evaluate(rows, cols)
-                red = self.reduce(res)
-                act = self.active_mask(rows, cols)
-                value = torch.where(act, red["value"].to(out_dtype), torch.zeros((), dtype=out_dtype,
-                                                                                 device=self.device))
-                image[rows[0]:rows[-1] + 1, c_lo:c_hi + 1] = value
-                om = res["omega"] if s.oversample_omega else res["omega"][:, :, :1, :1, :1].expand_as(res["omega"])
-                omega_sum += float((om.sum(dim=(2, 3, 4)) * act).sum())
-                if fallback:
-                    c, r = _fallback_counts(res, act)
-                    counts[rows[0]:rows[-1] + 1, c_lo:c_hi + 1] = c
-                    reason[rows[0]:rows[-1] + 1, c_lo:c_hi + 1] = r
+                rows = torch.arange(r0, min(eager_end + 1, r0 + self.chunk_rows), device=self.device)
+                value, act, omega_rows = self._eager_rows(rows, cols, image, counts, reason, c_lo, c_hi)
+                if row_stats is not None:
+                    row_stats[r0 - r_lo:r0 - r_lo + rows.numel()] = row_statistics(value, act, omega_rows)
+                else:
+                    omega_sum += float(omega_rows.sum())
                 done += rows.numel()
                 if progress is not None:
                     progress(done, total)
-        self.last_stats = self._stats(image, omega_sum)
+            if eager_end < r_hi:
+                step = max(1, FAST_EVALUATIONS_PER_CHUNK // max(1, (c_hi - c_lo + 1) * self.evaluations_per_pixel))
+                for r0 in range(eager_end + 1, r_hi + 1, step):
+                    if should_cancel is not None and should_cancel():
+                        raise RenderCancelled("render cancelled")
+                    r1 = min(r_hi + 1, r0 + step)
+                    block = (slice(r0, r1), slice(c_lo, c_hi + 1))
+                    row_stats[r0 - r_lo:r1 - r_lo] = plan.run(
+                        r0, r1 - r0, c_lo, c_hi - c_lo + 1, image[block],
+                        counts[block] if fallback else None, reason[block] if fallback else None)
+                    done += r1 - r0
+                    if progress is not None:
+                        progress(done, total)
+                first = self.first_pixel()
+                if self._tensors.lattice_first is not None and first is not None and first[0] > eager_end:
+                    # C's very first phi loop keeps the unrotated crystal: redo that one pixel eagerly
+                    fs, ff = first
+                    self._eager_rows(torch.tensor([fs], device=self.device), torch.tensor([ff], device=self.device),
+                                     image, counts, reason, ff, ff)
+                    omega_row = torch.tensor([row_stats[fs - r_lo, ROW_STATS.index("omega")]])
+                    row = torch.tensor([fs], device=self.device)
+                    row_stats[fs - r_lo] = row_statistics(image[fs:fs + 1, c_lo:c_hi + 1],
+                                                          self.active_mask(row, cols), omega_row)[0]
+        if row_stats is not None:
+            self.last_stats = self._stats_from_rows(row_stats, np.arange(r_lo, r_lo + total), c_lo)
+        else:
+            self.last_stats = self._stats(image, omega_sum)
         if fallback:
             return image, FallbackMap(counts=counts, reason=reason, evaluations_per_pixel=self.evaluations_per_pixel)
         return image, None
+
+    def _eager_rows(self, rows, cols, image, counts, reason, c_lo, c_hi):
+        """Render a block with the eager kernel into the image.
+
+        Returns the block's values, its active mask and each row's solid-angle sum.
+        """
+        s = self.setup
+        out_dtype = self.dtype
+        res = self.evaluate(rows, cols)
+        red = self.reduce(res)
+        act = self.active_mask(rows, cols)
+        value = torch.where(act, red["value"].to(out_dtype), torch.zeros((), dtype=out_dtype, device=self.device))
+        image[rows[0]:rows[-1] + 1, c_lo:c_hi + 1] = value
+        om = res["omega"] if s.oversample_omega else res["omega"][:, :, :1, :1, :1].expand_as(res["omega"])
+        omega_rows = (om.sum(dim=(2, 3, 4)) * act).sum(-1)
+        if counts is not None:
+            c, r = _fallback_counts(res, act)
+            counts[rows[0]:rows[-1] + 1, c_lo:c_hi + 1] = c
+            reason[rows[0]:rows[-1] + 1, c_lo:c_hi + 1] = r
+        return value, act, omega_rows
+
+    def _stats_from_rows(self, row_stats: np.ndarray, row_index: np.ndarray, col0: int) -> RenderStats:
+        n, mean, rms, rmsd, max_I, (sl, fa), omega_sum = combine_row_statistics(row_stats, row_index, col0)
+        if n == 0:
+            return RenderStats(0.0, 0.0, 0.0, (0, 0), 0.0, 0.0, 0.0, 0.0, 0)
+        if max_I <= 0:
+            max_I, sl, fa = 0.0, 0, 0
+        s = self.setup
+        sub = s.pixel_size / s.oversample
+        last = s.oversample - 1
+        f_m = sub * (fa * s.oversample + last) + sub / 2.0
+        s_m = sub * (sl * s.oversample + last) + sub / 2.0
+        return RenderStats(max_I, f_m, s_m, (sl, fa), mean, rms, rmsd, omega_sum / s.steps, n)
 
     def _stats(self, image: torch.Tensor, omega_sum: float) -> RenderStats:
         s = self.setup

@@ -1,0 +1,483 @@
+"""``torchbragg bench``: speed and memory figures of the engine.
+
+For each named configuration and dtype it measures, each in a fresh Python
+process so that nothing is already loaded or compiled:
+
+``first_ever``
+    the whole ``torchbragg <args>`` command with an empty kernel cache (so it
+    includes compiling the fused kernel) — what a user sees the very first time;
+``cli_cold``
+    the same command again with the cache filled by the previous run;
+``render``
+    inside one fresh process: import time, set-up, the first render (cold: it
+    loads the compiled kernel), then ``--repeats`` warm renders (min and
+    median), nanoseconds per subpixel evaluation (wall and CPU), and one tap's
+    latency (``sim.tap(2048, 2048)``, or the centre pixel of smaller images;
+    before :mod:`torchbragg.taps` existed, an eager ``sim.evaluate(...,
+    detail=True)`` of that pixel, named in ``tap_method``);
+
+and the peak resident memory of every process (``wait4`` on the child). With
+``--c-binary PATH`` the C program runs on the same arguments in the same
+session, once with ``OMP_NUM_THREADS=1`` and once with all threads, and the
+ratios ``torchbragg / C`` are reported; without a binary, ``--c-seconds X``
+(the C program's single-thread time measured elsewhere) gives the same ratios
+against that figure. ``bragg-tap --pixel 2048 2048`` is timed as a whole
+process where that console script exists (skipped otherwise).
+
+Examples
+--------
+``torchbragg bench --configs tap512 --repeats 2``
+``torchbragg bench --configs tap4096,defaultF4096 --out reports/benchmarks``
+``torchbragg bench --configs tap4096 --dtype float32 --c-binary ~/bin/nanoBragg``
+
+``--out DIR`` writes ``DIR/<UTC stamp>/bench.json`` (never overwriting);
+``--json`` prints the JSON document instead of the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+__all__ = ["CONFIGS", "main", "run_bench", "SCHEMA"]
+
+SCHEMA = "torchbragg-bench/1"
+
+_TAP = ["-cell", "100", "100", "100", "90", "90", "90", "-N", "5", "-default_F", "100", "-lambda", "0.5",
+        "-distance", "500", "-pixel", "0.05", "-oversample", "2"]
+_DEFAULT_F = ["-default_F", "100", "-cell", "100", "100", "100", "90", "90", "90", "-lambda", "6.2",
+              "-distance", "100"]
+
+#: named configurations: nanoBragg arguments
+CONFIGS: Dict[str, List[str]] = {
+    "tap4096": _TAP + ["-detpixels", "4096"],
+    "defaultF4096": _DEFAULT_F + ["-detpixels", "4096"],
+    "tap1024": _TAP + ["-detpixels", "1024"],
+    "tap512": _TAP + ["-detpixels", "512"],
+    "defaultF512": _DEFAULT_F + ["-detpixels", "512"],
+    "tap128": _TAP + ["-detpixels", "128"],
+}
+
+#: what the issue quotes for this machine kind (C program, single thread; a compiled PyTorch port)
+REFERENCE_FIGURES = {
+    "tap4096": {"c_single_thread_s": [4.7, 6.2], "c_peak_rss_gib": 0.1, "compiled_port_warm_s": 4.7,
+                "compiled_port_cold_cli_s": 19.0, "compiled_port_peak_rss_gib": 7.5},
+}
+
+_MARK = "TORCHBRAGG_BENCH_RESULT "
+
+
+# --------------------------------------------------------------------- child
+def _child(spec_json: str) -> int:
+    """Body of the fresh measuring process; prints one JSON line."""
+    spec = json.loads(spec_json)
+    t_start = time.perf_counter()
+    import resource
+
+    import torch
+
+    import torchbragg
+    from torchbragg import kernel
+
+    t_import = time.perf_counter()
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    device = spec["device"]
+    dtype = torch.float64 if spec["dtype"] == "float64" else torch.float32
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    out = {"dtype": spec["dtype"], "device": device, "threads": torch.get_num_threads(),
+           "import_s": t_import - t_start}
+    t0 = time.perf_counter()
+    sim = torchbragg.Simulation.from_args(spec["args"], device=device, dtype=dtype)
+    out["setup_s"] = time.perf_counter() - t0
+    plan = sim._fast_plan() if hasattr(sim, "_fast_plan") else None
+    c0, t0 = time.process_time(), time.perf_counter()
+    image = sim.render()
+    sync()
+    out["first_render_s"] = time.perf_counter() - t0
+    out["first_render_cpu_s"] = time.process_time() - c0
+    out["fast_kernel"] = bool(plan is not None and plan.function(False) is not None)
+    warm, warm_cpu = [], []
+    for _ in range(max(1, int(spec["repeats"]))):
+        c0, t0 = time.process_time(), time.perf_counter()
+        image = sim.render()
+        sync()
+        warm.append(time.perf_counter() - t0)
+        warm_cpu.append(time.process_time() - c0)
+    out["warm_s"] = warm
+    out["warm_min_s"] = min(warm)
+    out["warm_median_s"] = statistics.median(warm)
+    out["warm_cpu_min_s"] = min(warm_cpu)
+    ny, nx = sim.shape
+    evals = ny * nx * sim.evaluations_per_pixel
+    out["evaluations"] = evals
+    out["ns_per_eval"] = 1e9 * min(warm) / evals
+    out["cpu_ns_per_eval"] = 1e9 * min(warm_cpu) / evals
+    img = image.detach().to("cpu", torch.float64)
+    out["image_sum"] = float(img.sum())
+    out["image_max"] = float(img.max())
+    del img
+
+    # one tap's latency, after the Simulation exists
+    slow, fast = (2048, 2048) if (ny > 2048 and nx > 2048) else (ny // 2, nx // 2)
+    out["tap_pixel"] = [slow, fast]
+
+    def one_tap():
+        try:
+            sim.tap(slow, fast)
+            return "sim.tap"
+        except (ImportError, AttributeError, NotImplementedError):
+            rows = torch.tensor([slow], device=sim.device)
+            cols = torch.tensor([fast], device=sim.device)
+            sim.evaluate(rows, cols, detail=True)
+            return "sim.evaluate(detail=True)"
+
+    t0 = time.perf_counter()
+    try:
+        out["tap_method"] = one_tap()
+        sync()
+        out["tap_first_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        one_tap()
+        sync()
+        out["tap_s"] = time.perf_counter() - t0
+    except Exception as err:  # a tap failing must not lose the render figures
+        out["tap_error"] = f"{type(err).__name__}: {err}"
+    out["peak_rss_self_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    out["kernel_cache_dir"] = str(kernel.kernel_cache_dir())
+    print(_MARK + json.dumps(out), flush=True)
+    return 0
+
+
+# -------------------------------------------------------------------- parent
+def _run_process(cmd: Sequence[str], env: Optional[dict] = None, cwd: Optional[str] = None,
+                 timeout: float = 3600.0) -> dict:
+    """Run a command; wall time, exit status, peak RSS and CPU times of that process."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env=env, cwd=cwd)
+        deadline = t0 + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.002)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    return {"wall_s": wall, "returncode": proc.returncode, "peak_rss_mib": usage.ru_maxrss / 1024.0,
+            "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "stdout": stdout, "stderr": stderr}
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    for k, v in extra.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = str(v)
+    return env
+
+
+def _cli_command(args: Sequence[str], dtype: str, device: str) -> List[str]:
+    return [sys.executable, "-m", "torchbragg", *args, "-dtype", dtype, "-device", device]
+
+
+def _summary(proc: dict) -> dict:
+    keep = {k: proc[k] for k in ("wall_s", "returncode", "peak_rss_mib", "user_s", "sys_s")}
+    if proc["returncode"] != 0:
+        keep["error"] = (proc["stderr"] or proc["stdout"]).strip()[-1000:]
+    return keep
+
+
+def _measure_config(name: str, args: List[str], dtype: str, opts) -> dict:
+    res: dict = {}
+    base_env = {"TORCHBRAGG_FAST": "0" if opts.eager else None}
+    if opts.threads:
+        base_env.update(OMP_NUM_THREADS=opts.threads, MKL_NUM_THREADS=opts.threads)
+    with tempfile.TemporaryDirectory(prefix="torchbragg-bench-") as work:
+        cli = _cli_command(args, dtype, opts.device)
+        if opts.write_image:
+            cli += ["-floatfile", os.path.join(work, "float.bin")]
+        if not opts.no_first_ever:
+            empty = os.path.join(work, "kernel-cache")
+            first = _run_process(cli, env=_env(TORCHBRAGG_CACHE_DIR=empty, **base_env), cwd=work)
+            res["first_ever"] = _summary(first)
+        _run_process(cli, env=_env(**base_env), cwd=work)  # fills the user's kernel cache if it is empty
+        cold = _run_process(cli, env=_env(**base_env), cwd=work)
+        res["cli_cold"] = _summary(cold)
+        spec = {"args": args, "dtype": dtype, "device": opts.device, "repeats": opts.repeats,
+                "threads": opts.threads}
+        child = _run_process([sys.executable, "-c",
+                              "import sys; from torchbragg.bench import _child; sys.exit(_child(sys.argv[1]))",
+                              json.dumps(spec)], env=_env(**base_env), cwd=work)
+        render = {"process": _summary(child)}
+        for line in child["stdout"].splitlines():
+            if line.startswith(_MARK):
+                render.update(json.loads(line[len(_MARK):]))
+        res["render"] = render
+    return res
+
+
+def _tap_process(opts) -> Optional[dict]:
+    exe = shutil.which("bragg-tap")
+    if exe is None:
+        cand = Path(sys.executable).with_name("bragg-tap")
+        exe = str(cand) if cand.exists() else None
+    if exe is None:
+        return {"skipped": "bragg-tap console script not installed"}
+    proc = _run_process([exe, "--pixel", "2048", "2048"], env=_env())
+    out = _summary(proc)
+    if proc["returncode"] != 0:
+        out["skipped"] = "bragg-tap failed (see error)"
+    return out
+
+
+def _c_runs(args: List[str], binary: str) -> dict:
+    out = {"binary": os.path.abspath(binary)}
+    for label, threads in (("single_thread", 1), ("all_threads", os.cpu_count() or 1)):
+        with tempfile.TemporaryDirectory(prefix="nanoBragg-bench-") as work:
+            proc = _run_process([out["binary"], *args], env=_env(OMP_NUM_THREADS=threads), cwd=work)
+        entry = _summary(proc)
+        entry["threads"] = threads
+        out[label] = entry
+    return out
+
+
+def _host() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(), "load_average": list(os.getloadavg())}
+
+
+def run_bench(opts) -> dict:
+    """Measure every requested configuration; returns the JSON document."""
+    from . import __version__
+
+    names = [n.strip() for n in opts.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
+    dtypes = ["float32", "float64"] if opts.dtype == "both" else [opts.dtype]
+    doc = {"schema": SCHEMA, "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "torchbragg": __version__, "command": ["torchbragg", "bench", *opts.argv], "host": _host(),
+           "options": {"device": opts.device, "dtypes": dtypes, "repeats": opts.repeats, "threads": opts.threads,
+                       "eager": opts.eager, "write_image": opts.write_image},
+           "configs": {}}
+    for name in names:
+        args = CONFIGS[name]
+        entry: dict = {"args": args, "runs": {}}
+        for dtype in dtypes:
+            _log(opts, f"{name} {dtype} ...")
+            entry["runs"][dtype] = _measure_config(name, args, dtype, opts)
+        r = entry["runs"]
+        if "float32" in r and "float64" in r:
+            w32 = r["float32"]["render"].get("warm_min_s")
+            w64 = r["float64"]["render"].get("warm_min_s")
+            if w32 and w64:
+                entry["float64_over_float32"] = w64 / w32
+        if name in REFERENCE_FIGURES:
+            entry["reference"] = REFERENCE_FIGURES[name]
+        c_seconds = None
+        if opts.c_binary:
+            _log(opts, f"{name} C program ...")
+            entry["c"] = _c_runs(args, opts.c_binary)
+            if entry["c"]["single_thread"]["returncode"] == 0:
+                c_seconds = entry["c"]["single_thread"]["wall_s"]
+        elif opts.c_seconds:
+            entry["c"] = {"single_thread": {"wall_s": opts.c_seconds, "source": "--c-seconds"}}
+            c_seconds = opts.c_seconds
+        if c_seconds:
+            ratios = {}
+            for dtype, run in r.items():
+                warm = run["render"].get("warm_min_s")
+                if warm:
+                    ratios[f"{dtype}_warm_over_c"] = warm / c_seconds
+                ratios[f"{dtype}_cli_cold_over_c"] = run["cli_cold"]["wall_s"] / c_seconds
+            if opts.c_binary and entry["c"]["all_threads"]["returncode"] == 0:
+                c_all = entry["c"]["all_threads"]["wall_s"]
+                for dtype, run in r.items():
+                    if run["render"].get("warm_min_s"):
+                        ratios[f"{dtype}_warm_over_c_all_threads"] = run["render"]["warm_min_s"] / c_all
+            entry["ratios"] = ratios
+        doc["configs"][name] = entry
+    if "tap4096" in names and not opts.no_tap_process:
+        doc["bragg_tap_process"] = _tap_process(opts)
+    return doc
+
+
+def _log(opts, msg: str) -> None:
+    if not opts.quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _fmt(x, unit="s", digits=3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.{digits}f}{unit}"
+
+
+def format_table(doc: dict) -> str:
+    """The human-readable summary printed by ``torchbragg bench``."""
+    h = doc["host"]
+    lines = [f"torchbragg {doc['torchbragg']} bench — {h['cpu']}, {h['cpu_count']} CPUs, torch {h['torch']} "
+             f"({h['torch_threads']} threads), device {doc['options']['device']}"]
+    head = (f"{'config':<14}{'dtype':<9}{'evals':>11}{'first-ever':>12}{'cli cold':>10}{'1st render':>11}"
+            f"{'warm':>9}{'ns/eval':>9}{'cpu ns/ev':>10}{'tap':>9}{'peak RSS':>10}")
+    lines.append(head)
+    for name, entry in doc["configs"].items():
+        for dtype, run in entry["runs"].items():
+            rr = run["render"]
+            rss = max(run["cli_cold"].get("peak_rss_mib", 0), rr.get("process", {}).get("peak_rss_mib", 0))
+            fe = run.get("first_ever", {}).get("wall_s")
+            lines.append(
+                f"{name:<14}{dtype:<9}{rr.get('evaluations', 0):>11,}{_fmt(fe):>12}{_fmt(run['cli_cold']['wall_s']):>10}"
+                f"{_fmt(rr.get('first_render_s')):>11}{_fmt(rr.get('warm_min_s')):>9}"
+                f"{_fmt(rr.get('ns_per_eval'), '', 2):>9}{_fmt(rr.get('cpu_ns_per_eval'), '', 2):>10}"
+                f"{_fmt(rr.get('tap_s')):>9}{rss:>8.0f}Mi")
+            for key in ("first_ever", "cli_cold"):
+                if run.get(key, {}).get("error"):
+                    lines.append(f"    {key} failed: {run[key]['error'].splitlines()[-1]}")
+            if rr.get("process", {}).get("error"):
+                lines.append(f"    render process failed: {rr['process']['error'].splitlines()[-1]}")
+            if not rr.get("fast_kernel", True):
+                lines.append("    (eager kernel: fused kernel off or unavailable)")
+        if "float64_over_float32" in entry:
+            lines.append(f"    float64 / float32 warm render: {entry['float64_over_float32']:.2f}x")
+        c = entry.get("c")
+        if c:
+            for label in ("single_thread", "all_threads"):
+                if label in c:
+                    e = c[label]
+                    extra = f", peak RSS {e['peak_rss_mib']:.0f} MiB" if "peak_rss_mib" in e else ""
+                    src = f" ({e['source']})" if "source" in e else ""
+                    lines.append(f"    C program {label.replace('_', ' ')}: {_fmt(e['wall_s'])}{extra}{src}")
+        for k, v in entry.get("ratios", {}).items():
+            lines.append(f"    {k}: {v:.3f}")
+    tp = doc.get("bragg_tap_process")
+    if tp:
+        if "skipped" in tp and "wall_s" not in tp:
+            lines.append(f"bragg-tap --pixel 2048 2048: skipped ({tp['skipped']})")
+        else:
+            lines.append(f"bragg-tap --pixel 2048 2048: {_fmt(tp.get('wall_s'))} whole process, "
+                         f"peak RSS {tp.get('peak_rss_mib', 0):.0f} MiB"
+                         + (f" — {tp['skipped']}" if "skipped" in tp else ""))
+    return "\n".join(lines)
+
+
+def _write_report(doc: dict, out_dir: str) -> Path:
+    from .atomic_io import atomic_write_text
+
+    base = Path(out_dir)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    for i in range(1000):
+        folder = base / (stamp if i == 0 else f"{stamp}-{i}")
+        try:
+            folder.mkdir(parents=True, exist_ok=False)
+        except FileExistsError:
+            continue
+        return atomic_write_text(folder / "bench.json", json.dumps(doc, indent=2) + "\n", overwrite=False)
+    raise FileExistsError(f"no free report folder under {base}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="torchbragg bench", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="configurations: " + ", ".join(f"{k} ({' '.join(v)})" for k, v in CONFIGS.items())
+        + "\n\nWithout --c-binary, --c-seconds X gives the ratios against a C time you measured yourself "
+          "(single thread, same arguments); the issue's reference for tap4096 on a 2-core machine is 4.7-6.2 s.")
+    p.add_argument("--configs", default="tap4096,defaultF4096", help="comma-separated names (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--dtype", default="both", choices=["float32", "float64", "both"],
+                   help="render dtype(s); 'both' also reports the float64/float32 ratio (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=3, help="warm renders per process (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the measuring processes")
+    p.add_argument("--c-binary", default=None, metavar="PATH", help="the nanoBragg C program to time alongside")
+    p.add_argument("--c-seconds", type=float, default=None, metavar="X",
+                   help="C program single-thread seconds for the ratios when no binary is at hand")
+    p.add_argument("--eager", action="store_true", help="time the eager kernel (TORCHBRAGG_FAST=0)")
+    p.add_argument("--write-image", action="store_true",
+                   help="let the command-line runs write -floatfile (to a temporary folder)")
+    p.add_argument("--no-first-ever", action="store_true", help="skip the empty-kernel-cache run")
+    p.add_argument("--no-tap-process", action="store_true", help="skip timing the bragg-tap command")
+    p.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
+    p.add_argument("--out", default=None, metavar="DIR", help="write DIR/<UTC stamp>/bench.json")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``torchbragg bench``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        opts = parser.parse_args(argv)
+    except SystemExit as exc:  # --help or a usage error
+        return int(exc.code or 0)
+    opts.argv = argv
+    if opts.repeats < 1:
+        print("torchbragg bench: --repeats must be at least 1", file=sys.stderr)
+        return 2
+    if opts.c_binary and not os.access(opts.c_binary, os.X_OK):
+        print(f"torchbragg bench: --c-binary {opts.c_binary}: not an executable file", file=sys.stderr)
+        return 2
+    try:
+        doc = run_bench(opts)
+    except ValueError as err:
+        print(f"torchbragg bench: {err}", file=sys.stderr)
+        return 2
+    if opts.out:
+        path = _write_report(doc, opts.out)
+        doc_path = str(path)
+    else:
+        doc_path = None
+    if opts.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(format_table(doc))
+        if doc_path:
+            print(f"wrote {doc_path}")
+    failed = any(run[k].get("returncode", 0) != 0 for e in doc["configs"].values() for run in e["runs"].values()
+                 for k in ("cli_cold",)) or any(
+        run["render"].get("process", {}).get("returncode", 0) != 0 or "warm_min_s" not in run["render"]
+        for e in doc["configs"].values() for run in e["runs"].values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""``torchbragg bench`` and the fused render kernel it measures.
+
+No timing thresholds here: the bench must run end to end and write a valid
+report, and the fused kernel must give the eager kernel's image (to float
+rounding), fallback map and statistics, whatever the block size or thread count.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import torchbragg
+from torchbragg import bench, cli, kernel
+from torchbragg import simulation as simulation_module
+
+MOSAIC_PHI = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "100", "-N", "5", "-lambda", "1.0",
+              "-mosaic", "0.5", "-mosaic_dom", "5", "-phi", "0", "-osc", "0.5", "-phisteps", "3",
+              "-distance", "100", "-detpixels", "48", "-pixel", "0.5", "-seed", "1", "-mosaic_seed", "7"]
+TAP_SMALL = ["-cell", "100", "100", "100", "90", "90", "90", "-N", "5", "-default_F", "100", "-lambda", "0.5",
+             "-distance", "500", "-pixel", "0.8", "-detpixels", "64", "-oversample", "2"]
+
+
+def _table_args(tmp_path, extra=()):
+    hkl = tmp_path / "t.hkl"
+    hkl.write_text("".join(f"{h} {k} {l} {10 + h + 2 * k + 3 * l}\n" for h in range(-2, 3) for k in range(-2, 3)
+                           for l in range(-2, 3) if (h + k + l) % 2 == 0))
+    return ["-cell", "100", "100", "100", "90", "90", "90", "-hkl", str(hkl), "-default_F", "50", "-N", "3",
+            "-lambda", "1.0", "-distance", "100", "-detpixels", "64", "-pixel", "0.8", *extra]
+
+
+def _render(args, fast, dtype=torch.float32, chunk_rows=None, fallback=False):
+    sim = torchbragg.Simulation.from_args(args, dtype=dtype, chunk_rows=chunk_rows)
+    sim.use_fast_kernel = fast
+    if fallback:
+        image, fmap = sim.render_with_fallback()
+    else:
+        image, fmap = sim.render(), None
+    return sim, image, fmap
+
+
+@pytest.fixture
+def needs_fast():
+    if kernel.fast_library(torch.float32, "square", False, False) is None:
+        pytest.skip("the fused kernel could not be compiled here (no C++ compiler?)")
+
+
+# --------------------------------------------------------------------------- fast == eager
+@pytest.mark.usefixtures("needs_fast")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", ["mosaic_phi", "tap_small", "table", "table_dmin_polar", "round", "gauss",
+                                  "tophat", "thick_roi"])
+def test_fast_path_equals_eager_path(tmp_path, case, dtype):
+    args = {"mosaic_phi": MOSAIC_PHI, "tap_small": TAP_SMALL,
+            "table": _table_args(tmp_path),
+            "table_dmin_polar": _table_args(tmp_path, ["-dmin", "3", "-polar", "0.8", "-dispersion", "5",
+                                                       "-dispsteps", "2"]),
+            "round": TAP_SMALL + ["-round_xtal"], "gauss": TAP_SMALL + ["-gauss_xtal"],
+            "tophat": TAP_SMALL + ["-tophat_spots"],
+            "thick_roi": TAP_SMALL + ["-detector_abs", "500", "-detector_thick", "100", "-detector_thicksteps", "2",
+                                      "-roi", "3", "50", "5", "60"]}[case]
+    eager_sim, eager, eager_map = _render(args, False, dtype, fallback=True)
+    fast_sim, fast, fast_map = _render(args, True, dtype, fallback=True)
+    assert fast_sim._fast_plan() is not None and eager_sim._fast_plan() is None
+    scale = float(eager.abs().max())
+    assert scale > 0
+    tol = 1e-5 if dtype == torch.float32 else 1e-11
+    assert torch.allclose(fast, eager, rtol=tol, atol=tol * scale), float((fast - eager).abs().max() / scale)
+    assert torch.equal(fast_map.counts, eager_map.counts)
+    assert torch.equal(fast_map.reason, eager_map.reason)
+    a, b = eager_sim.last_stats, fast_sim.last_stats
+    assert b.pixels == a.pixels
+    for key in ("max_I", "mean", "rms", "rmsd", "solid_angle_sr"):
+        assert getattr(b, key) == pytest.approx(getattr(a, key), rel=10 * tol), key
+
+
+@pytest.mark.usefixtures("needs_fast")
+def test_fast_path_does_not_depend_on_block_size_or_threads(monkeypatch):
+    _, reference, ref_map = _render(MOSAIC_PHI, True, fallback=True)
+    for evals, threads in ((1, 1), (5 * 48 * 45, 2), (1 << 30, 3)):
+        monkeypatch.setattr(simulation_module, "FAST_EVALUATIONS_PER_CHUNK", evals)
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            _, image, fmap = _render(MOSAIC_PHI, True, fallback=True)
+        finally:
+            torch.set_num_threads(old)
+        assert torch.equal(image, reference), (evals, threads)
+        assert torch.equal(fmap.counts, ref_map.counts)
+
+
+@pytest.mark.usefixtures("needs_fast")
+@pytest.mark.parametrize("chunk_rows", [1, 7])
+def test_fast_path_equals_eager_for_two_chunk_sizes(chunk_rows, monkeypatch):
+    """Eager chunks of ``chunk_rows`` rows, fused blocks of about ``chunk_rows`` rows."""
+    sim = torchbragg.Simulation.from_args(MOSAIC_PHI)
+    E = sim.evaluations_per_pixel
+    monkeypatch.setattr(simulation_module, "FAST_EVALUATIONS_PER_CHUNK", chunk_rows * 48 * E)
+    _, eager, _ = _render(MOSAIC_PHI, False, chunk_rows=chunk_rows)
+    _, fast, _ = _render(MOSAIC_PHI, True, chunk_rows=chunk_rows)
+    _, eager_default, _ = _render(MOSAIC_PHI, False)
+    assert torch.equal(eager, eager_default)
+    assert torch.allclose(fast, eager, rtol=1e-5, atol=1e-5 * float(eager.max()))
+
+
+@pytest.mark.usefixtures("needs_fast")
+def test_fast_path_with_interpolation_renders_early_rows_eagerly(tmp_path):
+    # interpolation switches off at the first out-of-range lookup; rows before it need the eager kernel
+    args = _table_args(tmp_path, ["-interpolate"])
+    eager_sim, eager, _ = _render(args, False)
+    fast_sim, fast, _ = _render(args, True)
+    assert fast_sim.interpolation_cutoff() is not None
+    assert torch.allclose(fast, eager, rtol=1e-5, atol=1e-5 * float(eager.max()))
+
+
+def test_environment_switches_the_fast_path_off(monkeypatch):
+    monkeypatch.setenv("TORCHBRAGG_FAST", "0")
+    sim = torchbragg.Simulation.from_args(TAP_SMALL)
+    assert sim._fast_plan() is None
+    image = sim.render()
+    monkeypatch.setenv("TORCHBRAGG_FAST", "1")
+    if kernel.fast_library(torch.float32, "square", False, False) is not None:
+        assert sim._fast_plan() is not None
+        assert torch.allclose(sim.render(), image, rtol=1e-5, atol=1e-5 * float(image.max()))
+
+
+def test_no_compiler_falls_back_to_the_eager_kernel(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernel, "_fast_libs", {})
+    monkeypatch.setattr(kernel, "_fast_errors", {})
+    monkeypatch.setattr(kernel, "_compiler", lambda: None)
+    monkeypatch.setenv("TORCHBRAGG_CACHE_DIR", str(tmp_path / "empty-cache"))
+    sim = torchbragg.Simulation.from_args(TAP_SMALL)
+    with pytest.warns(RuntimeWarning, match="fused render kernel unavailable"):
+        image = sim.render()
+    assert "no C++ compiler" in kernel.fast_kernel_error(torch.float32, "square", False, False)
+    monkeypatch.setenv("TORCHBRAGG_FAST", "0")
+    assert torch.equal(torchbragg.Simulation.from_args(TAP_SMALL).render(), image)
+
+
+# --------------------------------------------------------------------------- the bench command
+@pytest.mark.slow
+def test_bench_command_writes_a_report(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCHBRAGG_CACHE_DIR", str(tmp_path / "kernel-cache"))
+    out = tmp_path / "reports"
+    rc = cli.main(["bench", "--configs", "tap128", "--dtype", "float32", "--repeats", "2",
+                              "--out", str(out), "--quiet", "--c-seconds", "5.0"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    reports = list(out.glob("*/bench.json"))
+    assert len(reports) == 1 and str(reports[0]) in text
+    doc = json.loads(reports[0].read_text())
+    assert doc["schema"] == bench.SCHEMA
+    assert doc["host"]["cpu_count"] >= 1 and doc["options"]["dtypes"] == ["float32"]
+    entry = doc["configs"]["tap128"]
+    assert entry["args"] == bench.CONFIGS["tap128"]
+    run = entry["runs"]["float32"]
+    for key in ("first_ever", "cli_cold"):
+        assert run[key]["returncode"] == 0, run[key]
+        assert run[key]["wall_s"] > 0 and run[key]["peak_rss_mib"] > 0
+    r = run["render"]
+    assert r["process"]["returncode"] == 0
+    for key in ("import_s", "setup_s", "first_render_s", "warm_min_s", "warm_median_s", "ns_per_eval",
+                "cpu_ns_per_eval", "tap_s", "tap_first_s", "peak_rss_self_mib"):
+        assert isinstance(r[key], float) and r[key] >= 0, key
+    assert len(r["warm_s"]) == 2 and r["evaluations"] == 128 * 128 * 4
+    assert r["tap_method"] in ("sim.tap", "sim.evaluate(detail=True)") and r["tap_pixel"] == [64, 64]
+    assert r["fast_kernel"] is True
+    assert entry["c"]["single_thread"]["wall_s"] == 5.0
+    assert entry["ratios"]["float32_warm_over_c"] == pytest.approx(r["warm_min_s"] / 5.0)
+    # never overwrite: a second report in the same second gets its own folder
+    path2 = bench._write_report(doc, str(out))
+    assert path2 != reports[0] and json.loads(path2.read_text()) == doc
+
+
+def test_bench_rejects_unknown_configs_and_bad_binaries(capsys, tmp_path):
+    assert bench.main(["--configs", "nope"]) == 2
+    assert "unknown configuration" in capsys.readouterr().err
+    assert bench.main(["--c-binary", str(tmp_path / "missing")]) == 2
+    assert bench.main(["--help"]) == 0
+    assert "--c-seconds" in capsys.readouterr().out
+
+
+def test_bench_table_formats_a_document():
+    run = {"first_ever": {"wall_s": 3.0, "returncode": 0, "peak_rss_mib": 300.0},
+           "cli_cold": {"wall_s": 2.0, "returncode": 0, "peak_rss_mib": 310.0},
+           "render": {"process": {"wall_s": 4.0, "returncode": 0, "peak_rss_mib": 320.0}, "evaluations": 4,
+                      "first_render_s": 0.5, "warm_min_s": 0.25, "ns_per_eval": 1.0, "cpu_ns_per_eval": 2.0,
+                      "tap_s": 0.01, "fast_kernel": True}}
+    doc = {"torchbragg": "0", "host": {"cpu": "x", "cpu_count": 2, "torch": "t", "torch_threads": 2},
+           "options": {"device": "cpu"},
+           "configs": {"tap4096": {"runs": {"float32": run, "float64": run}, "float64_over_float32": 1.0,
+                                   "c": {"single_thread": {"wall_s": 5.0, "source": "--c-seconds"}},
+                                   "ratios": {"float32_warm_over_c": 0.05}}},
+           "bragg_tap_process": {"skipped": "bragg-tap console script not installed"}}
+    text = bench.format_table(doc)
+    assert "tap4096" in text and "float64 / float32" in text and "C program single thread" in text
+    assert "bragg-tap --pixel 2048 2048: skipped" in text
