@@ -198,7 +198,8 @@ class Simulation:
             thick_offsets=g(np.arange(s.thicksteps) * s.thickstep), thickstep=s.thickstep, mu=s.mu, thick=s.thick,
             distance=s.distance, close_distance=s.close_distance, curved=s.curved, point_pixel=s.point_pixel,
             incident=g(-s.source_dirs), inv_lambda=g(1e-10 / s.source_lambdas), polar_axis=g(s.polar_vector),
-            kahn=s.kahn, nopolar=s.nopolar, dmin_A=s.dmin * 1e10, lattice=g(lat),
+            kahn=s.kahn, nopolar=s.nopolar and not s.oversample_polar,  # C recomputes it per subpixel even with -nopolar
+            dmin_A=s.dmin * 1e10, lattice=g(lat),
             lattice_first=g(lat_first) if lat_first is not None else None, a_star=g(s.a_star), N=s.N,
             shape=s.shape, fudge=s.fudge, water=s.water_size != 0.0, table=table, listed=listed, bounds=bounds,
             default_F=s.default_F, interpolate=s.interpolate and s.hkl is not None,
@@ -357,57 +358,46 @@ class Simulation:
         plan = self._fast_plan() if total > 0 and c_hi >= c_lo else None
         if plan is not None and plan.function(fallback) is None:
             plan = None  # no compiler: eager kernel
-        eager_end = r_hi  # last row the eager kernel renders
-        if plan is not None:
-            if self._tensors.interpolate:
-                if cutoff is None:
-                    eager_end = r_hi  # interpolation never switches off: only the eager kernel interpolates
-                else:
-                    # rows holding evaluations before C's switch-off point interpolate; the rest are nearest-index
-                    last_interp_pixel = (cutoff - 1) // self.evaluations_per_pixel if cutoff > 0 else -1
-                    eager_end = max(r_lo - 1, min(r_hi, last_interp_pixel // nx)) if last_interp_pixel >= 0 else r_lo - 1
-            else:
-                eager_end = r_lo - 1
+        segments = self._row_segments(plan, fallback, cutoff, r_lo, r_hi, nx)
         omega_sum = 0.0
         done = 0
-        # fast path: statistics come per row from the kernel (eager rows: from row_statistics)
+        # fused kernel: statistics come per row from the kernel (eager rows: from row_statistics)
         row_stats = np.zeros((total, len(ROW_STATS))) if plan is not None else None
+        ncols = c_hi - c_lo + 1
         with torch.no_grad():
-            for r0 in range(r_lo, eager_end + 1, self.chunk_rows):
-                if should_cancel is not None and should_cancel():
-                    raise RenderCancelled("render cancelled")
-                rows = torch.arange(r0, min(eager_end + 1, r0 + self.chunk_rows), device=self.device)
-                value, act, omega_rows = self._eager_rows(rows, cols, image, counts, reason, c_lo, c_hi)
-                if row_stats is not None:
-                    row_stats[r0 - r_lo:r0 - r_lo + rows.numel()] = row_statistics(value, act, omega_rows)
-                else:
-                    omega_sum += float(omega_rows.sum())
-                done += rows.numel()
-                if progress is not None:
-                    progress(done, total)
-            if eager_end < r_hi:
-                step = max(1, FAST_EVALUATIONS_PER_CHUNK // max(1, (c_hi - c_lo + 1) * self.evaluations_per_pixel))
-                for r0 in range(eager_end + 1, r_hi + 1, step):
+            for mode, seg_lo, seg_hi in segments:
+                step = self.chunk_rows if mode == "eager" else max(
+                    1, FAST_EVALUATIONS_PER_CHUNK // max(1, ncols * self.evaluations_per_pixel))
+                for r0 in range(seg_lo, seg_hi + 1, step):
                     if should_cancel is not None and should_cancel():
                         raise RenderCancelled("render cancelled")
-                    r1 = min(r_hi + 1, r0 + step)
-                    block = (slice(r0, r1), slice(c_lo, c_hi + 1))
-                    row_stats[r0 - r_lo:r1 - r_lo] = plan.run(
-                        r0, r1 - r0, c_lo, c_hi - c_lo + 1, image[block],
-                        counts[block] if fallback else None, reason[block] if fallback else None)
+                    r1 = min(seg_hi + 1, r0 + step)
+                    if mode == "eager":
+                        rows = torch.arange(r0, r1, device=self.device)
+                        value, act, omega_rows = self._eager_rows(rows, cols, image, counts, reason, c_lo, c_hi)
+                        if row_stats is not None:
+                            row_stats[r0 - r_lo:r1 - r_lo] = row_statistics(value, act, omega_rows)
+                        else:
+                            omega_sum += float(omega_rows.sum())
+                    else:
+                        block = (slice(r0, r1), slice(c_lo, c_hi + 1))
+                        row_stats[r0 - r_lo:r1 - r_lo] = plan.run(
+                            r0, r1 - r0, c_lo, ncols, image[block], counts[block] if fallback else None,
+                            reason[block] if fallback else None, interp=(mode == "interp"))
                     done += r1 - r0
                     if progress is not None:
                         progress(done, total)
-                first = self.first_pixel()
-                if self._tensors.lattice_first is not None and first is not None and first[0] > eager_end:
-                    # C's very first phi loop keeps the unrotated crystal: redo that one pixel eagerly
-                    fs, ff = first
-                    self._eager_rows(torch.tensor([fs], device=self.device), torch.tensor([ff], device=self.device),
-                                     image, counts, reason, ff, ff)
-                    omega_row = torch.tensor([row_stats[fs - r_lo, ROW_STATS.index("omega")]])
-                    row = torch.tensor([fs], device=self.device)
-                    row_stats[fs - r_lo] = row_statistics(image[fs:fs + 1, c_lo:c_hi + 1],
-                                                          self.active_mask(row, cols), omega_row)[0]
+            first = self.first_pixel()
+            if (plan is not None and self._tensors.lattice_first is not None and first is not None
+                    and not any(m == "eager" and lo <= first[0] <= hi for m, lo, hi in segments)):
+                # C's very first phi loop keeps the unrotated crystal: redo that one pixel eagerly
+                fs, ff = first
+                self._eager_rows(torch.tensor([fs], device=self.device), torch.tensor([ff], device=self.device),
+                                 image, counts, reason, ff, ff)
+                omega_row = torch.tensor([row_stats[fs - r_lo, ROW_STATS.index("omega")]])
+                row = torch.tensor([fs], device=self.device)
+                row_stats[fs - r_lo] = row_statistics(image[fs:fs + 1, c_lo:c_hi + 1],
+                                                      self.active_mask(row, cols), omega_row)[0]
         if row_stats is not None:
             self.last_stats = self._stats_from_rows(row_stats, np.arange(r_lo, r_lo + total), c_lo)
         else:
@@ -415,6 +405,27 @@ class Simulation:
         if fallback:
             return image, FallbackMap(counts=counts, reason=reason, evaluations_per_pixel=self.evaluations_per_pixel)
         return image, None
+
+    def _row_segments(self, plan, fallback: bool, cutoff: Optional[int], r_lo: int, r_hi: int, nx: int):
+        """Row ranges and the kernel that renders each: ``[(mode, first_row, last_row), ...]``.
+
+        ``mode`` is ``"eager"`` (eager kernel), ``"fast"`` (fused kernel,
+        nearest-index lookups) or ``"interp"`` (fused kernel, every lookup
+        interpolated). With interpolation, rows wholly before C's switch-off
+        point interpolate, the row holding it is eager (it switches mid-row)
+        and later rows use nearest indices.
+        """
+        if plan is None:
+            return [("eager", r_lo, r_hi)]
+        if not self._tensors.interpolate:
+            return [("fast", r_lo, r_hi)]
+        before = "interp" if plan.function(fallback, interp=True) is not None else "eager"
+        if cutoff is None:  # interpolation never switches off
+            return [(before, r_lo, r_hi)]
+        last_interp_pixel = (cutoff - 1) // self.evaluations_per_pixel if cutoff > 0 else -1
+        cut_row = max(r_lo - 1, min(r_hi, last_interp_pixel // nx)) if last_interp_pixel >= 0 else r_lo - 1
+        segments = [(before, r_lo, cut_row - 1), ("eager", cut_row, cut_row), ("fast", cut_row + 1, r_hi)]
+        return [(m, lo, hi) for m, lo, hi in segments if lo <= hi and lo >= r_lo]
 
     def _eager_rows(self, rows, cols, image, counts, reason, c_lo, c_hi):
         """Render a block with the eager kernel into the image.
@@ -447,6 +458,8 @@ class Simulation:
         last = s.oversample - 1
         f_m = sub * (fa * s.oversample + last) + sub / 2.0
         s_m = sub * (sl * s.oversample + last) + sub / 2.0
+        if max_I <= 0:  # C never updates the position: it prints 0 0
+            f_m = s_m = 0.0
         return RenderStats(max_I, f_m, s_m, (sl, fa), mean, rms, rmsd, omega_sum / s.steps, n)
 
     def _stats(self, image: torch.Tensor, omega_sum: float) -> RenderStats:
@@ -471,6 +484,8 @@ class Simulation:
         last = s.oversample - 1
         f_m = sub * (fa * s.oversample + last) + sub / 2.0
         s_m = sub * (sl * s.oversample + last) + sub / 2.0
+        if max_I <= 0:  # C never updates the position: it prints 0 0
+            f_m = s_m = 0.0
         mean = float(vals.sum()) / n
         rms = math.sqrt(float((vals * vals).sum()) / max(1, n - 1))
         rmsd = math.sqrt(float(((vals - mean) ** 2).sum()) / max(1, n - 1))
