@@ -399,13 +399,22 @@ _D_OFF, _D_LEN = _field_offsets(_D_FIELDS)
 _I_OFF, _I_LEN = _field_offsets(_I_FIELDS)
 
 _FAST_SOURCE = r"""// torchbragg fused render kernel. Compiled on first use by torchbragg.kernel
-// with -DTB_REAL=float|double -DTB_SHAPE=0..3 -DTB_TABLE=0|1 -DTB_COUNT=0|1;
+// with -DTB_REAL=float|double -DTB_SHAPE=0..3 -DTB_TABLE=0|1 -DTB_COUNT=0|1 -DTB_INTERP=0|1;
 // the parameter indices (D_*, I_*) are generated from kernel.py and prepended.
 #include <cmath>
 #include <cstdint>
 
 typedef TB_REAL real;
 #define CB 256
+
+#define TB_LAGRANGE(t, w0, w1, w2, w3)                                   \
+    {                                                                     \
+        const double tm1_ = (t) - 1.0, tm2_ = (t) - 2.0, tp1_ = (t) + 1.0; \
+        w0 = -(t) * tm1_ * tm2_ / 6.0;                                    \
+        w1 = tp1_ * tm1_ * tm2_ / 2.0;                                    \
+        w2 = -tp1_ * (t) * tm2_ / 2.0;                                    \
+        w3 = tp1_ * (t) * tm1_ / 6.0;                                     \
+    }
 
 // sin(pi r) for |r| <= 0.5: Taylor series of sin z, z = pi r (truncation below rounding)
 static inline real sin_poly(real r) {
@@ -476,6 +485,8 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
     const double dlmin = (double)lmin, dlmax = (double)lmax;
     const double dnk = (double)(kmax - kmin + 1), dnl = (double)(lmax - lmin + 1);
     const double dsize = (double)((hmax - hmin + 1) * (kmax - kmin + 1) * (lmax - lmin + 1));
+    const double dnh = (double)(hmax - hmin + 1);
+    (void)dnh;
     const int32_t* codes = (const int32_t*)listed;
 #endif
     const int64_t first_sub = 0, last_t = T - 1;
@@ -626,7 +637,43 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                                     const int idx = (int)(inside ? didx : dsize);
                                     Fc = table[idx];
 #if TB_COUNT
-                                    const int code = codes[idx];
+                                    int code = codes[idx];
+#endif
+#if TB_INTERP
+                                    {
+                                        // tricubic Lagrange interpolation over the 4x4x4 neighbourhood, in float64
+                                        // like the eager kernel; indices are clamped only to keep every read
+                                        // inside the table (the caller interpolates only where C does)
+                                        const double th = h - std::floor(h), tk = k - std::floor(k), tl = l - std::floor(l);
+                                        double wh0, wh1, wh2, wh3, wk0, wk1, wk2, wk3, wl0, wl1, wl2, wl3;
+                                        TB_LAGRANGE(th, wh0, wh1, wh2, wh3);
+                                        TB_LAGRANGE(tk, wk0, wk1, wk2, wk3);
+                                        TB_LAGRANGE(tl, wl0, wl1, wl2, wl3);
+                                        const double hb = std::floor(h) - 1.0 - dhmin, kb = std::floor(k) - 1.0 - dkmin;
+                                        const double lb = std::floor(l) - 1.0 - dlmin;
+                                        const double wh[4] = {wh0, wh1, wh2, wh3}, wk[4] = {wk0, wk1, wk2, wk3};
+                                        const double wl[4] = {wl0, wl1, wl2, wl3};
+                                        double val = 0.0;
+                                        for (int i = 0; i < 4; ++i) {
+                                            const double hi = std::fmin(std::fmax(hb + i, 0.0), dnh - 1.0);
+                                            double vj = 0.0;
+                                            for (int j = 0; j < 4; ++j) {
+                                                const double ki = std::fmin(std::fmax(kb + j, 0.0), dnk - 1.0);
+                                                const double row_base = (hi * dnk + ki) * dnl;
+                                                double vk = 0.0;
+                                                for (int m = 0; m < 4; ++m) {
+                                                    const double li = std::fmin(std::fmax(lb + m, 0.0), dnl - 1.0);
+                                                    vk += (double)table[(int)(row_base + li)] * wl[m];
+                                                }
+                                                vj += vk * wk[j];
+                                            }
+                                            val += vj * wh[i];
+                                        }
+                                        Fc = skipped ? Fc : (real)val;
+#if TB_COUNT
+                                        code = skipped ? code : 4;
+#endif
+                                    }
 #endif
 #else
                                     Fc = default_F;
@@ -751,12 +798,12 @@ def _compiler() -> Optional[str]:
     return None
 
 
-def fast_library(dtype: torch.dtype, shape: str, table: bool, count: bool):
+def fast_library(dtype: torch.dtype, shape: str, table: bool, count: bool, interp: bool = False):
     """The compiled render function for one variant (compiling it on first use), or None.
 
     The reason for a None is in :func:`fast_kernel_error`.
     """
-    key = (dtype, shape, bool(table), bool(count))
+    key = (dtype, shape, bool(table), bool(count), bool(interp and table))
     if key in _fast_libs:
         return _fast_libs[key]
     fn = None
@@ -770,14 +817,15 @@ def fast_library(dtype: torch.dtype, shape: str, table: bool, count: bool):
     return fn
 
 
-def fast_kernel_error(dtype: torch.dtype, shape: str, table: bool, count: bool) -> Optional[str]:
-    return _fast_errors.get((dtype, shape, bool(table), bool(count)))
+def fast_kernel_error(dtype: torch.dtype, shape: str, table: bool, count: bool, interp: bool = False) -> Optional[str]:
+    return _fast_errors.get((dtype, shape, bool(table), bool(count), bool(interp and table)))
 
 
-def _load_variant(dtype, shape, table, count):
+def _load_variant(dtype, shape, table, count, interp):
     real = "double" if dtype == torch.float64 else "float"
     defines = [f"-DTB_REAL={real}", f"-DTB_DOUBLE={int(real == 'double')}", f"-DTB_SHAPE={_SHAPE_CODES[shape]}",
-               f"-DTB_TABLE={int(table)}", f"-DTB_COUNT={int(count)}", "-DTB_ENTRY=tb_render"]
+               f"-DTB_TABLE={int(table)}", f"-DTB_COUNT={int(count)}", f"-DTB_INTERP={int(interp)}",
+               "-DTB_ENTRY=tb_render"]
     source = _full_source()
     cxx = _compiler()
     if cxx is None:
@@ -962,21 +1010,22 @@ class FastPlan:
         self.mask = None if mask is None else np.ascontiguousarray(np.asarray(mask) != 0, dtype=np.uint8)
         self.evaluations_per_pixel = T * kt.oversample ** 2 * S * P * M
 
-    def function(self, count: bool):
-        return fast_library(self.dtype, self.kt.shape, self.table is not None, count)
+    def function(self, count: bool, interp: bool = False):
+        return fast_library(self.dtype, self.kt.shape, self.table is not None, count, interp)
 
     def run(self, row0: int, nrows: int, col0: int, ncols: int, image: torch.Tensor,
             counts: Optional[torch.Tensor] = None, reasons: Optional[torch.Tensor] = None,
-            threads: Optional[int] = None) -> np.ndarray:
+            threads: Optional[int] = None, interp: bool = False) -> np.ndarray:
         """Render rows ``row0 .. row0+nrows-1``, columns ``col0 .. col0+ncols-1``.
 
         ``image`` (and ``counts``/``reasons`` for a fallback map) are the
         ``[nrows, ncols]`` views to fill; rows may be strided, columns must be
-        contiguous. Returns ``[nrows, 7]`` float64 row statistics of the active
+        contiguous. ``interp`` interpolates every lookup of the block (the
+        caller keeps it to rows before C's switch-off point). Returns ``[nrows, 7]`` float64 row statistics of the active
         pixels (see :data:`ROW_STATS`).
         """
         count = counts is not None
-        fn = self.function(count)
+        fn = self.function(count, interp)
         if fn is None:
             raise RuntimeError("fused kernel unavailable")
         for t, dt in ((image, self.dtype), (counts, torch.int32), (reasons, torch.uint8)):

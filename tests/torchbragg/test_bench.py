@@ -106,13 +106,31 @@ def test_fast_path_equals_eager_for_two_chunk_sizes(chunk_rows, monkeypatch):
 
 
 @pytest.mark.usefixtures("needs_fast")
-def test_fast_path_with_interpolation_renders_early_rows_eagerly(tmp_path):
-    # interpolation switches off at the first out-of-range lookup; rows before it need the eager kernel
-    args = _table_args(tmp_path, ["-interpolate"])
-    eager_sim, eager, _ = _render(args, False)
-    fast_sim, fast, _ = _render(args, True)
-    assert fast_sim.interpolation_cutoff() is not None
-    assert torch.allclose(fast, eager, rtol=1e-5, atol=1e-5 * float(eager.max()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("table", ["switch_off_first_pixel", "switch_off_mid_image", "never_switches_off"])
+def test_fast_path_with_interpolation(tmp_path, table, dtype):
+    """Rows before C's interpolation switch-off interpolate (fused), its row is eager, later rows are nearest."""
+    if table == "switch_off_first_pixel":
+        args = _table_args(tmp_path, ["-interpolate"])
+    else:
+        kmin = -4 if table == "switch_off_mid_image" else -9
+        lines = [f"{h} {k} {l} {20.0 + h + 2.0 * k + 0.5 * l * l + 0.25 * h * k:.10g}\n"
+                 for h in range(-9, 10) for k in range(kmin, 10) for l in range(-12, 13)]
+        (tmp_path / "k.hkl").write_text("".join(lines))
+        args = ["-cell", "20", "20", "20", "90", "90", "90", "-hkl", str(tmp_path / "k.hkl"), "-default_F", "5",
+                "-N", "2", "-lambda", "1", "-distance", "50", "-detpixels_f", "96", "-detpixels_s", "48",
+                "-pixel", "0.5", "-interpolate", "-oversample", "2"]
+    eager_sim, eager, eager_map = _render(args, False, dtype, fallback=True)
+    fast_sim, fast, fast_map = _render(args, True, dtype, fallback=True)
+    cutoff = fast_sim.interpolation_cutoff()
+    modes = [m for m, _, _ in fast_sim._row_segments(fast_sim._fast_plan(), False, cutoff, 0, 47, 96)]
+    if table == "never_switches_off":
+        assert cutoff is None and modes == ["interp"]
+    elif table == "switch_off_mid_image":
+        assert modes == ["interp", "eager", "fast"]
+    tol = 1e-5 if dtype == torch.float32 else 1e-11
+    assert torch.allclose(fast, eager, rtol=tol, atol=tol * float(eager.max()))
+    assert torch.equal(fast_map.counts, eager_map.counts) and torch.equal(fast_map.reason, eager_map.reason)
 
 
 def test_environment_switches_the_fast_path_off(monkeypatch):
