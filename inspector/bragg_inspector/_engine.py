@@ -117,6 +117,23 @@ def write_tap_json(tap_obj, folder: Path, tag: str | None = None) -> Path:
     return Path(writer(tap_obj, folder, tag=tag))
 
 
+def new_evidence_bundle(parent: Path) -> Path:
+    """A fresh ``<parent>/<UTC STAMP>/`` evidence bundle (engine layout: py_taps/, comparison/, commands.txt)."""
+    return Path(importlib.import_module("torchbragg.report_bundle").new_bundle(parent))
+
+
+def is_evidence_bundle(path: Path) -> bool:
+    try:
+        return bool(importlib.import_module("torchbragg.report_bundle").is_bundle(path))
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def record_command(bundle: Path, argv: list[str], device: str, dtype: str, note: str | None = None) -> None:
+    importlib.import_module("torchbragg.report_bundle").record_command(
+        bundle, argv, device=device, dtype=dtype, note=note)
+
+
 def compare_images(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
     res = tb().compare.compare_images(ref, out) if hasattr(tb(), "compare") else \
         importlib.import_module("torchbragg.compare").compare_images(ref, out)

@@ -31,6 +31,8 @@ REF_LAYER = "reference"
 DIFF_LAYER = "difference (sim − ref)"
 RATIO_LAYER = "ratio (sim / ref)"
 FLIP_KEY = "Shift-F"
+TAP_COLOUR = "#00c853"        # green: readable on the white background, the pink and the blue overlay
+SELECTION_COLOUR = "#aa00ff"  # purple
 DRAG_TOLERANCE_PX = 4.0  # press→release movement (screen px) that still counts as a click
 
 
@@ -59,8 +61,10 @@ class InspectorController:
         self.upper_percentile = 99.9
         self.gamma = 1.0
         self.last_error: str | None = None
+        self.timings: dict[str, float] = {}  # setup_s, render_s, show_s of the last render
         self.last_message: str = ""
         self._worker = None
+        self._workers: set = set()  # kept alive until their thread has finished
         self._cancel = threading.Event()
         self._running = False
         self._pbar = None
@@ -153,9 +157,14 @@ class InspectorController:
         cancel = self._cancel
         model = self.model
 
+        timings = self.timings = {}
+
         def job(progress=None):
+            t0 = time.perf_counter()
             sim = model.prepare(argv, device, dtype)
+            t1 = time.perf_counter()
             img, fb = _engine.render(sim, progress=progress, should_cancel=cancel.is_set)
+            timings.update(setup_s=t1 - t0, render_s=time.perf_counter() - t1)
             return sim, img, fb
 
         try:
@@ -177,17 +186,35 @@ class InspectorController:
         self._start_worker(job, argv, device, dtype)
         if not wait:
             return True
-        from qtpy.QtWidgets import QApplication
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._running:
-            QApplication.processEvents()
-            time.sleep(0.002)
-            if deadline is not None and time.monotonic() > deadline:
-                self.cancel()
-                deadline = None
-        QApplication.processEvents()
+        self.wait(timeout)
         return bool(self._result and self._result[0])
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block (running the Qt event loop, not polling) until the render ends;
+        after ``timeout`` seconds the render is cancelled."""
+        if not self._running:
+            return
+        from qtpy.QtCore import QEventLoop, QTimer
+
+        loop = QEventLoop()
+
+        def quit_(*_):
+            loop.quit()
+
+        self.render_finished.connect(quit_)
+        timer = None
+        if timeout is not None:
+            timer = QTimer()
+            timer.setSingleShot(True)
+            timer.timeout.connect(self.cancel)
+            timer.start(int(timeout * 1000))
+        try:
+            if self._running:
+                loop.exec()
+        finally:
+            self.render_finished.disconnect(quit_)
+            if timer is not None:
+                timer.stop()
 
     def _start_worker(self, job, argv, device, dtype) -> None:
         from napari.qt.threading import create_worker
@@ -207,6 +234,7 @@ class InspectorController:
             if pbar is None and total > 0:
                 pbar = pbar_box["pbar"] = napari_progress(total=int(total), desc="Rendering (bragg_inspector)")
                 self._pbar = pbar
+                self._calm_activity_indicator()
             if pbar is not None:
                 pbar.update(max(0, int(done) - pbar.n))
             self.render_progress.emit(int(done), int(total))
@@ -228,14 +256,31 @@ class InspectorController:
             if pbar is not None:
                 pbar.close()
             self._pbar = None
-            self._worker = None
-            if self._running:  # neither returned nor errored fired
+            # drop our reference only now: the worker's thread is done with its signals
+            self._workers.discard(worker)
+            if self._worker is worker:
+                self._worker = None
+            if self._running and self._worker is None:  # neither returned nor errored fired
                 self._running = False
                 self.render_finished.emit(False)
 
         worker.finished.connect(finished)
         self._worker = worker
+        self._workers.add(worker)
         worker.start()
+
+    def _calm_activity_indicator(self) -> None:
+        """Under software OpenGL (Xvfb/llvmpipe) every frame of napari's animated
+        "in progress" GIF recomposites the whole GL window, which made renders
+        about 3x slower; there the GIF is held on its first frame (the activity
+        dock's progress bar still moves).  Real GPUs keep the animation."""
+        try:
+            if not _software_gl(self.viewer):
+                return
+            btn = self.viewer.window._qt_window._activity_dialog._toggleButton
+            btn._inProgressIndicator.movie().setPaused(True)
+        except Exception:  # private napari API: best effort only
+            pass
 
     def cancel(self) -> None:
         """Ask the engine to stop (its should_cancel); the old image stays."""
@@ -258,9 +303,11 @@ class InspectorController:
 
     def _render_done(self, res, argv, device, dtype) -> None:
         sim, img, fb = res
+        t0 = time.perf_counter()
         try:
             self.model.set_rendered(sim, argv, img, fb, device, dtype)
             self._show_render()
+            getattr(self, "timings", {})["show_s"] = time.perf_counter() - t0
         except BaseException as exc:  # noqa: BLE001
             self._running = False
             self._result = (False, exc)
@@ -355,7 +402,7 @@ class InspectorController:
         except Exception as exc:  # noqa: BLE001 - shown to the user
             self.report_error(exc, "Tap failed")
             return None
-        self._set_points(TAP_LAYER, [rec], colour="yellow")
+        self._set_points(TAP_LAYER, [rec], colour=TAP_COLOUR)
         if shift:
             added = self.model.select(rec)
             self._refresh_selection_layer()
@@ -399,7 +446,7 @@ class InspectorController:
         layer.refresh_text()
 
     def _refresh_selection_layer(self) -> None:
-        self._set_points(SEL_LAYER, list(self.model.selection.values()), colour="cyan")
+        self._set_points(SEL_LAYER, list(self.model.selection.values()), colour=SELECTION_COLOUR)
 
     def _refresh_points(self) -> None:
         for name in (TAP_LAYER, SEL_LAYER):
@@ -528,6 +575,26 @@ def tap_doc(rec: TapRecord) -> dict:
         return rec.tap.to_json()
     except Exception:  # pragma: no cover - engine without to_json
         return {"pixel": {"slow": rec.slow, "fast": rec.fast}, "rows": rec.rows, "summary": rec.summary}
+
+
+_SOFTWARE_GL: dict[int, bool] = {}
+
+
+def _software_gl(viewer) -> bool:
+    """True when the viewer's canvas renders with a software OpenGL (llvmpipe…)."""
+    key = id(viewer)
+    if key not in _SOFTWARE_GL:
+        renderer = ""
+        try:
+            canvas = viewer.window._qt_viewer.canvas._scene_canvas
+            canvas.set_current()
+            from vispy.gloo import gl
+
+            renderer = str(gl.glGetParameter(gl.GL_RENDERER)).lower()
+        except Exception:
+            pass
+        _SOFTWARE_GL[key] = any(w in renderer for w in ("llvmpipe", "softpipe", "swrast", "software"))
+    return _SOFTWARE_GL[key]
 
 
 _CONTROLLERS: dict[int, tuple[weakref.ref, InspectorController]] = {}

@@ -40,7 +40,7 @@ class Inspector:
             self.simulation_widget = _inner(existing[SIM_DOCK_NAME])
         if TAP_DOCK_NAME not in existing:
             self.tap_widget = TapWidget(self.controller)
-            window.add_dock_widget(self.tap_widget, name=TAP_DOCK_NAME, area="right")
+            window.add_dock_widget(self.tap_widget, name=TAP_DOCK_NAME, area="bottom")
         else:
             self.tap_widget = _inner(existing[TAP_DOCK_NAME])
 

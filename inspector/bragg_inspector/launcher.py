@@ -3,7 +3,6 @@ the configuration rendered (default: the 4096² tap configuration)."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 
@@ -15,20 +14,43 @@ arguments (default: the tap configuration
   -pixel 0.05 -detpixels 4096 -oversample 2)."""
 
 
-def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="bragg-inspector", usage=USAGE, add_help=False)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--no-render", action="store_true")
-    p.add_argument("--help", "-help", "-h", action="store_true")
-    # nanoBragg flags use a single dash: everything argparse does not know is theirs
-    ns, rest = p.parse_known_args(list(argv))
-    return ns, rest
+class UsageError(ValueError):
+    pass
+
+
+def parse(argv: Sequence[str]) -> tuple[dict, list[str]]:
+    """Split our own ``--`` options from the nanoBragg arguments (which use a
+    single dash and are passed on untouched: no prefix matching, so ``-hkl``
+    is never mistaken for ``-h``)."""
+    opts = {"device": "cpu", "dtype": "float32", "render": True, "help": False}
+    rest: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a in ("--help", "-h"):
+            opts["help"] = True
+        elif a == "--no-render":
+            opts["render"] = False
+        elif a in ("--device", "--dtype") or a.startswith(("--device=", "--dtype=")):
+            key, _, val = a[2:].partition("=")
+            if not val:
+                val = next(it, None)
+                if val is None:
+                    raise UsageError(f"{a} needs a value")
+            if key == "dtype" and val not in ("float32", "float64"):
+                raise UsageError(f"--dtype must be float32 or float64, not {val!r}")
+            opts[key] = val
+        else:
+            rest.append(a)
+    return opts, rest
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns, nb_args = parse(sys.argv[1:] if argv is None else argv)
-    if ns.help:
+    try:
+        opts, nb_args = parse(sys.argv[1:] if argv is None else argv)
+    except UsageError as exc:
+        print(f"bragg-inspector: {exc}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    if opts["help"]:
         print(USAGE)
         return 0
     import napari
@@ -36,13 +58,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import _engine
     from .inspector import Inspector
 
+    from .controller import controller_for
+
     viewer = napari.Viewer(title="Bragg Inspector")
-    insp = Inspector(viewer)
     args = nb_args or _engine.tap_config_args()
-    insp.controller.set_args(args)
-    insp.controller.model.device, insp.controller.model.dtype = ns.device, ns.dtype
-    if not ns.no_render:
-        insp.simulate(args, wait=False, device=ns.device, dtype=ns.dtype)
+    ctrl = controller_for(viewer)
+    ctrl.model.args, ctrl.model.device, ctrl.model.dtype = list(args), opts["device"], opts["dtype"]
+    insp = Inspector(viewer)
+    if opts["render"]:
+        insp.simulate(args, wait=False, device=opts["device"], dtype=opts["dtype"])
     napari.run()
     return 0
 

@@ -4,8 +4,8 @@ only call into this and display what it returns."""
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import _engine
-from .io import ImageFormatError, exclusive_write_json, hkl_label, read_image
+from .io import ImageFormatError, hkl_label, read_image
 
 # Columns of the tap table, in display order.  The loop-index columns other than
 # subS/subF are shown only when they take more than one value in the tap.
@@ -165,24 +165,24 @@ class InspectorModel:
         self.comparison = None
 
     def hkl_lines(self) -> list[str]:
-        """Where F came from, for the panel."""
+        """Where F came from (``sim.hkl_info``), for the panel."""
         info = self.hkl_info
         if not info:
             return []
         lines = []
         if info.get("describe"):
             lines.append(str(info["describe"]))
-        kind = info.get("kind")
-        if kind and kind != "none" and info.get("source"):
-            lines.append(f"source ({kind}): {info['source']}")
-        if info.get("bounds"):
-            b = info["bounds"]
-            lines.append("bounds: h {}…{}, k {}…{}, l {}…{}".format(b[0][0], b[0][1], b[1][0], b[1][1], b[2][0], b[2][1]))
-        if kind and kind != "none":
-            lines.append(f"reflections: {info.get('count', '?')}")
-        if info.get("default_F") is not None:
-            lines.append(f"default_F = {info['default_F']:g}" if isinstance(info["default_F"], (int, float))
-                         else f"default_F = {info['default_F']}")
+        else:
+            kind = info.get("kind")
+            if kind and kind != "none":
+                lines.append(f"{kind} table: {info.get('count', '?')} reflections")
+            if info.get("bounds"):
+                b = info["bounds"]
+                lines.append("h {}…{}, k {}…{}, l {}…{}".format(b[0][0], b[0][1], b[1][0], b[1][1], b[2][0], b[2][1]))
+            if info.get("default_F") is not None:
+                lines.append(f"default_F {info['default_F']}")
+        if info.get("source"):
+            lines.append(f"file: {info['source']}")
         for w in info.get("warnings") or []:
             lines.append(f"⚠ {w}")
         return lines
@@ -229,55 +229,44 @@ class InspectorModel:
     def clear_selection(self) -> None:
         self.selection = {}
 
-    def new_bundle_folder(self, root: str | Path | None = None) -> Path:
-        root = Path(root) if root is not None else Path(self.cwd or ".") / "evidence"
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        base = root / f"inspector-{stamp}"
-        cand, i = base, 1
-        while True:
-            try:
-                cand.mkdir(parents=True, exist_ok=False)
-                return cand
-            except FileExistsError:
-                cand = base.with_name(f"{base.name}-{i}")
-                i += 1
+    def default_bundle_parent(self) -> Path:
+        return Path(self.cwd or ".") / "reports" / "inspector" / "export"
 
     def export(self, folder: str | Path | None = None, *, bundle_root: str | Path | None = None) -> list[Path]:
         """One tap JSON per selected pixel (engine schema, engine writer), never
-        overwriting.  Without a folder, a fresh evidence bundle is made.  If a
-        write fails, the files of this export are removed again."""
+        overwriting.  ``folder`` None → a fresh evidence bundle under
+        ``bundle_root`` (default ``reports/inspector/export``), taps in its
+        ``py_taps/`` and the arguments in its ``commands.txt``; an existing
+        bundle folder → its ``py_taps/``.  If a write fails, what this export
+        wrote is removed again."""
         if not self.selection:
             raise ValueError("the selection is empty: shift-click pixels to select them")
-        fresh_bundle = folder is None
-        target = self.new_bundle_folder(bundle_root) if fresh_bundle else Path(folder)
-        target.mkdir(parents=True, exist_ok=True)
+        bundle: Path | None = None
+        fresh_bundle = False
+        if folder is None:
+            bundle = _engine.new_evidence_bundle(Path(bundle_root) if bundle_root else self.default_bundle_parent())
+            fresh_bundle = True
+        elif _engine.is_evidence_bundle(Path(folder)):
+            bundle = Path(folder)
+        target = bundle / "py_taps" if bundle is not None else Path(folder)
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(f"{target} is a file, not a folder")
         written: list[Path] = []
         try:
+            target.mkdir(parents=True, exist_ok=True)
             for rec in self.selection.values():
                 written.append(_engine.write_tap_json(rec.tap, target))
-            if fresh_bundle:
-                written.append(exclusive_write_json(target / "inspector_bundle.json", self.bundle_manifest(written)))
+            if bundle is not None:
+                pixels = " ".join(f"({s},{f})" for s, f in self.selection)
+                _engine.record_command(bundle, ["bragg-inspector"] + list(self.args), self.device, self.dtype,
+                                       note=f"napari inspector export of pixels {pixels}")
         except BaseException:
             for p in written:
                 Path(p).unlink(missing_ok=True)
-            if fresh_bundle:
-                try:
-                    target.rmdir()
-                except OSError:
-                    pass
+            if fresh_bundle and bundle is not None:
+                shutil.rmtree(bundle, ignore_errors=True)
             raise
         return written
-
-    def bundle_manifest(self, tap_files: Sequence[Path]) -> dict:
-        return {
-            "what": "bragg_inspector evidence bundle: one torchbragg tap JSON per selected pixel",
-            "args": list(self.args),
-            "device": self.device,
-            "dtype": self.dtype,
-            "hkl_info": {k: v for k, v in self.hkl_info.items()},
-            "pixels": [list(p) for p in self.selection],
-            "files": [Path(p).name for p in tap_files],
-        }
 
     # ------------------------------------------------------------ default_F legend
     def fallback_legend(self) -> list[dict]:

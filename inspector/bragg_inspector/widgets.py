@@ -9,7 +9,7 @@ from pathlib import Path
 from qtpy.QtCore import Qt
 from qtpy.QtGui import QBrush, QColor
 from qtpy.QtWidgets import (
-    QAbstractItemView, QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox,
+    QAbstractItemView, QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QGridLayout, QGroupBox,
     QHBoxLayout, QHeaderView, QLabel, QLineEdit, QListWidget, QListWidgetItem, QPlainTextEdit,
     QPushButton, QSizePolicy, QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget,
 )
@@ -61,7 +61,7 @@ class SimulationWidget(QWidget):
         form.addWidget(QLabel("nanoBragg arguments:"))
         self.args_edit = QPlainTextEdit(join_args(c.model.args))
         self.args_edit.setObjectName("args_edit")
-        self.args_edit.setMaximumHeight(64)
+        self.args_edit.setFixedHeight(84)
         self.args_edit.setToolTip("The nanoBragg command line (without the program name)")
         form.addWidget(self.args_edit)
         row = QHBoxLayout()
@@ -101,10 +101,12 @@ class SimulationWidget(QWidget):
         self.percentile_spin.setDecimals(2)
         self.percentile_spin.setSingleStep(0.1)
         self.percentile_spin.setValue(c.upper_percentile)
+        self.percentile_spin.setMinimumWidth(90)
         self.gamma_spin = QDoubleSpinBox()
         self.gamma_spin.setRange(0.05, 3.0)
         self.gamma_spin.setSingleStep(0.05)
         self.gamma_spin.setValue(c.gamma)
+        self.gamma_spin.setMinimumWidth(80)
         row.addWidget(QLabel("contrast 0–"))
         row.addWidget(self.percentile_spin)
         row.addWidget(QLabel("% gamma"))
@@ -256,7 +258,7 @@ class TapWidget(QWidget):
         super().__init__(parent)
         self.controller = c = controller
         self.setObjectName("bragg_inspector_tap")
-        lay = QVBoxLayout(self)
+        lay = QHBoxLayout(self)
         lay.setContentsMargins(4, 4, 4, 4)
         box = QGroupBox("Pixel tap (click the image; shift-click selects)")
         v = QVBoxLayout(box)
@@ -271,23 +273,24 @@ class TapWidget(QWidget):
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.verticalHeader().setVisible(False)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        self.table.setMinimumHeight(160)
+        self.table.setMinimumHeight(150)
         v.addWidget(self.table, 1)
         lay.addWidget(box, 3)
 
         box = QGroupBox("Selection")
         v = QVBoxLayout(box)
         self.selection_list = QListWidget()
-        self.selection_list.setMaximumHeight(90)
+        self.selection_list.setMinimumHeight(60)
         v.addWidget(self.selection_list)
-        row = QHBoxLayout()
+        row = QGridLayout()
         self.remove_button = QPushButton("Remove")
         self.clear_button = QPushButton("Clear")
         self.export_folder_button = QPushButton("Export to folder…")
         self.export_bundle_button = QPushButton("Export bundle")
         self.export_bundle_button.setToolTip("write the selected taps into a fresh evidence bundle folder")
-        for b in (self.remove_button, self.clear_button, self.export_folder_button, self.export_bundle_button):
-            row.addWidget(b)
+        for i, b in enumerate((self.remove_button, self.clear_button, self.export_folder_button,
+                               self.export_bundle_button)):
+            row.addWidget(b, i // 2, i % 2)
         v.addLayout(row)
         self.export_label = _wrap_label("")
         self.export_label.setObjectName("export_label")

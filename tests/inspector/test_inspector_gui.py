@@ -45,8 +45,8 @@ def test_render_small_config_with_hkl_table(insp, viewer, small_hkl, tmp_path):
     info = insp.model.hkl_info
     text = insp.simulation_widget.hkl_info_label.text()
     assert info["kind"] == "hkl" and info["count"] == 125
-    assert info["describe"] in text and "reflections: 125" in text and str(small_hkl) in text
-    assert "h -2…2" in text and "default_F = 50" in text
+    assert info["describe"] in text and f"file: {small_hkl}" in text
+    assert "125 reflections" in text and "default_F 50" in text
     assert "rendered 64×64" in status_text(insp)
     assert insp.simulation_widget.run_button.isEnabled()
 
@@ -193,12 +193,14 @@ def test_shift_click_selection_and_export_roundtrip(insp, viewer, small_hkl, tmp
     assert kind == "points"
     np.testing.assert_array_equal(data, [[10, 50]])
     assert kw["features"]["hkl"][0] == insp.model.selection[(10, 50)].label
-    # a fresh evidence bundle when no folder is given
-    bundle = insp.controller.export(None, bundle_root=tmp_path / "evidence")
-    assert bundle[-1].name == "inspector_bundle.json"
-    manifest = load_json(bundle[-1])
-    assert manifest["pixels"] == [[10, 50], [32, 32]] and manifest["args"] == args
-    assert [p.name for p in bundle[:-1]] == manifest["files"]
+    # a fresh evidence bundle (engine layout) when no folder is given
+    bundle = insp.controller.export(None, bundle_root=tmp_path / "reports")
+    assert len(bundle) == 2 and all(p.parent.name == "py_taps" for p in bundle)
+    root = bundle[0].parent.parent
+    assert root.parent == tmp_path / "reports" and (root / "comparison").is_dir()
+    commands = (root / "commands.txt").read_text()
+    assert "bragg-inspector" in commands and "(10,50) (32,32)" in commands
+    assert insp.controller.export(None, bundle_root=tmp_path / "reports")[0].parent.parent != root
 
 
 @needs_taps
