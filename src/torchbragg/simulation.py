@@ -346,9 +346,6 @@ class Simulation:
         s = self.setup
         ny, nx = self.shape
         out_dtype = self.dtype
-        image = torch.zeros((ny, nx), dtype=out_dtype, device=self.device)
-        counts = torch.zeros((ny, nx), dtype=torch.int32, device=self.device) if fallback else None
-        reason = torch.zeros((ny, nx), dtype=torch.uint8, device=self.device) if fallback else None
         xmin, xmax, ymin, ymax = s.roi
         r_lo, r_hi = max(0, ymin), min(ny - 1, ymax)
         c_lo, c_hi = max(0, xmin), min(nx - 1, xmax)
@@ -358,6 +355,12 @@ class Simulation:
         plan = self._fast_plan() if total > 0 and c_hi >= c_lo else None
         if plan is not None and plan.function(fallback) is None:
             plan = None  # no compiler: eager kernel
+        # every pixel of the ROI is written (masked ones with 0): only pixels outside it need zeroing
+        full = (r_lo, r_hi, c_lo, c_hi) == (0, ny - 1, 0, nx - 1)
+        new = torch.empty if full else torch.zeros
+        image = new((ny, nx), dtype=out_dtype, device=self.device)
+        counts = new((ny, nx), dtype=torch.int32, device=self.device) if fallback else None
+        reason = new((ny, nx), dtype=torch.uint8, device=self.device) if fallback else None
         segments = self._row_segments(plan, fallback, cutoff, r_lo, r_hi, nx)
         omega_sum = 0.0
         done = 0
