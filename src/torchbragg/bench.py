@@ -9,7 +9,7 @@ process so that nothing is already loaded or compiled:
 ``cli_cold``
     the same command again with the cache filled by the previous run;
 ``render``
-    inside one fresh process: import time, set-up, the first render (cold: it
+    inside one fresh process: start-up and import time, set-up, the first render (cold: it
     loads the compiled kernel), then ``--repeats`` warm renders (min and
     median), nanoseconds per subpixel evaluation (wall and CPU), and one tap's
     latency (``sim.tap(2048, 2048)``, or the centre pixel of smaller images;
@@ -83,7 +83,6 @@ _MARK = "TORCHBRAGG_BENCH_RESULT "
 def _child(spec_json: str) -> int:
     """Body of the fresh measuring process; prints one JSON line."""
     spec = json.loads(spec_json)
-    t_start = time.perf_counter()
     import resource
 
     import torch
@@ -91,7 +90,8 @@ def _child(spec_json: str) -> int:
     import torchbragg
     from torchbragg import kernel
 
-    t_import = time.perf_counter()
+    # interpreter start-up and imports (torch, numpy, torchbragg), from the parent's spawn time
+    startup = time.time() - spec["spawn_time"]
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     device = spec["device"]
@@ -101,8 +101,7 @@ def _child(spec_json: str) -> int:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    out = {"dtype": spec["dtype"], "device": device, "threads": torch.get_num_threads(),
-           "import_s": t_import - t_start}
+    out = {"dtype": spec["dtype"], "device": device, "threads": torch.get_num_threads(), "startup_import_s": startup}
     t0 = time.perf_counter()
     sim = torchbragg.Simulation.from_args(spec["args"], device=device, dtype=dtype)
     out["setup_s"] = time.perf_counter() - t0
@@ -230,7 +229,7 @@ def _measure_config(name: str, args: List[str], dtype: str, opts) -> dict:
         cold = _run_process(cli, env=_env(**base_env), cwd=work)
         res["cli_cold"] = _summary(cold)
         spec = {"args": args, "dtype": dtype, "device": opts.device, "repeats": opts.repeats,
-                "threads": opts.threads}
+                "threads": opts.threads, "spawn_time": time.time()}
         child = _run_process([sys.executable, "-c",
                               "import sys; from torchbragg.bench import _child; sys.exit(_child(sys.argv[1]))",
                               json.dumps(spec)], env=_env(**base_env), cwd=work)
@@ -354,9 +353,11 @@ def _fmt(x, unit="s", digits=3) -> str:
 def format_table(doc: dict) -> str:
     """The human-readable summary printed by ``torchbragg bench``."""
     h = doc["host"]
+    load = h.get("load_average")
     lines = [f"torchbragg {doc['torchbragg']} bench — {h['cpu']}, {h['cpu_count']} CPUs, torch {h['torch']} "
-             f"({h['torch_threads']} threads), device {doc['options']['device']}"]
-    head = (f"{'config':<14}{'dtype':<9}{'evals':>11}{'first-ever':>12}{'cli cold':>10}{'1st render':>11}"
+             f"({h['torch_threads']} threads), device {doc['options']['device']}"
+             + (f", load average {load[0]:.1f} at start" if load else "")]
+    head = (f"{'config':<14}{'dtype':<9}{'evals':>11}{'first-ever':>12}{'cli cold':>10}{'(cpu)':>8}{'1st render':>11}"
             f"{'warm':>9}{'ns/eval':>9}{'cpu ns/ev':>10}{'tap':>9}{'peak RSS':>10}")
     lines.append(head)
     for name, entry in doc["configs"].items():
@@ -364,8 +365,11 @@ def format_table(doc: dict) -> str:
             rr = run["render"]
             rss = max(run["cli_cold"].get("peak_rss_mib", 0), rr.get("process", {}).get("peak_rss_mib", 0))
             fe = run.get("first_ever", {}).get("wall_s")
+            cc = run["cli_cold"]
+            cli_cpu = cc.get("user_s", 0.0) + cc.get("sys_s", 0.0) if "user_s" in cc else None
             lines.append(
-                f"{name:<14}{dtype:<9}{rr.get('evaluations', 0):>11,}{_fmt(fe):>12}{_fmt(run['cli_cold']['wall_s']):>10}"
+                f"{name:<14}{dtype:<9}{rr.get('evaluations', 0):>11,}{_fmt(fe):>12}{_fmt(cc['wall_s']):>10}"
+                f"{_fmt(cli_cpu, 's', 2):>8}"
                 f"{_fmt(rr.get('first_render_s')):>11}{_fmt(rr.get('warm_min_s')):>9}"
                 f"{_fmt(rr.get('ns_per_eval'), '', 2):>9}{_fmt(rr.get('cpu_ns_per_eval'), '', 2):>10}"
                 f"{_fmt(rr.get('tap_s')):>9}{rss:>8.0f}Mi")
