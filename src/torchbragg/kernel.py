@@ -840,9 +840,16 @@ def _load_variant(dtype, shape, table, count, interp):
         try:
             with os.fdopen(fd, "w") as fh:
                 fh.write(source)
-            cmd = [cxx, *_CXX_FLAGS, *defines, tmp_src, "-o", tmp_lib]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
+            # a compiler without -march=native (some clang targets) still gets a portable build
+            for flags in (_CXX_FLAGS, [f for f in _CXX_FLAGS if f != "-march=native"]):
+                cmd = [cxx, *flags, *defines, tmp_src, "-o", tmp_lib]
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+                except (OSError, subprocess.TimeoutExpired) as err:
+                    raise RuntimeError(f"{cxx}: {err}") from None
+                if proc.returncode == 0:
+                    break
+            else:
                 raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-2000:]}")
             os.replace(tmp_lib, lib_path)  # atomic: concurrent processes see a whole library or none
         finally:

@@ -8,6 +8,7 @@ rounding), fallback map and statistics, whatever the block size or thread count.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -161,9 +162,14 @@ def test_no_compiler_falls_back_to_the_eager_kernel(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_bench_command_writes_a_report(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCHBRAGG_CACHE_DIR", str(tmp_path / "kernel-cache"))
+    # a stand-in for the C program: records its arguments and thread setting
+    fake_c = tmp_path / "nanoBragg"
+    log = tmp_path / "c_calls.txt"
+    fake_c.write_text(f'#!/bin/sh\necho "$OMP_NUM_THREADS $*" >> "{log}"\n')
+    fake_c.chmod(0o755)
     out = tmp_path / "reports"
     rc = cli.main(["bench", "--configs", "tap128", "--dtype", "float32", "--repeats", "2",
-                              "--out", str(out), "--quiet", "--c-seconds", "5.0"])
+                   "--out", str(out), "--quiet", "--c-binary", str(fake_c)])
     text = capsys.readouterr().out
     assert rc == 0, text
     reports = list(out.glob("*/bench.json"))
@@ -185,8 +191,12 @@ def test_bench_command_writes_a_report(tmp_path, capsys, monkeypatch):
     assert len(r["warm_s"]) == 2 and r["evaluations"] == 128 * 128 * 4
     assert r["tap_method"] in ("sim.tap", "sim.evaluate(detail=True)") and r["tap_pixel"] == [64, 64]
     assert r["fast_kernel"] is True
-    assert entry["c"]["single_thread"]["wall_s"] == 5.0
-    assert entry["ratios"]["float32_warm_over_c"] == pytest.approx(r["warm_min_s"] / 5.0)
+    calls = log.read_text().splitlines()
+    assert calls == [f"1 {' '.join(bench.CONFIGS['tap128'])}", f"{os.cpu_count()} {' '.join(bench.CONFIGS['tap128'])}"]
+    c1 = entry["c"]["single_thread"]
+    assert c1["returncode"] == 0 and c1["threads"] == 1 and entry["c"]["all_threads"]["threads"] == os.cpu_count()
+    assert entry["ratios"]["float32_warm_over_c"] == pytest.approx(r["warm_min_s"] / c1["wall_s"])
+    assert "float32_warm_over_c_all_threads" in entry["ratios"]
     # never overwrite: a second report in the same second gets its own folder
     path2 = bench._write_report(doc, str(out))
     assert path2 != reports[0] and json.loads(path2.read_text()) == doc
