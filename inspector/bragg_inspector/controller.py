@@ -61,7 +61,8 @@ class InspectorController:
         self.upper_percentile = 99.9
         self.gamma = 1.0
         self.last_error: str | None = None
-        self.timings: dict[str, float] = {}  # setup_s, render_s, show_s of the last render
+        self.timings: dict[str, float] = {}
+        self.last_click_ms: dict[str, float] = {}  # tap / table (click → table filled) / total  # setup_s, render_s, show_s of the last render
         self.last_message: str = ""
         self._worker = None
         self._workers: set = set()  # kept alive until their thread has finished
@@ -396,22 +397,32 @@ class InspectorController:
         self.click(*pixel, shift=_has_shift(event.modifiers))
 
     def click(self, slow: int, fast: int, *, shift: bool = False) -> TapRecord | None:
-        """What a mouse click does: tap the pixel, show it, and with shift select it."""
+        """What a mouse click does: tap the pixel, fill the table, mark the
+        pixel, and with shift add it to the selection.
+
+        The table is filled first; ``last_click_ms`` records how long the
+        tap, the table and the markers took (the canvas repaints afterwards)."""
+        t0 = time.perf_counter()
         try:
             rec = self.model.tap(slow, fast)
         except Exception as exc:  # noqa: BLE001 - shown to the user
             self.report_error(exc, "Tap failed")
             return None
-        self._set_points(TAP_LAYER, [rec], colour=TAP_COLOUR)
+        t1 = time.perf_counter()
+        self.tapped.emit(rec)  # → the table
+        t2 = time.perf_counter()
         if shift:
             added = self.model.select(rec)
-            self._refresh_selection_layer()
             self.selection_changed.emit()
             note = "added to the selection" if added else "already selected"
             self._info(f"pixel ({rec.slow}, {rec.fast}) {note}; {len(self.model.selection)} selected")
         else:
             self._info(f"tapped pixel ({rec.slow}, {rec.fast})")
-        self.tapped.emit(rec)
+        self._set_points(TAP_LAYER, [rec], colour=TAP_COLOUR)
+        if shift:
+            self._refresh_selection_layer()
+        t3 = time.perf_counter()
+        self.last_click_ms = {"tap": 1e3 * (t1 - t0), "table": 1e3 * (t2 - t0), "total": 1e3 * (t3 - t0)}
         return rec
 
     def tap_table(self) -> list[dict]:
@@ -427,11 +438,9 @@ class InspectorController:
                  "fast": np.array([r.fast for r in recs], dtype=int)}
         layer = self._layer(name)
         if layer is None:
-            if not len(recs):
-                return
             active = viewer.layers.selection.active
             layer = viewer.add_points(
-                pts, name=name, features=feats, symbol="ring", size=9, face_color=colour,
+                pts, name=name, features=feats, symbol="ring", size=self._marker_size(), face_color=colour,
                 border_color=colour, border_width=0, canvas_size_limits=(14, 60), opacity=0.9,
                 text={"string": "{hkl}", "color": colour, "size": 11, "anchor": "upper_left",
                       "translation": [-2, 6]},
@@ -445,14 +454,20 @@ class InspectorController:
         layer.metadata["tap_records"] = list(recs)
         layer.refresh_text()
 
+    def _marker_size(self) -> float:
+        shape = self.model.shape or (64, 64)
+        return float(max(3.0, max(shape) / 150.0))
+
     def _refresh_selection_layer(self) -> None:
         self._set_points(SEL_LAYER, list(self.model.selection.values()), colour=SELECTION_COLOUR)
 
     def _refresh_points(self) -> None:
-        for name in (TAP_LAYER, SEL_LAYER):
+        """Empty marker layers after a render (made now, so a click only updates them)."""
+        for name, colour in ((TAP_LAYER, TAP_COLOUR), (SEL_LAYER, SELECTION_COLOUR)):
             layer = self._layer(name)
             if layer is not None:
-                self.viewer.layers.remove(layer)
+                layer.size = self._marker_size()
+            self._set_points(name, [], colour=colour)
 
     # ------------------------------------------------------------------ selection
     def deselect(self, pixel: tuple[int, int]) -> None:

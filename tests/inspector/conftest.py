@@ -56,11 +56,12 @@ def small_hkl(tmp_path) -> Path:
 
 @pytest.fixture
 def screenshot_dir(tmp_path) -> Path:
-    """docs/screenshots/ (kept for the README); a tmp folder when BRAGG_SCREENSHOTS=tmp."""
-    if os.environ.get("BRAGG_SCREENSHOTS") == "tmp":
-        return tmp_path
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    return SCREENSHOTS
+    """Where the tests save screenshots: a tmp folder, or docs/screenshots/
+    (the README's pictures) when BRAGG_SCREENSHOTS=docs."""
+    if os.environ.get("BRAGG_SCREENSHOTS") == "docs":
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        return SCREENSHOTS
+    return tmp_path
 
 
 @pytest.fixture

@@ -55,6 +55,14 @@ def pixel_to_canvas(viewer, slow, fast):
     return float(x), float(y)
 
 
+def zoom_to(viewer, slow, fast, zoom):
+    """Centre the camera on a pixel at ``zoom`` screen pixels per image pixel."""
+    c = list(viewer.camera.center)
+    c[-2:] = [float(slow), float(fast)]
+    viewer.camera.center = tuple(c)
+    viewer.camera.zoom = float(zoom)
+
+
 def real_click(qtbot, viewer, slow, fast, shift=False):
     """A real Qt mouse click on the vispy canvas at the pixel's screen position."""
     from qtpy.QtCore import QPoint, Qt
