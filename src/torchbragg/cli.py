@@ -56,7 +56,7 @@ def split_engine_options(argv: Sequence[str]):
     from .arguments import ArgumentError
 
     rest: List[str] = []
-    opts = {"device": "cpu", "dtype": "float32", "chunk_rows": None}
+    opts = {"device": "cpu", "dtype": "float32", "chunk_rows": None, "dtype_given": None}
     i = 0
     argv = list(argv)
     while i < len(argv):
@@ -66,6 +66,8 @@ def split_engine_options(argv: Sequence[str]):
                 raise ArgumentError(f"{a}: expected a value")
             key = a.lstrip("-")
             opts[key] = argv[i + 1]
+            if key == "dtype":
+                opts["dtype_given"] = argv[i + 1]
             i += 2
             continue
         rest.append(a)
@@ -200,13 +202,22 @@ def write_outputs(sim, image: np.ndarray, out: TextIO) -> None:
         print(f"writing {o.noisefile} as 2-byte integers", file=out)
 
 
-def run_simulation(argv: Sequence[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
+def run_simulation(argv: Sequence[str], out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
     """Render nanoBragg arguments like the C program; returns the exit code."""
     import torch
+
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
 
     from .simulation import RenderCancelled, Simulation
 
     nb_args, opts = split_engine_options(argv)
+    if opts["dtype_given"] is None and any(a in ("-noisefile", "-noiseimage") for a in nb_args):
+        # Poisson draws branch on the exact float image: C's image is a double computation stored as
+        # float, which a float64 render reproduces bit for bit and a float32 render only to a few ULPs
+        opts["dtype"] = "float64"
+        print("note: -noisefile: rendering in float64 so the noise image reproduces the C program's "
+              "random draws (give -dtype float32 to override)", file=out)
     dtype = torch.float64 if opts["dtype"] == "float64" else torch.float32
     t0 = time.perf_counter()
     sim = Simulation.from_args(nb_args, device=opts["device"], dtype=dtype, chunk_rows=opts["chunk_rows"])

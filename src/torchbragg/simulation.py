@@ -401,9 +401,11 @@ class Simulation:
                 row = torch.tensor([fs], device=self.device)
                 row_stats[fs - r_lo] = row_statistics(image[fs:fs + 1, c_lo:c_hi + 1],
                                                       self.active_mask(row, cols), omega_row)[0]
-        if row_stats is not None:
+        if row_stats is not None and self.dtype == torch.float32 and s.mask is None:
             self.last_stats = self._stats_from_rows(row_stats, np.arange(r_lo, r_lo + total), c_lo)
         else:
+            if row_stats is not None:
+                omega_sum = float(row_stats[:, ROW_STATS.index("omega")].sum())
             self.last_stats = self._stats(image, omega_sum)
         if fallback:
             return image, FallbackMap(counts=counts, reason=reason, evaluations_per_pixel=self.evaluations_per_pixel)
@@ -466,12 +468,20 @@ class Simulation:
         return RenderStats(max_I, f_m, s_m, (sl, fa), mean, rms, rmsd, omega_sum / s.steps, n)
 
     def _stats(self, image: torch.Tensor, omega_sum: float) -> RenderStats:
+        """C's statistics of the float image.
+
+        C keeps the image as 32-bit floats, so the values are rounded to float32
+        first (a float64 render then ranks tied mirror pixels like C). mean and
+        rms run over rendered pixels (inside -roi, not masked); rmsd, C's second
+        pass, runs over every pixel inside -roi, masked ones (value 0) included.
+        """
         s = self.setup
-        xmin, xmax, ymin, ymax = s.roi
-        img = image.detach().to("cpu", torch.float64)
+        img = image.detach().to("cpu", torch.float32).to(torch.float64)
         rows = torch.arange(img.shape[0])
         cols = torch.arange(img.shape[1])
         act = self.active_mask(rows.to(self.device), cols.to(self.device)).cpu()
+        xmin, xmax, ymin, ymax = s.roi
+        in_roi = ((rows >= ymin) & (rows <= ymax))[:, None] & ((cols >= xmin) & (cols <= xmax))[None, :]
         vals = img[act]
         n = int(vals.numel())
         if n == 0:
@@ -491,7 +501,8 @@ class Simulation:
             f_m = s_m = 0.0
         mean = float(vals.sum()) / n
         rms = math.sqrt(float((vals * vals).sum()) / max(1, n - 1))
-        rmsd = math.sqrt(float(((vals - mean) ** 2).sum()) / max(1, n - 1))
+        roi_vals = img[in_roi]
+        rmsd = math.sqrt(float(((roi_vals - mean) ** 2).sum()) / max(1, int(roi_vals.numel()) - 1))
         return RenderStats(max_I, f_m, s_m, (sl, fa), mean, rms, rmsd, omega_sum / s.steps, n)
 
 

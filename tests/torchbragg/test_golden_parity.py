@@ -217,11 +217,6 @@ def test_water_noise_cli_matches_c(shared_cases, tmp_path, monkeypatch):
 
 
 @pytest.mark.golden
-@pytest.mark.xfail(strict=True, reason=(
-    "ENGINE: the torchbragg command's default float32 render differs from C's float image by a few "
-    "ULPs in many pixels; one Poisson draw then consumes a different number of random numbers "
-    "(first at pixel (85,114)) and every later noise pixel differs (7220 of 65536). -dtype float64 "
-    "reproduces C's noise.smv exactly."))
 def test_water_noise_cli_default_dtype_matches_c(shared_cases, tmp_path, monkeypatch):
     case = shared_cases["water_noise_0p2um"]
     _, (_, noise) = _noise_run(case, tmp_path, monkeypatch)
@@ -230,11 +225,6 @@ def test_water_noise_cli_default_dtype_matches_c(shared_cases, tmp_path, monkeyp
 
 
 @pytest.mark.golden
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "ENGINE BUG: in float64 renders Simulation._stats ranks the float64 pixel values, while C takes "
-    "max_I from its float32 floatimage, where mirror-symmetric pixels are equal and the first in render "
-    "order wins; torchbragg -dtype float64 therefore prints the mirror pixel (slow 388 instead of 125, "
-    "'at 0.02065 0.03885' instead of C's 'at 0.02065 0.01255'). Ranking image.to(float32) matches C."))
 def test_float64_statistics_pick_the_c_maximum_pixel(shared_cases, tmp_path):
     case = shared_cases["hkl_partial_defaultF"]
     sim, _ = case.render(tmp_path, torch.float64)
