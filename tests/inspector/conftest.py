@@ -18,6 +18,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 XDG = HERE / ".xdg"
+# The engine keeps compiled kernels under $XDG_CACHE_HOME; pin that location
+# before XDG_CACHE_HOME is redirected, so the engine's tests are unaffected.
+_orig_cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+os.environ.setdefault("TORCHBRAGG_CACHE_DIR", os.path.join(_orig_cache, "torchbragg", "kernels"))
 for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_CACHE_HOME", "cache"), ("XDG_RUNTIME_DIR", "runtime")):
     d = XDG / sub
     d.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,12 @@ def engine_sim(args, cwd, dtype="float32"):
     return torchbragg.Simulation.from_args(args, cwd=str(cwd), dtype=getattr(torch, dtype))
 
 
+def _set(args, flag, value):
+    from bragg_inspector.args import set_flag_value
+
+    return set_flag_value(args, flag, value)
+
+
 def status_text(insp) -> str:
     return insp.simulation_widget.status_label.text()
 
@@ -298,16 +304,24 @@ def test_cancel_render_keeps_previous_image_and_ui_responsive(insp, viewer, smal
     old = viewer.layers[ctl.SIM_LAYER].data.copy()
     progress = []
     insp.controller.render_progress.connect(lambda d, t: progress.append((d, t)))
-    assert insp.simulate(_engine.tap_config_args(), wait=False)
+    # the 4096² tap configuration at 5x5 subpixels: long enough to cancel half-way
+    args = _set(_engine.tap_config_args(), "-oversample", "5")
+    assert insp.simulate(args, wait=False)
     w = insp.simulation_widget
     assert insp.controller.running and not w.run_button.isEnabled() and w.cancel_button.isEnabled()
-    qtbot.waitUntil(lambda: len(progress) > 0, timeout=60000)
+    qtbot.waitUntil(lambda: len(progress) > 0, timeout=120000)
+    # progress shows in napari's activity dock
+    from napari._qt.widgets.qt_progress_bar import QtLabeledProgressBar
+
+    pbar = insp.controller._pbar
+    assert pbar is not None and pbar.total == 4096 and pbar.n > 0
+    assert viewer.window._qt_window._activity_dialog.findChildren(QtLabeledProgressBar)
     # the UI stays usable while rendering: a tap on the old image still works
     t0 = time.perf_counter()
     insp.click(5, 6)
     assert time.perf_counter() - t0 < 2.0 and insp.model.current.pixel == (5, 6)
     w.cancel_button.click()
-    qtbot.waitUntil(lambda: not insp.controller.running, timeout=60000)
+    qtbot.waitUntil(lambda: not insp.controller.running, timeout=300000)
     assert progress[-1][0] < progress[-1][1]  # stopped before the end
     assert "cancelled" in status_text(insp)
     np.testing.assert_array_equal(viewer.layers[ctl.SIM_LAYER].data, old)
