@@ -161,6 +161,20 @@ def test_rows_that_used_default_F_are_highlighted(insp, small_hkl, tmp_path):
     assert any(not r["default_F"] for r in rows)
 
 
+@needs_taps
+def test_loop_columns_appear_when_there_are_several(insp, small_hkl):
+    args = small_args(small_hkl, detpixels=16, extra=["-oversample", "1", "-phi", "0", "-osc", "0.5",
+                                                      "-phisteps", "3"])
+    assert insp.simulate(args, wait=True), insp.controller.last_error
+    insp.click(8, 3)
+    rows = insp.tap_table()
+    assert len(rows) == 3 and [r["phi"] for r in rows] == [0, 1, 2]
+    assert "mosaic" not in rows[0] and "source" not in rows[0] and "thick" not in rows[0]
+    header = [insp.tap_widget.table.horizontalHeaderItem(j).text()
+              for j in range(insp.tap_widget.table.columnCount())]
+    assert header[:3] == ["subS", "subF", "phi"]
+
+
 # --------------------------------------------------------------------------- selection + export
 @needs_taps
 def test_shift_click_selection_and_export_roundtrip(insp, viewer, small_hkl, tmp_path):
@@ -292,6 +306,29 @@ def test_compare_with_golden_case(insp, viewer, tmp_path, qtbot):
     QTest.keyClick(w, Qt.Key.Key_F, Qt.KeyboardModifier.ShiftModifier)
     qtbot.wait(20)
     assert sim_l.visible and not ref_l.visible
+
+
+SMV_CASE = GOLDEN / "cases" / "cubic_hkl_mosflm"
+
+
+@needs_engine
+@pytest.mark.golden
+@pytest.mark.skipif(not (SMV_CASE / "img.smv").is_file(), reason="golden SMV image not available")
+def test_compare_with_an_smv_reference(insp, viewer, tmp_path):
+    import torchbragg.compare as tbc
+    import torchbragg.smv as tbs
+
+    case = load_json(GOLDEN / "cases.json")["cubic_hkl_mosflm"]
+    for f in SMV_CASE.glob("*.hkl"):
+        shutil.copy(f, tmp_path / f.name)
+    assert insp.simulate(case["args"], wait=True), insp.controller.last_error
+    cmp = insp.open_reference(SMV_CASE / "img.smv")
+    assert cmp is not None, insp.controller.last_error
+    _hdr, ref = tbs.read_smv(SMV_CASE / "img.smv")
+    np.testing.assert_array_equal(viewer.layers[ctl.REF_LAYER].data, ref.astype(np.float32))
+    expect = tbc.compare_images(ref, viewer.layers[ctl.SIM_LAYER].data).to_dict()
+    assert cmp.metrics["correlation"] == pytest.approx(expect["correlation"])
+    assert "img.smv" in insp.simulation_widget.metrics_label.text()
 
 
 # --------------------------------------------------------------------------- cancel
