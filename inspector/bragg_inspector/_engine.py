@@ -30,7 +30,7 @@ def available() -> bool:
 
 def tap_config_args() -> list[str]:
     try:
-        return list(getattr(tb(), "TAP_CONFIG_ARGS"))
+        return list(tb().TAP_CONFIG_ARGS)
     except Exception:
         return list(FALLBACK_TAP_CONFIG_ARGS)
 

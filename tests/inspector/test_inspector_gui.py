@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from bragg_inspector import controller as ctl
-from gui_helpers import canvas_image, canvas_widget, napari_click, real_click
+from gui_helpers import canvas_widget, napari_click, real_click
 from inspector_helpers import (DATA, GOLDEN, load_json, needs_engine, needs_taps, small_args,
                                validate_tap_json)
 

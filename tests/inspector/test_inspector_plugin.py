@@ -67,8 +67,9 @@ def test_writer_and_reader_for_tap_json(insp, viewer, small_hkl, tmp_path):
     doc = load_json(out)
     validate_tap_json(doc)
     assert doc["pixel_coords"] == [12, 40]
-    with pytest.raises(Exception):
+    with pytest.raises(Exception) as info:  # noqa: B017 - napari may wrap the writer's error
         napari.save_layers(str(out), [viewer.layers[ctl.TAP_LAYER]], plugin="bragg-inspector")
+    assert "one.json" in str(info.value) or isinstance(info.value, FileExistsError)
     assert load_json(out) == doc  # never overwritten
     layers = viewer.open(str(out), plugin="bragg-inspector")
     assert layers[0].__class__.__name__ == "Points"
