@@ -714,33 +714,36 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
             }
             omega_row += om_blk;
         }
-        // statistics of the row's active pixels as stored: count, sum, sum of squares,
-        // squared deviations from the row mean, first maximum and its column, solid angle
+        // C's statistics work on the float image: values rounded to float32. Per row: count, sum and
+        // sum of squares of the rendered (active) pixels, the first maximum and its column, the
+        // solid angle; and, for C's rmsd pass over every ROI pixel (masked ones are 0), the squared
+        // deviations of all the row's ROI pixels from their own mean, and how many there are
         const real* out = image + r * image_stride;
         const uint8_t* mrow = mask != nullptr ? mask + row * fpixels + col0 : nullptr;
         double cnt = 0.0, sum = 0.0, sumsq = 0.0, vmax = -INFINITY, amax = -1.0;
 #pragma omp simd reduction(+ : cnt, sum, sumsq) reduction(max : vmax)
         for (int64_t c = 0; c < ncols; ++c) {
             const bool active = mrow == nullptr || mrow[c] != 0;
-            const double v = active ? (double)out[c] : 0.0;
+            const double v = active ? (double)(float)out[c] : 0.0;
             cnt += active ? 1.0 : 0.0;
             sum += v;
             sumsq += v * v;
             vmax = active && v > vmax ? v : vmax;
         }
         for (int64_t c = 0; c < ncols; ++c) {  // first column holding the maximum
-            if ((mrow == nullptr || mrow[c] != 0) && (double)out[c] == vmax) { amax = (double)c; break; }
+            if ((mrow == nullptr || mrow[c] != 0) && (double)(float)out[c] == vmax) { amax = (double)c; break; }
         }
-        const double mean = cnt > 0.0 ? sum / cnt : 0.0;
+        const double roi_mean = ncols > 0 ? sum / (double)ncols : 0.0;
         double m2 = 0.0;
 #pragma omp simd reduction(+ : m2)
         for (int64_t c = 0; c < ncols; ++c) {
             const bool active = mrow == nullptr || mrow[c] != 0;
-            const double d = active ? (double)out[c] - mean : 0.0;
+            const double d = (active ? (double)(float)out[c] : 0.0) - roi_mean;
             m2 += d * d;
         }
-        double* st = row_stats + 7 * r;
+        double* st = row_stats + 8 * r;
         st[0] = cnt; st[1] = sum; st[2] = sumsq; st[3] = m2; st[4] = vmax; st[5] = amax; st[6] = omega_row;
+        st[7] = (double)ncols;
     }
     return 0;
 }
@@ -867,45 +870,52 @@ def _load_variant(dtype, shape, table, count, interp):
     return fn
 
 
-#: columns of the per-row statistics the fused kernel returns
-ROW_STATS = ("count", "sum", "sumsq", "m2", "max", "argmax", "omega")
+#: columns of the per-row statistics the fused kernel returns (values rounded to float32 like C's float
+#: image; ``m2`` is over every ROI pixel of the row, masked ones as 0, about the row's ROI mean)
+ROW_STATS = ("count", "sum", "sumsq", "m2", "max", "argmax", "omega", "roi_count")
 
 
 def row_statistics(values: torch.Tensor, active: torch.Tensor, omega: Optional[torch.Tensor] = None) -> np.ndarray:
-    """The fused kernel's ``[rows, 7]`` row statistics for rows rendered another way."""
-    v = values.detach().to("cpu", torch.float64)
+    """The fused kernel's ``[rows, 8]`` row statistics for ROI rows rendered another way.
+
+    ``values`` are the rows' ROI pixels as rendered (0 where masked), ``active``
+    which of them are rendered.
+    """
+    v = values.detach().to("cpu", torch.float32).to(torch.float64)
     act = active.to("cpu").expand_as(v)
     cnt = act.sum(-1).to(torch.float64)
     z = torch.where(act, v, torch.zeros((), dtype=torch.float64))
     s = z.sum(-1)
     sq = (z * z).sum(-1)
-    mean = torch.where(cnt > 0, s / cnt.clamp(min=1), torch.zeros_like(s))
-    d = torch.where(act, v - mean[:, None], torch.zeros((), dtype=torch.float64))
+    nroi = torch.full_like(s, float(v.shape[-1]))
+    d = z - (s / nroi.clamp(min=1))[:, None]
     m2 = (d * d).sum(-1)
     masked = torch.where(act, v, torch.full((), -math.inf, dtype=torch.float64))
     mx, am = masked.max(-1) if v.shape[-1] else (torch.full_like(s, -math.inf), torch.zeros_like(s))
     am = torch.where(torch.isfinite(mx), am.to(torch.float64), torch.full_like(s, -1.0))
     om = torch.zeros_like(s) if omega is None else omega.detach().to("cpu", torch.float64)
-    return torch.stack([cnt, s, sq, m2, mx, am, om], -1).numpy()
+    return torch.stack([cnt, s, sq, m2, mx, am, om, nroi], -1).numpy()
 
 
 def combine_row_statistics(stats: np.ndarray, row_index: np.ndarray, col0: int):
     """Whole-image statistics from row statistics (Chan's pairwise variance).
 
     Returns ``(n, mean, rms, rmsd, max_I, (slow, fast) of the first maximum, omega_sum)``
-    with the conventions of :meth:`Simulation._stats`.
+    with the conventions of :meth:`Simulation._stats`: mean and rms over the
+    rendered pixels, rmsd about that mean over every ROI pixel (masked ones 0).
     """
-    cnt, s, sq, m2, mx, am, om = (stats[:, j] for j in range(7))
+    cnt, s, sq, m2, mx, am, om, nroi = (stats[:, j] for j in range(len(ROW_STATS)))
     n = int(cnt.sum())
     omega_sum = float(om.sum())
     if n == 0:
         return 0, 0.0, 0.0, 0.0, 0.0, (0, 0), omega_sum
     mean = float(s.sum()) / n
-    has = cnt > 0
-    row_mean = np.where(has, s / np.where(has, cnt, 1.0), 0.0)
-    M2 = float((m2 + cnt * (row_mean - mean) ** 2)[has].sum())
+    rows = nroi > 0
+    roi_mean = np.where(rows, s / np.where(rows, nroi, 1.0), 0.0)
+    M2 = float((m2 + nroi * (roi_mean - mean) ** 2)[rows].sum())
     rms = math.sqrt(float(sq.sum()) / max(1, n - 1))
-    rmsd = math.sqrt(M2 / max(1, n - 1))
+    rmsd = math.sqrt(M2 / max(1, int(nroi.sum()) - 1))
+    has = cnt > 0
     order = np.argsort(row_index, kind="stable")
     mx_o = np.where(has, mx, -np.inf)[order]
     j = int(np.argmax(mx_o))  # first row holding the maximum
@@ -1028,8 +1038,8 @@ class FastPlan:
         ``image`` (and ``counts``/``reasons`` for a fallback map) are the
         ``[nrows, ncols]`` views to fill; rows may be strided, columns must be
         contiguous. ``interp`` interpolates every lookup of the block (the
-        caller keeps it to rows before C's switch-off point). Returns ``[nrows, 7]`` float64 row statistics of the active
-        pixels (see :data:`ROW_STATS`).
+        caller keeps it to rows before C's switch-off point). Returns the
+        ``[nrows, 8]`` float64 row statistics (see :data:`ROW_STATS`).
         """
         count = counts is not None
         fn = self.function(count, interp)

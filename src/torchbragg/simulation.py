@@ -401,11 +401,9 @@ class Simulation:
                 row = torch.tensor([fs], device=self.device)
                 row_stats[fs - r_lo] = row_statistics(image[fs:fs + 1, c_lo:c_hi + 1],
                                                       self.active_mask(row, cols), omega_row)[0]
-        if row_stats is not None and self.dtype == torch.float32 and s.mask is None:
+        if row_stats is not None:  # the same statistics as _stats, from the kernel's row sums
             self.last_stats = self._stats_from_rows(row_stats, np.arange(r_lo, r_lo + total), c_lo)
         else:
-            if row_stats is not None:
-                omega_sum = float(row_stats[:, ROW_STATS.index("omega")].sum())
             self.last_stats = self._stats(image, omega_sum)
         if fallback:
             return image, FallbackMap(counts=counts, reason=reason, evaluations_per_pixel=self.evaluations_per_pixel)
