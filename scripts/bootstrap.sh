@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(xvfb xauth libgl1 libegl1 libgl1-mesa-dri libglib2.0-0 libfontconfig1 libdbus-1-3
   libxkbcommon0 libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1
   libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-xkb1 libxcb-xfixes0
-  libx11-xcb1 libxrender1)
+  libx11-xcb1 libxrender1 libxcb-xinput0 libxcb-sync1 libxcb-shm0 libxcb-render0 libglx-mesa0
+  libfreetype6 fonts-dejavu-core)
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -6,7 +6,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-USAGE = """bragg-inspector [--device DEV] [--dtype float32|float64] [--no-render] [nanoBragg arguments…]
+USAGE = """bragg-inspector [--device DEV] [--dtype float32|float64] [--no-render] [--screenshot PNG] [nanoBragg arguments…]
+
+Without a display (no DISPLAY/WAYLAND_DISPLAY, e.g. a fresh server) it runs
+itself under xvfb-run and saves a screenshot (bragg-inspector.png) instead of
+opening a window. --screenshot PNG renders, taps the centre pixel, shows the
+default_F regions, saves the whole window and exits.
 
 Opens napari with the Bragg Inspector panels and renders the nanoBragg
 arguments (default: the tap configuration
@@ -22,7 +27,7 @@ def parse(argv: Sequence[str]) -> tuple[dict, list[str]]:
     """Split our own ``--`` options from the nanoBragg arguments (which use a
     single dash and are passed on untouched: no prefix matching, so ``-hkl``
     is never mistaken for ``-h``)."""
-    opts = {"device": "cpu", "dtype": "float32", "render": True, "help": False}
+    opts = {"device": "cpu", "dtype": "float32", "render": True, "help": False, "screenshot": None}
     rest: list[str] = []
     it = iter(argv)
     for a in it:
@@ -30,6 +35,11 @@ def parse(argv: Sequence[str]) -> tuple[dict, list[str]]:
             opts["help"] = True
         elif a == "--no-render":
             opts["render"] = False
+        elif a == "--screenshot" or a.startswith("--screenshot="):
+            val = a.partition("=")[2] or next(it, None)
+            if not val:
+                raise UsageError("--screenshot needs a PNG path")
+            opts["screenshot"] = val
         elif a in ("--device", "--dtype") or a.startswith(("--device=", "--dtype=")):
             key, _, val = a[2:].partition("=")
             if not val:
@@ -53,6 +63,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts["help"]:
         print(USAGE)
         return 0
+    if _needs_virtual_display():
+        return _rerun_under_xvfb(list(sys.argv[1:] if argv is None else argv), opts)
     import napari
 
     from . import _engine
@@ -65,9 +77,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctrl = controller_for(viewer)
     ctrl.model.args, ctrl.model.device, ctrl.model.dtype = list(args), opts["device"], opts["dtype"]
     insp = Inspector(viewer)
+    if opts["screenshot"]:
+        return _screenshot(viewer, insp, args, opts)
     if opts["render"]:
         insp.simulate(args, wait=False, device=opts["device"], dtype=opts["dtype"])
     napari.run()
+    return 0
+
+
+def _needs_virtual_display() -> bool:
+    import os
+
+    return (sys.platform.startswith("linux") and not os.environ.get("DISPLAY")
+            and not os.environ.get("WAYLAND_DISPLAY"))
+
+
+def _rerun_under_xvfb(argv: list[str], opts: dict) -> int:
+    """No screen: run under Xvfb and save a screenshot instead of showing a window."""
+    import shutil
+    import subprocess
+
+    xvfb = shutil.which("xvfb-run")
+    if xvfb is None:
+        print("bragg-inspector: no display and no xvfb-run; install Xvfb (scripts/bootstrap.sh does) "
+              "or run on a desktop", file=sys.stderr)
+        return 2
+    if not opts["screenshot"]:
+        argv = ["--screenshot", "bragg-inspector.png"] + argv
+        print("bragg-inspector: no display: running under Xvfb and saving the window to bragg-inspector.png",
+              file=sys.stderr)
+    return subprocess.call([xvfb, "-a", "-s", "-screen 0 1800x1150x24", sys.executable, "-m",
+                            "bragg_inspector"] + argv)
+
+
+def _screenshot(viewer, insp, args, opts) -> int:
+    """Render, tap the centre pixel, show the default_F regions, save the window, quit."""
+    from pathlib import Path
+
+    from qtpy.QtWidgets import QApplication
+
+    viewer.window._qt_window.resize(1800, 1150)
+    if not insp.simulate(args, wait=True, device=opts["device"], dtype=opts["dtype"]):
+        # the panel shows the message; a headless run must say it too and write nothing
+        print(f"bragg-inspector: error: {getattr(insp.controller, 'last_error', None) or 'the render failed'}",
+              file=sys.stderr)
+        viewer.close()
+        return 2
+    ny, nx = insp.model.shape if getattr(insp.model, "shape", None) else (0, 0)
+    if ny and nx:
+        insp.click(ny // 2, nx // 2)
+        insp.set_overlay(True)
+    QApplication.processEvents()
+    path = Path(opts["screenshot"])
+    viewer.screenshot(str(path), canvas_only=False, flash=False)
+    rows = insp.tap_table()
+    print(f"bragg-inspector: rendered {' '.join(args)}")
+    if rows:
+        print(f"bragg-inspector: centre pixel ({ny // 2}, {nx // 2}): {len(rows)} evaluations, "
+              f"lookups {sorted({r['lookup'] for r in rows})}")
+    print(f"bragg-inspector: saved {path}")
+    viewer.close()
     return 0
 
 
