@@ -27,7 +27,8 @@ def parse(argv: Sequence[str]) -> tuple[dict, list[str]]:
     """Split our own ``--`` options from the nanoBragg arguments (which use a
     single dash and are passed on untouched: no prefix matching, so ``-hkl``
     is never mistaken for ``-h``)."""
-    opts = {"device": "cpu", "dtype": "float32", "render": True, "help": False, "screenshot": None}
+    opts = {"device": "cpu", "dtype": "float32", "render": True, "help": False, "screenshot": None,
+            "bench_clicks": 0}
     rest: list[str] = []
     it = iter(argv)
     for a in it:
@@ -35,6 +36,12 @@ def parse(argv: Sequence[str]) -> tuple[dict, list[str]]:
             opts["help"] = True
         elif a == "--no-render":
             opts["render"] = False
+        elif a == "--bench-clicks" or a.startswith("--bench-clicks="):
+            val = a.partition("=")[2] or next(it, None)
+            try:
+                opts["bench_clicks"] = int(val)
+            except (TypeError, ValueError):
+                raise UsageError(f"--bench-clicks needs a number of clicks, not {val!r}") from None
         elif a == "--screenshot" or a.startswith("--screenshot="):
             val = a.partition("=")[2] or next(it, None)
             if not val:
@@ -77,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctrl = controller_for(viewer)
     ctrl.model.args, ctrl.model.device, ctrl.model.dtype = list(args), opts["device"], opts["dtype"]
     insp = Inspector(viewer)
+    if opts["bench_clicks"]:
+        return _bench_clicks(viewer, insp, args, opts)
     if opts["screenshot"]:
         return _screenshot(viewer, insp, args, opts)
     if opts["render"]:
@@ -102,12 +111,43 @@ def _rerun_under_xvfb(argv: list[str], opts: dict) -> int:
         print("bragg-inspector: no display and no xvfb-run; install Xvfb (scripts/bootstrap.sh does) "
               "or run on a desktop", file=sys.stderr)
         return 2
-    if not opts["screenshot"]:
+    if not opts["screenshot"] and not opts["bench_clicks"]:
         argv = ["--screenshot", "bragg-inspector.png"] + argv
         print("bragg-inspector: no display: running under Xvfb and saving the window to bragg-inspector.png",
               file=sys.stderr)
     return subprocess.call([xvfb, "-a", "-s", "-screen 0 1800x1150x24", sys.executable, "-m",
                             "bragg_inspector"] + argv)
+
+
+def _bench_clicks(viewer, insp, args, opts) -> int:
+    """Render, then time click → table for N pixels spread over the detector."""
+    import statistics
+    import time
+
+    from qtpy.QtWidgets import QApplication
+
+    t0 = time.perf_counter()
+    if not insp.simulate(args, wait=True, device=opts["device"], dtype=opts["dtype"]):
+        print(f"bragg-inspector: error: {insp.controller.last_error or 'the render failed'}", file=sys.stderr)
+        viewer.close()
+        return 2
+    render_s = time.perf_counter() - t0
+    ny, nx = insp.model.shape
+    insp.click(ny // 2, nx // 2)  # the first tap of a process warms the engine up
+    table, total = [], []
+    n = opts["bench_clicks"]
+    for i in range(n):
+        s, f = (i * 7919 + 13) % ny, (i * 104729 + 101) % nx
+        insp.click(s, f)
+        QApplication.processEvents()
+        table.append(insp.controller.last_click_ms["table"])
+        total.append(insp.controller.last_click_ms["total"])
+    print(f"bragg-inspector: render of {ny}x{nx} (including set-up and display) {render_s:.2f} s")
+    print(f"bragg-inspector: click -> table over {n} clicks: median {statistics.median(table):.1f} ms, "
+          f"max {max(table):.1f} ms; with pixel markers: median {statistics.median(total):.1f} ms, "
+          f"max {max(total):.1f} ms (target: <= 100 ms)")
+    viewer.close()
+    return 0
 
 
 def _screenshot(viewer, insp, args, opts) -> int:
