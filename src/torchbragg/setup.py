@@ -205,7 +205,7 @@ def _read_header(cfg: SimulationConfig, log: List[str]):
             continue
         try:
             header, image = smv.read_smv(path)
-            text = smv._header_block(path)[0]
+            text = smv.read_smv_header_text(path)
         except FileNotFoundError:
             raise SetupError(f"-{kind} {name}: no such file") from None
         except ValueError as err:

@@ -92,6 +92,7 @@ __all__ = [
     "SMVFormatError",
     "read_smv",
     "read_smv_header",
+    "read_smv_header_text",
     "write_smv",
     "smv_header_fields",
     "c_beam_centers_mm",
@@ -204,6 +205,11 @@ def read_smv_header(path: PathLike) -> Dict[str, str]:
     """
     text, _, _ = _header_block(path)
     return _parse_header(text)
+
+
+def read_smv_header_text(path: PathLike) -> str:
+    """The raw header text between ``{`` and ``}`` (for C's substring look-ups)."""
+    return _header_block(path)[0]
 
 
 def _int_field(path: PathLike, header: Mapping[str, str], key: str) -> int:
