@@ -225,7 +225,7 @@ def _read_header(cfg: SimulationConfig, log: List[str]):
             v = value(key)
             if v is not None:
                 state[dest] = v * scale
-        pixel = state.get("pixel", det.pixel_mm / 1000.0)
+        pixel = state.get("pixel", 1e-4)  # C reads headers before the flags: its 0.1 mm default
         xb, yb = value("BEAM_CENTER_X"), value("BEAM_CENTER_Y")
         if xb is not None:
             state["xbeam"] = xb / 1000.0
