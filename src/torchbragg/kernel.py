@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 __all__ = ["KernelTensors", "BlockResult", "evaluate_block", "LOOKUP_REASONS", "LOOKUP_CODES", "FastPlan",
-           "fast_enabled", "fast_unsupported", "fast_library", "kernel_cache_dir"]
+           "fast_enabled", "fast_unsupported", "fast_library", "kernel_cache_dir", "fallback_count_dtype"]
 
 #: lookup reason codes used in per-evaluation results and fallback maps
 LOOKUP_REASONS = {
@@ -384,7 +384,8 @@ _D_FIELDS = (("fdet", 3), ("sdet", 3), ("odet", 3), ("pix0", 3), ("subpixel", 1)
              ("scale", 1), ("N", 3), ("default_F", 1), ("fudge", 1), ("a_star", 9), ("N2prod", 1),
              ("Nprod", 1))
 _I_FIELDS = (("oversample", 1), ("T", 1), ("S", 1), ("P", 1), ("M", 1), ("fpixels", 1), ("point_pixel", 1),
-             ("nopolar", 1), ("thick_on", 1), ("dmin_on", 1), ("water", 1), ("bounds", 6))
+             ("nopolar", 1), ("thick_on", 1), ("dmin_on", 1), ("water", 1), ("bounds", 6),
+             ("count16", 1))
 
 
 def _field_offsets(fields):
@@ -455,10 +456,15 @@ static inline real sincg(real f, double h0, real n, bool n_even) {
     return (n_even && odd) ? -v : v;
 }
 
+// Fallback counting (TB_COUNT): with a table, ``table`` is the flagged copy whose sign bit marks the
+// entries that are default_F (unlisted ones and the extra last entry used outside the box; the values
+// are only ever squared here), so counting needs no second gather: two 32-bit counters per pixel, the
+// evaluations that used default_F and those of them outside the box. Interpolated lookups never use
+// default_F, so the interpolating variant writes zero counts.
 extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* lattice, const double* src,
-                        const real* table, const uint8_t* listed, const uint8_t* mask,
+                        const real* table, const uint8_t* mask,
                         int64_t row0, int64_t nrows, int64_t col0, int64_t ncols,
-                        real* image, int64_t image_stride, int32_t* counts, uint8_t* reasons,
+                        real* image, int64_t image_stride, void* counts, uint8_t* reasons,
                         int64_t fb_stride, double* row_stats) {
     const int64_t os = ip[I_oversample], T = ip[I_T], S = ip[I_S], P = ip[I_P], M = ip[I_M];
     const int64_t fpixels = ip[I_fpixels];
@@ -477,7 +483,9 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
     const bool nc_even = ((int64_t)dp[D_N + 2] - 1) % 2 != 0;
     const real default_F = (real)dp[D_default_F];
     const double fudge = dp[D_fudge];
-    (void)fudge; (void)table; (void)listed; (void)counts; (void)reasons; (void)fb_stride;
+    (void)fudge; (void)table; (void)counts; (void)reasons; (void)fb_stride;
+    const bool count16 = ip[I_count16] != 0;
+    (void)count16;
 #if TB_TABLE
     const int64_t hmin = ip[I_bounds + 0], hmax = ip[I_bounds + 1], kmin = ip[I_bounds + 2];
     const int64_t kmax = ip[I_bounds + 3], lmin = ip[I_bounds + 4], lmax = ip[I_bounds + 5];
@@ -487,7 +495,6 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
     const double dsize = (double)((hmax - hmin + 1) * (kmax - kmin + 1) * (lmax - lmin + 1));
     const double dnh = (double)(hmax - hmin + 1);
     (void)dnh;
-    const int32_t* codes = (const int32_t*)listed;
 #endif
     const int64_t first_sub = 0, last_t = T - 1;
     (void)first_sub;
@@ -498,7 +505,7 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
     alignas(64) double acc[CB], om_first[CB], cap_last[CB], pol_first[CB];
     alignas(64) unsigned char found[CB];
 #if TB_COUNT
-    alignas(64) int32_t c1[CB], c2[CB], c3[CB];
+    alignas(64) uint32_t cnt[CB], cnt_out[CB];
 #endif
 
     for (int64_t r = 0; r < nrows; ++r) {
@@ -510,7 +517,7 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
             for (int c = 0; c < n; ++c) {
                 acc[c] = 0.0; om_first[c] = 0.0; cap_last[c] = 1.0; pol_first[c] = 0.0; found[c] = 0;
 #if TB_COUNT
-                c1[c] = 0; c2[c] = 0; c3[c] = 0;
+                cnt[c] = 0; cnt_out[c] = 0;
 #endif
             }
             int n_found = 0;
@@ -636,8 +643,9 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                                     const double didx = ((h0 - dhmin) * dnk + (k0 - dkmin)) * dnl + (l0 - dlmin);
                                     const int idx = (int)(inside ? didx : dsize);
                                     Fc = table[idx];
-#if TB_COUNT
-                                    int code = codes[idx];
+#if TB_COUNT && !TB_INTERP
+                                    cnt[c] += skipped ? 0u : (std::signbit(Fc) ? 1u : 0u);
+                                    cnt_out[c] += (skipped | inside) ? 0u : 1u;
 #endif
 #if TB_INTERP
                                     {
@@ -670,24 +678,16 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                                             val += vj * wh[i];
                                         }
                                         Fc = skipped ? Fc : (real)val;
-#if TB_COUNT
-                                        code = skipped ? code : 4;
-#endif
                                     }
 #endif
 #else
                                     Fc = default_F;
 #if TB_COUNT
-                                    const int code = 1;
+                                    cnt[c] += skipped ? 0u : 1u;
 #endif
 #endif
                                     const real I = skipped ? (real)0 : Fc * Fc * Fl * Fl;
                                     acc[c] += (double)I;
-#if TB_COUNT
-                                    c1[c] += (!skipped && code == 1);
-                                    c2[c] += (!skipped && code == 2);
-                                    c3[c] += (!skipped && code == 3);
-#endif
                                 }
                             }
                         }
@@ -704,15 +704,34 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                 const double v = (acc[c] + I_bg) * scale * cap_last[c] * pol_first[c] * om_first[c];
                 out[c] = active ? (real)v : (real)0;
                 om_blk += active ? nsub * om_first[c] : 0.0;
-#if TB_COUNT
-                const int32_t tot = c1[c] + c2[c] + c3[c];
-                const int32_t m12 = c2[c] > c1[c] ? c2[c] : c1[c];
-                const int dom = c3[c] > m12 ? 3 : (c2[c] > c1[c] ? 2 : 1);
-                counts[r * fb_stride + cb + c] = active ? tot : 0;
-                reasons[r * fb_stride + cb + c] = (uint8_t)((active && tot > 0) ? dom : 0);
-#endif
             }
             omega_row += om_blk;
+#if TB_COUNT
+            // dominant reason, ties to the lower code: 1 without a table; with one, 3 (unlisted)
+            // only when it outnumbers 2 (outside the box)
+            uint8_t* rs = reasons + r * fb_stride + cb;
+            if (count16) {
+                int16_t* cs = (int16_t*)counts + r * fb_stride + cb;
+#pragma omp simd
+                for (int c = 0; c < n; ++c) {
+                    const bool active = mrow == nullptr || mrow[c] != 0;
+                    const uint32_t tot = TB_INTERP ? 0u : cnt[c], out_n = cnt_out[c];
+                    const uint8_t dom = TB_TABLE ? (tot - out_n > out_n ? 3 : 2) : 1;
+                    cs[c] = (int16_t)(active ? tot : 0u);
+                    rs[c] = (active && tot > 0) ? dom : (uint8_t)0;
+                }
+            } else {
+                int32_t* cs = (int32_t*)counts + r * fb_stride + cb;
+#pragma omp simd
+                for (int c = 0; c < n; ++c) {
+                    const bool active = mrow == nullptr || mrow[c] != 0;
+                    const uint32_t tot = TB_INTERP ? 0u : cnt[c], out_n = cnt_out[c];
+                    const uint8_t dom = TB_TABLE ? (tot - out_n > out_n ? 3 : 2) : 1;
+                    cs[c] = (int32_t)(active ? tot : 0u);
+                    rs[c] = (active && tot > 0) ? dom : (uint8_t)0;
+                }
+            }
+#endif
         }
         // C's statistics work on the float image: values rounded to float32. Per row: count, sum and
         // sum of squares of the rendered (active) pixels, the first maximum and its column, the
@@ -865,7 +884,7 @@ def _load_variant(dtype, shape, table, count, interp):
     fn = lib.tb_render
     P = ctypes.c_void_p
     I64 = ctypes.c_int64
-    fn.argtypes = [P, P, P, P, P, P, P, I64, I64, I64, I64, P, I64, P, P, I64, P]
+    fn.argtypes = [P, P, P, P, P, P, I64, I64, I64, I64, P, I64, P, P, I64, P]
     fn.restype = ctypes.c_int
     return fn
 
@@ -935,6 +954,11 @@ def _thread_pool(n: int) -> Optional[ThreadPoolExecutor]:
             _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="torchbragg")
             _pool_size = n
         return _pool
+
+
+def fallback_count_dtype(evaluations_per_pixel: int) -> torch.dtype:
+    """dtype of fallback-map counts: int16 while a pixel's evaluations fit, else int32."""
+    return torch.int16 if evaluations_per_pixel <= torch.iinfo(torch.int16).max else torch.int32
 
 
 def fast_unsupported(kt: KernelTensors) -> Optional[str]:
@@ -1016,16 +1040,30 @@ class FastPlan:
             E = E / np.linalg.norm(E, axis=-1, keepdims=True)
             src[:, 4:7], src[:, 7:10] = B, E
         self.src = np.ascontiguousarray(src)
-        # the kernel's table has one extra entry, default_F, used for every index outside the box;
-        # ``listed`` becomes the lookup code of each entry (0 table, 3 unlisted, 2 the extra entry)
-        self.table = self.listed = None
+        # the kernel's table has one extra entry, default_F, used for every index outside the box
+        self.table = None
+        self._flagged = None
         if kt.table is not None:
             extra = torch.full((1,), kt.default_F, dtype=kt.table.dtype)
             self.table = torch.cat([kt.table.detach().cpu(), extra]).contiguous()
-            codes = torch.where(kt.listed.detach().cpu(), 0, 3).to(torch.int32)
-            self.listed = torch.cat([codes, torch.tensor([2], dtype=torch.int32)]).contiguous()
         self.mask = None if mask is None else np.ascontiguousarray(np.asarray(mask) != 0, dtype=np.uint8)
         self.evaluations_per_pixel = T * kt.oversample ** 2 * S * P * M
+        #: fallback counts are int16 while a pixel's evaluations fit, int32 beyond
+        self.count_dtype = fallback_count_dtype(self.evaluations_per_pixel)
+        i[_I_OFF["count16"]] = int(self.count_dtype == torch.int16)
+
+    def flagged_table(self) -> torch.Tensor:
+        """The table for fallback counting: magnitudes, the sign bit set on every default_F entry.
+
+        Only squared there, so the image is unchanged; the sign tells the kernel a lookup used
+        default_F (unlisted, or the extra entry outside the box) without a second gather.
+        """
+        if self._flagged is None:
+            kt = self.kt
+            flag = torch.cat([~kt.listed.detach().cpu(), torch.ones(1, dtype=torch.bool)])
+            mag = self.table.abs()
+            self._flagged = torch.where(flag, -mag, mag).contiguous()
+        return self._flagged
 
     def function(self, count: bool, interp: bool = False):
         return fast_library(self.dtype, self.kt.shape, self.table is not None, count, interp)
@@ -1035,9 +1073,9 @@ class FastPlan:
             threads: Optional[int] = None, interp: bool = False) -> np.ndarray:
         """Render rows ``row0 .. row0+nrows-1``, columns ``col0 .. col0+ncols-1``.
 
-        ``image`` (and ``counts``/``reasons`` for a fallback map) are the
-        ``[nrows, ncols]`` views to fill; rows may be strided, columns must be
-        contiguous. ``interp`` interpolates every lookup of the block (the
+        ``image`` (and ``counts``/``reasons`` for a fallback map, ``counts`` of
+        :attr:`count_dtype`) are the ``[nrows, ncols]`` views to fill; rows may
+        be strided, columns must be contiguous. ``interp`` interpolates every lookup of the block (the
         caller keeps it to rows before C's switch-off point). Returns the
         ``[nrows, 8]`` float64 row statistics (see :data:`ROW_STATS`).
         """
@@ -1045,7 +1083,7 @@ class FastPlan:
         fn = self.function(count, interp)
         if fn is None:
             raise RuntimeError("fused kernel unavailable")
-        for t, dt in ((image, self.dtype), (counts, torch.int32), (reasons, torch.uint8)):
+        for t, dt in ((image, self.dtype), (counts, self.count_dtype), (reasons, torch.uint8)):
             if t is not None and (t.dtype != dt or t.shape != (nrows, ncols) or t.stride(1) != 1
                                   or t.device.type != "cpu"):
                 raise ValueError("fused kernel output must be a row-strided CPU view of the block")
@@ -1054,18 +1092,21 @@ class FastPlan:
         stats = np.zeros((max(nrows, 1), len(ROW_STATS)), dtype=np.float64)
         ptr = lambda a: ctypes.c_void_p(a.ctypes.data if isinstance(a, np.ndarray) else a.data_ptr())  # noqa: E731
         none = ctypes.c_void_p(None)
+        table = self.table
+        if count and table is not None and not interp:
+            table = self.flagged_table()
         fixed = (ptr(self.dparams), ptr(self.iparams), ptr(self.lattice), ptr(self.src),
-                 ptr(self.table) if self.table is not None else none,
-                 ptr(self.listed) if self.listed is not None else none,
+                 ptr(table) if table is not None else none,
                  ptr(self.mask) if self.mask is not None else none)
         isz, ssz = image.element_size(), stats.strides[0]
         fb_stride = counts.stride(0) if count else 0
+        csz = counts.element_size() if count else 0
 
         def call(r_start, r_count):
             off = r_start - row0
             rc = fn(*fixed, r_start, r_count, col0, ncols,
                     ctypes.c_void_p(image.data_ptr() + off * image.stride(0) * isz), image.stride(0),
-                    ctypes.c_void_p(counts.data_ptr() + off * fb_stride * 4) if count else none,
+                    ctypes.c_void_p(counts.data_ptr() + off * fb_stride * csz) if count else none,
                     ctypes.c_void_p(reasons.data_ptr() + off * fb_stride) if count else none,
                     fb_stride, ctypes.c_void_p(stats.ctypes.data + off * ssz))
             if rc != 0:

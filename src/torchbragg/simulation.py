@@ -12,7 +12,8 @@ import torch
 from .arguments import parse_args
 from .config import SimulationConfig
 from .kernel import (LOOKUP_REASONS, ROW_STATS, FastPlan, KernelTensors, combine_row_statistics, evaluate_block,
-                     evaluation_ordinals, fast_enabled, fast_unsupported, interp_out_of_range, row_statistics)
+                     evaluation_ordinals, fallback_count_dtype, fast_enabled, fast_unsupported, interp_out_of_range,
+                     row_statistics)
 from .rotations import axis_rotation_matrix
 from .setup import R_E_SQR, ResolvedSetup, resolve
 
@@ -39,7 +40,9 @@ class FallbackMap:
     Attributes
     ----------
     counts : torch.Tensor
-        int32 [slow, fast]: evaluations of each pixel that used default_F.
+        [slow, fast]: evaluations of each pixel that used default_F; int16 while
+        ``evaluations_per_pixel`` fits (up to 32767), int32 beyond (see
+        :func:`torchbragg.kernel.fallback_count_dtype`). Sums promote to int64.
     reason : torch.Tensor
         uint8 [slow, fast]: the dominant fallback reason of each pixel
         (0 none, 1 no table, 2 outside the table, 3 unlisted in the table).
@@ -359,7 +362,8 @@ class Simulation:
         full = (r_lo, r_hi, c_lo, c_hi) == (0, ny - 1, 0, nx - 1)
         new = torch.empty if full else torch.zeros
         image = new((ny, nx), dtype=out_dtype, device=self.device)
-        counts = new((ny, nx), dtype=torch.int32, device=self.device) if fallback else None
+        counts = new((ny, nx), dtype=fallback_count_dtype(self.evaluations_per_pixel),
+                     device=self.device) if fallback else None
         reason = new((ny, nx), dtype=torch.uint8, device=self.device) if fallback else None
         segments = self._row_segments(plan, fallback, cutoff, r_lo, r_hi, nx)
         omega_sum = 0.0

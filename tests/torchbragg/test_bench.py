@@ -256,3 +256,49 @@ def test_fast_statistics_equal_the_image_statistics(tmp_path, extra, dtype):
     assert (fast.max_pixel, fast.pixels) == (ref.max_pixel, ref.pixels)
     for key in ("max_I", "max_I_fast_m", "max_I_slow_m", "mean", "rms", "rmsd"):
         assert math.isclose(getattr(fast, key), getattr(ref, key), rel_tol=1e-12), key
+
+
+# --------------------------------------------------------------------------- fallback map: counts dtype and flags
+@pytest.mark.usefixtures("needs_fast")
+def test_fallback_counts_are_int16_until_the_evaluations_do_not_fit():
+    assert kernel.fallback_count_dtype(4) == torch.int16 and kernel.fallback_count_dtype(32767) == torch.int16
+    assert kernel.fallback_count_dtype(32768) == torch.int32
+    # 182^2 = 33124 subpixels per pixel: int32 counts, fused kernel and eager kernel agree
+    args = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "100", "-N", "5", "-lambda", "1",
+            "-distance", "100", "-detpixels", "2", "-pixel", "0.1", "-oversample", "182"]
+    _, eager, eager_map = _render(args, False, fallback=True)
+    sim, fast, fast_map = _render(args, True, fallback=True)
+    assert sim.evaluations_per_pixel == 33124
+    assert fast_map.counts.dtype == eager_map.counts.dtype == torch.int32
+    assert torch.equal(fast_map.counts, eager_map.counts) and int(fast_map.counts[0, 0]) == 33124
+    assert torch.equal(fast_map.reason, eager_map.reason)
+    _, _, small = _render(TAP_SMALL, True, fallback=True)
+    assert small.counts.dtype == torch.int16
+
+
+@pytest.mark.usefixtures("needs_fast")
+@pytest.mark.parametrize("default_F", ["0", "-3", "50"])
+def test_fallback_flags_survive_signed_and_zero_structure_factors(tmp_path, default_F):
+    """The count variant marks default_F entries by the sign bit of a copy of the table: negative, zero
+    and default_F-valued listed entries must still count as listed, and the image must not change."""
+    hkl = tmp_path / "s.hkl"
+    rows = []
+    for h in range(-2, 3):
+        for k in range(-2, 3):
+            for l in range(-2, 3):
+                if (h + k + l) % 2:
+                    continue  # unlisted
+                F = [0.0, -7.5, float(default_F), 12.0][(h * 7 + k * 3 + l) % 4]
+                rows.append(f"{h} {k} {l} {F}\n")
+    hkl.write_text("".join(rows))
+    args = ["-cell", "100", "100", "100", "90", "90", "90", "-hkl", str(hkl), "-default_F", default_F, "-N", "3",
+            "-lambda", "1.0", "-distance", "100", "-detpixels", "64", "-pixel", "0.8", "-nointerpolate"]
+    _, eager, eager_map = _render(args, False, fallback=True)
+    _, fast, fast_map = _render(args, True, fallback=True)
+    _, plain, _ = _render(args, True)
+    assert torch.equal(fast, plain)  # the flagged table squares to the same image
+    scale = max(float(eager.abs().max()), 1e-30)
+    assert torch.allclose(fast, eager, rtol=1e-5, atol=1e-5 * scale)
+    assert torch.equal(fast_map.counts, eager_map.counts) and torch.equal(fast_map.reason, eager_map.reason)
+    assert set(torch.unique(fast_map.reason).tolist()) >= {2, 3}
+
