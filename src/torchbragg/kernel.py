@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 __all__ = ["KernelTensors", "BlockResult", "evaluate_block", "LOOKUP_REASONS", "LOOKUP_CODES", "FastPlan",
-           "fast_enabled", "fast_unsupported", "fast_library", "kernel_cache_dir", "fallback_count_dtype"]
+           "fast_enabled", "fast_unsupported", "fast_library", "fast_scan_function", "kernel_cache_dir",
+           "fallback_count_dtype"]
 
 #: lookup reason codes used in per-evaluation results and fallback maps
 LOOKUP_REASONS = {
@@ -374,15 +375,16 @@ def _interpolate(kt, hkl, F_cell, reason, skipped, rows, cols, fpixels, E, cutof
 # the system C++ compiler into a per-user cache folder and loaded with ctypes
 # (no torch headers, so a first compile takes about a second). Anything it
 # cannot do (curved detectors, fractional N with square crystals, the
-# -oversample_thick/polar/omega loop rules, interpolation before the C
-# switch-off point, the first pixel's phi=0 quirk) is left to the eager kernel
-# by the caller. ``TORCHBRAGG_FAST=0`` switches it off; taps always use the
-# eager kernel.
+# -oversample_thick/polar/omega loop rules, the row where interpolation
+# switches off, the first pixel's phi=0 quirk) is left to the eager kernel
+# by the caller. The interpolating variants also export ``tb_scan``, C's
+# interpolation switch-off scan (:meth:`FastPlan.scan`). ``TORCHBRAGG_FAST=0``
+# switches it off; taps always use the eager kernel.
 
 _D_FIELDS = (("fdet", 3), ("sdet", 3), ("odet", 3), ("pix0", 3), ("subpixel", 1), ("pixel", 1),
              ("close", 1), ("thickstep", 1), ("mu", 1), ("dmin", 1), ("kahn", 1), ("I_bg", 1),
              ("scale", 1), ("N", 3), ("default_F", 1), ("fudge", 1), ("a_star", 9), ("N2prod", 1),
-             ("Nprod", 1))
+             ("Nprod", 1), ("scan_eps", 1))
 _I_FIELDS = (("oversample", 1), ("T", 1), ("S", 1), ("P", 1), ("M", 1), ("fpixels", 1), ("point_pixel", 1),
              ("nopolar", 1), ("thick_on", 1), ("dmin_on", 1), ("water", 1), ("bounds", 6),
              ("count16", 1))
@@ -766,6 +768,169 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
     }
     return 0;
 }
+
+#if TB_TABLE && TB_INTERP
+static inline double min2(double a, double b) { return a < b ? a : b; }
+
+// C's interpolation switch-off scan: the first evaluation, in C's loop order, of rows row0.. and
+// columns col0..col0+ncols-1 whose 4x4x4 neighbourhood leaves the table and that is not skipped
+// (-dmin, or a zero lattice factor), among the pixels the mask renders. The geometry is the
+// render's, which can differ from the eager kernel's in the last bits, so every test keeps a margin:
+// an evaluation is certainly inside, certainly outside, certainly (not) skipped, or unsure. The
+// result is the global ordinal (row*fpixels + col)*E + e of the first evaluation that is not
+// certainly harmless, and whether it certainly leaves the table (result[1] = 1) or the caller has
+// to decide it with the eager kernel (0); result[0] = -1 when there is none. Rows are scanned in
+// order and the scan returns at the first such evaluation.
+extern "C" int tb_scan(const double* dp, const int64_t* ip, const double* lattice, const double* src,
+                       const uint8_t* mask, int64_t row0, int64_t nrows, int64_t col0, int64_t ncols,
+                       int64_t* result) {
+    const int64_t os = ip[I_oversample], T = ip[I_T], S = ip[I_S], P = ip[I_P], M = ip[I_M];
+    const int64_t fpixels = ip[I_fpixels];
+    const bool dmin_on = ip[I_dmin_on] != 0, water = ip[I_water] != 0;
+    const double sub = dp[D_subpixel];
+    const double fx = dp[D_fdet + 0], fy = dp[D_fdet + 1], fz = dp[D_fdet + 2];
+    const double sx_ = dp[D_sdet + 0], sy_ = dp[D_sdet + 1], sz_ = dp[D_sdet + 2];
+    const double ox = dp[D_odet + 0], oy = dp[D_odet + 1], oz = dp[D_odet + 2];
+    const double p0x = dp[D_pix0 + 0], p0y = dp[D_pix0 + 1], p0z = dp[D_pix0 + 2];
+    const double thickstep = dp[D_thickstep], dmin = dp[D_dmin], fudge = dp[D_fudge];
+    const double na = dp[D_N + 0], nb = dp[D_N + 1], nc = dp[D_N + 2];
+    const double Nprod = dp[D_Nprod], N2prod = dp[D_N2prod], eps = dp[D_scan_eps];
+    const double* A = dp + D_a_star;
+    const double hmin = (double)ip[I_bounds + 0], hmax = (double)ip[I_bounds + 1];
+    const double kmin = (double)ip[I_bounds + 2], kmax = (double)ip[I_bounds + 3];
+    const double lmin = (double)ip[I_bounds + 4], lmax = (double)ip[I_bounds + 5];
+    const double hr = hmax - hmin + 1.0, kr = kmax - kmin + 1.0, lr = lmax - lmin + 1.0;
+    const int64_t PM = P * M, E = T * os * os * S * PM;
+    const int64_t NONE = INT64_MAX;
+    // a lattice factor that is certainly zero / certainly not zero (square crystals: never zero)
+    const int shape = TB_SHAPE;
+    const bool fl_matters = !water && shape != 0;
+    const bool n_zero = Nprod == 0.0;
+    // gauss: Nprod * exp(-z) is zero in the render precision below log(smallest subnormal / 2)
+    const double ln_tiny = (TB_DOUBLE ? -744.4400719213812 : -103.27892990343184) - 0.6931471805599453;
+    const double ln_n = n_zero ? -INFINITY : std::fmin(0.0, std::log(std::fabs(Nprod)));
+    (void)na; (void)nb; (void)nc; (void)A; (void)N2prod; (void)fudge; (void)ln_tiny; (void)ln_n;
+
+    alignas(64) double dx[CB], dy[CB], dz[CB], qx[CB], qy[CB], qz[CB];
+    alignas(64) double dskip[CB];  // -dmin: 1 certainly skipped, 0 certainly not, 0.5 unsure
+    alignas(64) int64_t first_e[CB], first_sure[CB];  // 64-bit lanes like the doubles: one vector width
+    result[0] = -1;
+    result[1] = 0;
+    for (int64_t r = 0; r < nrows; ++r) {
+        const int64_t row = row0 + r;
+        for (int64_t cb = 0; cb < ncols; cb += CB) {
+            const int n = (int)((ncols - cb) < CB ? (ncols - cb) : CB);
+            const int64_t cstart = col0 + cb;
+            for (int c = 0; c < n; ++c) { first_e[c] = NONE; first_sure[c] = 0; }
+            int64_t e = 0;
+            for (int64_t t = 0; t < T; ++t) {
+                const double toff = (double)t * thickstep;
+                for (int64_t ss = 0; ss < os; ++ss) {
+                    const double Sdet = ((double)(row * os) + ((double)ss + 0.5)) * sub;
+                    const double bx = Sdet * sx_, by = Sdet * sy_, bz = Sdet * sz_;
+                    for (int64_t sf = 0; sf < os; ++sf) {
+                        const double fo = (double)sf + 0.5;
+#pragma omp simd
+                        for (int c = 0; c < n; ++c) {
+                            const double Fdet = ((double)((cstart + c) * os) + fo) * sub;
+                            const double px = Fdet * fx + bx + toff * ox + p0x;
+                            const double py = Fdet * fy + by + toff * oy + p0y;
+                            const double pz = Fdet * fz + bz + toff * oz + p0z;
+                            const double inv = 1.0 / std::sqrt(px * px + py * py + pz * pz);
+                            dx[c] = px * inv; dy[c] = py * inv; dz[c] = pz * inv;
+                        }
+                        for (int64_t s = 0; s < S; ++s) {
+                            const double* sp = src + 10 * s;
+                            const double ix = sp[0], iy = sp[1], iz = sp[2], il = sp[3];
+#pragma omp simd
+                            for (int c = 0; c < n; ++c) {
+                                const double X = (dx[c] - ix) * il, Y = (dy[c] - iy) * il, Z = (dz[c] - iz) * il;
+                                qx[c] = X; qy[c] = Y; qz[c] = Z;
+                                double sk = 0.0;
+                                if (dmin_on) {
+                                    const double stol = 0.5 * std::sqrt(X * X + Y * Y + Z * Z);
+                                    const double lim = 0.5 / (stol > 0.0 ? stol : 1.0);
+                                    const bool yes = (stol > 0.0) && (dmin > lim * (1.0 + 1e-9));
+                                    const bool no = !(stol > 0.0) || (dmin < lim * (1.0 - 1e-9));
+                                    sk = yes ? 1.0 : (no ? 0.0 : 0.5);
+                                }
+                                dskip[c] = sk;
+                            }
+                            for (int64_t pm = 0; pm < PM; ++pm, ++e) {
+                                const double* L = lattice + 9 * pm;
+                                const double a0 = L[0], a1 = L[1], a2 = L[2];
+                                const double b0 = L[3], b1 = L[4], b2 = L[5];
+                                const double e0 = L[6], e1 = L[7], e2 = L[8];
+#pragma omp simd
+                                for (int c = 0; c < n; ++c) {
+                                    const double X = qx[c], Y = qy[c], Z = qz[c];
+                                    const double h = X * a0 + Y * a1 + Z * a2;
+                                    const double k = X * b0 + Y * b1 + Z * b2;
+                                    const double l = X * e0 + Y * e1 + Z * e2;
+                                    // C: (h-hmin+3) > h_range || h-2 < hmin (and k, l): out where a gap is < 0
+                                    // (NaN indices are caught below; a plain min keeps the loop vectorised)
+                                    const double g = min2(min2(min2((h - 2.0) - hmin, hr - (h - hmin + 3.0)),
+                                                               min2((k - 2.0) - kmin, kr - (k - kmin + 3.0))),
+                                                          min2((l - 2.0) - lmin, lr - (l - lmin + 3.0)));
+                                    const bool nan = (h != h) | (k != k) | (l != l);
+                                    const bool in_sure = !nan & (g > eps);
+                                    const bool out_sure = !nan & (g < -eps);
+                                    bool fl_zero = n_zero, fl_nonzero = !n_zero;
+#if TB_SHAPE == 1
+                                    {
+                                        const double fh = h - std::ceil(h - 0.5), fk = k - std::ceil(k - 0.5);
+                                        const double fl = l - std::ceil(l - 0.5);
+                                        const double hrad = fh * fh * na * na + fk * fk * nb * nb + fl * fl * nc * nc;
+                                        const double x = 3.14159265358979323846 * std::sqrt(hrad * fudge);
+                                        const double xs = x == 0.0 ? 1.0 : x;
+                                        const double f = std::sin(xs) / xs - std::cos(xs);
+                                        fl_zero = n_zero;
+                                        fl_nonzero = !n_zero & ((x == 0.0) | (std::fabs(f) > 1e-4 * (1.0 + x)));
+                                    }
+#elif TB_SHAPE >= 2
+                                    {
+                                        const double dh = h - std::ceil(h - 0.5), dk = k - std::ceil(k - 0.5);
+                                        const double dl = l - std::ceil(l - 0.5);
+                                        const double u = dh * A[0] + dk * A[3] + dl * A[6];
+                                        const double v = dh * A[1] + dk * A[4] + dl * A[7];
+                                        const double w = dh * A[2] + dk * A[5] + dl * A[8];
+                                        const double rad = (u * u + v * v + w * w) * N2prod;
+#if TB_SHAPE == 2
+                                        const double lg = -(rad / 0.63 * fudge) + ln_n;
+                                        fl_zero = lg < ln_tiny - 2.0;
+                                        fl_nonzero = lg > ln_tiny + 2.0;
+#else
+                                        const double vr = rad * fudge;
+                                        fl_zero = n_zero | (vr > 0.3969 * (1.0 + 1e-5));
+                                        fl_nonzero = !n_zero & (vr < 0.3969 * (1.0 - 1e-5));
+#endif
+                                    }
+#endif
+                                    const bool skip_sure = (dskip[c] == 1.0) | (fl_matters & fl_zero);
+                                    const bool noskip_sure = (dskip[c] == 0.0) & (!fl_matters | fl_nonzero);
+                                    const bool flag = !(in_sure | skip_sure);
+                                    const bool take = flag & (first_e[c] == NONE);
+                                    first_sure[c] = take ? (int64_t)(out_sure & noskip_sure) : first_sure[c];
+                                    first_e[c] = take ? e : first_e[c];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            const uint8_t* mrow = mask != nullptr ? mask + row * fpixels + cstart : nullptr;
+            for (int c = 0; c < n; ++c) {
+                if (first_e[c] != NONE && (mrow == nullptr || mrow[c] != 0)) {
+                    result[0] = (row * fpixels + cstart + c) * E + first_e[c];
+                    result[1] = first_sure[c];
+                    return 0;
+                }
+            }
+        }
+    }
+    return 0;
+}
+#endif
 """
 
 _SHAPE_CODES = {"square": 0, "round": 1, "gauss": 2, "tophat": 3}
@@ -773,6 +938,7 @@ _CXX_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-
               "-std=c++17", "-shared", "-fPIC"]
 _fast_libs: Dict[tuple, object] = {}
 _fast_errors: Dict[tuple, str] = {}
+_fast_scans: Dict[tuple, object] = {}
 _pool_lock = threading.Lock()
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
@@ -839,6 +1005,14 @@ def fast_library(dtype: torch.dtype, shape: str, table: bool, count: bool, inter
     return fn
 
 
+def fast_scan_function(dtype: torch.dtype, shape: str):
+    """The compiled interpolation switch-off scan (:meth:`FastPlan.scan`), or None."""
+    key = (dtype, shape, True, False, True)
+    if fast_library(*key) is None:
+        return None
+    return _fast_scans.get(key)
+
+
 def fast_kernel_error(dtype: torch.dtype, shape: str, table: bool, count: bool, interp: bool = False) -> Optional[str]:
     return _fast_errors.get((dtype, shape, bool(table), bool(count), bool(interp and table)))
 
@@ -886,6 +1060,11 @@ def _load_variant(dtype, shape, table, count, interp):
     I64 = ctypes.c_int64
     fn.argtypes = [P, P, P, P, P, P, I64, I64, I64, I64, P, I64, P, P, I64, P]
     fn.restype = ctypes.c_int
+    if interp:  # the interpolating variants also hold C's switch-off scan
+        scan = lib.tb_scan
+        scan.argtypes = [P, P, P, P, P, I64, I64, I64, I64, P]
+        scan.restype = ctypes.c_int
+        _fast_scans[(dtype, shape, table, count, interp)] = scan
     return fn
 
 
@@ -1013,6 +1192,11 @@ class FastPlan:
         d[_D_OFF["a_star"]:_D_OFF["a_star"] + 9] = g(kt.a_star).reshape(-1)
         d[_D_OFF["N2prod"]] = Na * Na * Nb * Nb * Nc * Nc
         d[_D_OFF["Nprod"]] = Na * Nb * Nc
+        # the switch-off scan's margin on h, k, l: far above the rounding of a·q (terms up to
+        # 2|a|/lambda) however the eager kernel orders its sums
+        lat_abs = float(np.abs(g(kt.lattice)).sum(-1).max()) if kt.lattice.numel() else 0.0
+        bound_abs = max((abs(b) for b in kt.bounds), default=0) if kt.bounds is not None else 0
+        d[_D_OFF["scan_eps"]] = 1e-8 + 1e-12 * (2.0 * float(g(kt.inv_lambda).max()) * lat_abs + bound_abs)
         T = kt.thick_offsets.numel()
         S = kt.incident.shape[0]
         P, M = kt.lattice.shape[0], kt.lattice.shape[1]
@@ -1067,6 +1251,61 @@ class FastPlan:
 
     def function(self, count: bool, interp: bool = False):
         return fast_library(self.dtype, self.kt.shape, self.table is not None, count, interp)
+
+    def scan_function(self):
+        """The compiled switch-off scan for this set-up, or None (no table, no compiler)."""
+        if self.table is None:
+            return None
+        return fast_scan_function(self.dtype, self.kt.shape)
+
+    def scan(self, row0: int, nrows: int, col0: int, ncols: int,
+             threads: Optional[int] = None) -> Optional[tuple]:
+        """C's interpolation switch-off scan over rows ``row0 ..`` and columns ``col0 ..``.
+
+        Returns None when no evaluation there (masked pixels left out) can leave the table, else
+        ``(ordinal, certain)``: the global loop-order ordinal of the first evaluation that is not
+        certainly harmless, and whether it certainly leaves the table unskipped (``False``: it lies
+        within rounding of C's bounds or skip tests, and the eager kernel has to decide it). The
+        first pixel's phi=0 quirk is not applied: the caller checks that pixel eagerly. Row slices
+        run on a thread pool in order; slices after a row with a hit are not scanned.
+        """
+        fn = self.scan_function()
+        if fn is None:
+            raise RuntimeError("fused scan unavailable")
+        if nrows <= 0 or ncols <= 0:
+            return None
+        ptr = lambda a: ctypes.c_void_p(a.ctypes.data)  # noqa: E731
+        fixed = (ptr(self.dparams), ptr(self.iparams), ptr(self.lattice), ptr(self.src),
+                 ptr(self.mask) if self.mask is not None else ctypes.c_void_p(None))
+        E = self.evaluations_per_pixel
+        lock = threading.Lock()
+        hits = []  # (ordinal, certain)
+        first_hit_row = [row0 + nrows]
+
+        def call(r_start, r_count):
+            with lock:
+                if r_start > first_hit_row[0]:
+                    return  # a hit in an earlier row comes first in C's order
+            out = np.zeros(2, dtype=np.int64)
+            rc = fn(*fixed, r_start, r_count, col0, ncols, ctypes.c_void_p(out.ctypes.data))
+            if rc != 0:
+                raise RuntimeError(f"fused scan failed ({rc})")
+            if out[0] >= 0:
+                with lock:
+                    hits.append((int(out[0]), bool(out[1])))
+                    first_hit_row[0] = min(first_hit_row[0], int(out[0]) // E // self.fpixels)
+
+        n = max(1, min(int(threads or torch.get_num_threads()), nrows))
+        pool = _thread_pool(n)
+        if pool is None:
+            call(row0, nrows)
+        else:
+            # small slices, in order: an early hit stops the scan soon after it
+            step = max(1, min(-(-nrows // (4 * n)), -(-(1 << 20) // max(1, ncols * E))))
+            futures = [pool.submit(call, r, min(step, row0 + nrows - r)) for r in range(row0, row0 + nrows, step)]
+            for f in futures:
+                f.result()
+        return min(hits) if hits else None
 
     def run(self, row0: int, nrows: int, col0: int, ncols: int, image: torch.Tensor,
             counts: Optional[torch.Tensor] = None, reasons: Optional[torch.Tensor] = None,

@@ -302,3 +302,128 @@ def test_fallback_flags_survive_signed_and_zero_structure_factors(tmp_path, defa
     assert torch.equal(fast_map.counts, eager_map.counts) and torch.equal(fast_map.reason, eager_map.reason)
     assert set(torch.unique(fast_map.reason).tolist()) >= {2, 3}
 
+
+# --------------------------------------------------------------------------- interpolation switch-off scan
+def _interp_tables(tmp_path):
+    def F(h, k, l):
+        return 20.0 + h + 2.0 * k + 0.5 * l * l + 0.25 * h * k
+
+    for name, kmin, kmax in (("k_short.hkl", -4, 7), ("k_wide.hkl", -9, 9)):
+        (tmp_path / name).write_text("".join(f"{h} {k} {l} {F(h, k, l):.10g}\n" for h in range(-9, 10)
+                                             for k in range(kmin, kmax + 1) for l in range(-12, 13)))
+    (tmp_path / "t.hkl").write_text("".join(f"{h} {k} {l} {10 + h + 2 * k + 3 * l}\n" for h in range(-2, 3)
+                                            for k in range(-2, 3) for l in range(-2, 3) if (h + k + l) % 2 == 0))
+
+
+SCAN_BASE = ["-cell", "20", "20", "20", "90", "90", "90", "-default_F", "5", "-N", "2", "-lambda", "1",
+             "-distance", "50", "-detpixels_f", "96", "-detpixels_s", "48", "-pixel", "0.5", "-interpolate",
+             "-oversample", "2"]
+SCAN_EXTRAS = {
+    "plain": [],
+    "mosaic_phi": ["-mosaic", "0.5", "-mosaic_dom", "3", "-phi", "0", "-osc", "2", "-phisteps", "3", "-seed", "1",
+                   "-mosaic_seed", "7"],
+    "phi_first": ["-phi", "0", "-osc", "10", "-phisteps", "2"],
+    "roi": ["-roi", "5", "90", "20", "45"],
+    "mask": ["-mask", "mask.smv"],
+    "dmin": ["-dmin", "4"],
+    "tophat": ["-tophat_spots", "-N", "5"],
+    "gauss": ["-gauss_xtal", "-N", "8", "-fudge", "30"],
+    "round": ["-round_xtal", "-N", "5"],
+    "thick_dispersion": ["-detector_abs", "500", "-detector_thick", "100", "-detector_thicksteps", "2",
+                         "-dispersion", "5", "-dispsteps", "2"],
+    "oversample_omega": ["-oversample_omega"],  # an eager render, a fused scan
+}
+
+
+@pytest.fixture
+def scan_folder(tmp_path):
+    import numpy as np
+
+    from torchbragg.smv import write_smv
+
+    _interp_tables(tmp_path)
+    mask = np.ones((48, 96), np.uint16)
+    mask[30:40, 5:60] = 0
+    mask[35, :] = 0
+    mask[0, 0] = 0
+    write_smv(tmp_path / "mask.smv", mask, {})
+    return tmp_path
+
+
+@pytest.mark.usefixtures("needs_fast")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("table", ["t.hkl", "k_short.hkl", "k_wide.hkl"], ids=["first_pixel", "mid_image", "never"])
+@pytest.mark.parametrize("extra", list(SCAN_EXTRAS), ids=list(SCAN_EXTRAS))
+def test_fused_switch_off_scan_equals_the_eager_scan(scan_folder, table, extra, dtype):
+    args = SCAN_BASE + ["-hkl", table] + SCAN_EXTRAS[extra]
+
+    def fresh():
+        return torchbragg.Simulation.from_args(args, dtype=dtype, cwd=scan_folder)
+
+    sim = fresh()
+    ny, nx = sim.shape
+    eager = sim._scan_cutoff_eager(0, ny)
+    plan = sim._scan_plan()
+    assert plan is not None
+    assert sim._scan_cutoff_fast(plan, 0, ny) == eager
+    # the proof never claims "never" where the scan switches off; the wide table is proved
+    proof = sim._table_holds_every_neighbourhood()
+    assert not proof or eager is None
+    if table == "k_wide.hkl":
+        assert eager is None and proof
+    elif table == "k_short.hkl" and extra in ("plain", "dmin", "round", "oversample_omega"):
+        E = sim.evaluations_per_pixel
+        assert 30 <= eager // E // nx <= 40  # mid-image
+    # the public entry point: every path gives the eager ordinal
+    assert fresh().interpolation_cutoff() == eager
+    # until_row: a scan up to a row, then the rest, as taps and renders ask
+    for row in (0, 20, 35, 47):
+        part = fresh()
+        upto = part.interpolation_cutoff(until_row=row)
+        expect = sim._scan_cutoff_eager(0, row + 1)
+        assert upto == expect, row
+        assert part.interpolation_cutoff() == eager, row
+    # evaluations within rounding of C's tests go to the eager kernel: a wide margin makes many of them
+    unsure = fresh()
+    p = unsure._scan_plan()
+    p.dparams[kernel._D_OFF["scan_eps"]] = 0.3
+    assert unsure._scan_cutoff_fast(p, 0, ny) == eager
+
+
+@pytest.mark.usefixtures("needs_fast")
+def test_switch_off_scan_uses_the_proof_then_the_fused_scan(scan_folder, monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("eager scan used")
+
+    wide = torchbragg.Simulation.from_args(SCAN_BASE + ["-hkl", "k_wide.hkl"], cwd=scan_folder)
+    monkeypatch.setattr(kernel.FastPlan, "scan", boom)
+    monkeypatch.setattr(torchbragg.Simulation, "_scan_cutoff_eager", boom)
+    assert wide.interpolation_cutoff() is None  # proved: no scan at all
+    monkeypatch.undo()
+    short = torchbragg.Simulation.from_args(SCAN_BASE + ["-hkl", "k_short.hkl"], cwd=scan_folder)
+    expect = short._scan_cutoff_eager(0, 48)
+    monkeypatch.setattr(torchbragg.Simulation, "_scan_cutoff_eager", boom)
+    assert short.interpolation_cutoff() == expect
+    monkeypatch.undo()
+    # without the fused kernel the eager scan runs
+    eager = torchbragg.Simulation.from_args(SCAN_BASE + ["-hkl", "k_short.hkl"], cwd=scan_folder)
+    eager.use_fast_kernel = False
+    assert eager._scan_plan() is None and eager.interpolation_cutoff() == expect
+
+
+@pytest.mark.usefixtures("needs_fast")
+def test_switch_off_scan_threads_and_slices(scan_folder):
+    """Any thread count gives the first hit in C's order, however the rows are sliced."""
+    args = SCAN_BASE + ["-hkl", "k_short.hkl", "-mosaic", "0.5", "-mosaic_dom", "3", "-seed", "1"]
+    sim = torchbragg.Simulation.from_args(args, cwd=scan_folder)
+    expect = sim._scan_cutoff_eager(0, 48)
+    plan = sim._scan_plan()
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3, 7):
+            torch.set_num_threads(threads)
+            assert sim._scan_cutoff_fast(plan, 0, 48) == expect, threads
+            hit = plan.scan(0, 48, 0, 96, threads=threads)
+            assert hit is not None and hit[0] == expect and hit[1]
+    finally:
+        torch.set_num_threads(old)
