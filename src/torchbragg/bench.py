@@ -14,7 +14,13 @@ process so that nothing is already loaded or compiled:
     median), nanoseconds per subpixel evaluation (wall and CPU), and one tap's
     latency (``sim.tap(2048, 2048)``, or the centre pixel of smaller images;
     before :mod:`torchbragg.taps` existed, an eager ``sim.evaluate(...,
-    detail=True)`` of that pixel, named in ``tap_method``);
+    detail=True)`` of that pixel, named in ``tap_method``); for an
+    interpolating set-up, the time C's interpolation switch-off scan takes
+    before the first render (``cutoff_scan_s``);
+``fallback``
+    in the same process, after those: warm ``render_with_fallback()`` calls
+    (the default_F fallback map) interleaved with plain warm renders, and
+    ``fallback_over_render``, the ratio of their minima (the issue allows 1.10);
 
 and the peak resident memory of every process (``wait4`` on the child). With
 ``--c-binary PATH`` the C program runs on the same arguments in the same
@@ -27,7 +33,7 @@ process where that console script exists (skipped otherwise).
 Examples
 --------
 ``torchbragg bench --configs tap512 --repeats 2``
-``torchbragg bench --configs tap4096,defaultF4096 --out reports/benchmarks``
+``torchbragg bench --configs tap4096,defaultF4096,interp4096 --out reports/benchmarks``
 ``torchbragg bench --configs tap4096 --dtype float32 --c-binary ~/bin/nanoBragg``
 
 ``--out DIR`` writes ``DIR/<UTC stamp>/bench.json`` (never overwriting);
@@ -41,6 +47,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -51,7 +58,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-__all__ = ["CONFIGS", "main", "run_bench", "SCHEMA"]
+__all__ = ["CONFIGS", "main", "run_bench", "SCHEMA", "prepare_files", "write_wide_table"]
 
 SCHEMA = "torchbragg-bench/1"
 
@@ -60,15 +67,50 @@ _TAP = ["-cell", "100", "100", "100", "90", "90", "90", "-N", "5", "-default_F",
 _DEFAULT_F = ["-default_F", "100", "-cell", "100", "100", "100", "90", "90", "90", "-lambda", "6.2",
               "-distance", "100"]
 
+#: a small crystal (N = 2: C interpolates automatically) with a table wide enough that no lookup's
+#: 4x4x4 neighbourhood leaves it, so interpolation never switches off; ``interp_wide<n>.hkl`` is
+#: written into the run's folder (h, k, l in -n..n) by :func:`prepare_files`
+_INTERP = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "50", "-N", "2", "-lambda", "0.5",
+           "-distance", "500", "-pixel", "0.05"]
+
 #: named configurations: nanoBragg arguments
 CONFIGS: Dict[str, List[str]] = {
     "tap4096": _TAP + ["-detpixels", "4096"],
     "defaultF4096": _DEFAULT_F + ["-detpixels", "4096"],
+    # |h| <= 56.2 at the corners of 4096 x 0.05 mm at 500 mm, 0.5 Å: -60..60 keeps every neighbourhood
+    "interp4096": _INTERP + ["-hkl", "interp_wide60.hkl", "-detpixels", "4096"],
     "tap1024": _TAP + ["-detpixels", "1024"],
     "tap512": _TAP + ["-detpixels", "512"],
     "defaultF512": _DEFAULT_F + ["-detpixels", "512"],
     "tap128": _TAP + ["-detpixels", "128"],
+    "interp128": _INTERP + ["-hkl", "interp_wide6.hkl", "-detpixels", "128"],
 }
+
+_WIDE_TABLE = re.compile(r"^interp_wide(\d+)\.hkl$")
+
+
+def write_wide_table(path, n: int) -> Path:
+    """A smooth structure-factor table with every h, k, l in -n..n (about 1.2 s for n = 60)."""
+    import numpy as np
+
+    r = np.arange(-n, n + 1)
+    h, k, l = (x.ravel() for x in np.meshgrid(r, r, r, indexing="ij"))
+    F = 100.0 + 0.5 * h - 0.25 * k + 0.125 * l
+    path = Path(path)
+    with open(path, "w") as fh:
+        fh.write("\n".join(f"{a} {b} {c} {f:g}" for a, b, c, f in zip(h.tolist(), k.tolist(), l.tolist(), F.tolist())))
+        fh.write("\n")
+    return path
+
+
+def prepare_files(args: Sequence[str], folder) -> List[Path]:
+    """Write the generated input files a configuration names (``interp_wide<n>.hkl``) into ``folder``."""
+    made = []
+    for a in args:
+        m = _WIDE_TABLE.match(str(a))
+        if m and not (Path(folder) / a).exists():
+            made.append(write_wide_table(Path(folder) / a, int(m.group(1))))
+    return made
 
 #: what the issue quotes for this machine kind (C program, single thread; a compiled PyTorch port)
 REFERENCE_FIGURES = {
@@ -106,6 +148,10 @@ def _child(spec_json: str) -> int:
     sim = torchbragg.Simulation.from_args(spec["args"], device=device, dtype=dtype)
     out["setup_s"] = time.perf_counter() - t0
     plan = sim._fast_plan() if hasattr(sim, "_fast_plan") else None
+    if getattr(sim.setup, "interpolate", False):  # C's switch-off scan (part of the first render otherwise)
+        t0 = time.perf_counter()
+        out["cutoff"] = sim.interpolation_cutoff()
+        out["cutoff_scan_s"] = time.perf_counter() - t0
     c0, t0 = time.process_time(), time.perf_counter()
     image = sim.render()
     sync()
@@ -157,6 +203,29 @@ def _child(spec_json: str) -> int:
     except Exception as err:  # a tap failing must not lose the render figures
         out["tap_error"] = f"{type(err).__name__}: {err}"
     out["peak_rss_self_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    del image
+    if hasattr(sim, "render_with_fallback"):
+        # the fallback map's cost: warm render_with_fallback() against plain warm renders interleaved
+        # with it (the same load on both), ratio of the minima
+        fmap = sim.render_with_fallback()  # the count variant's first use (a compile, the first time)
+        del fmap
+        fb, plain = [], []
+        for _ in range(max(3, int(spec["repeats"]))):
+            t0 = time.perf_counter()
+            image = sim.render()
+            sync()
+            plain.append(time.perf_counter() - t0)
+            del image
+            t0 = time.perf_counter()
+            fmap = sim.render_with_fallback()
+            sync()
+            fb.append(time.perf_counter() - t0)
+            del fmap
+        out["fallback_warm_s"] = fb
+        out["fallback_render_warm_s"] = plain
+        out["fallback_warm_min_s"] = min(fb)
+        out["fallback_over_render"] = min(fb) / min(plain)
+        out["peak_rss_with_fallback_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     out["kernel_cache_dir"] = str(kernel.kernel_cache_dir())
     print(_MARK + json.dumps(out), flush=True)
     return 0
@@ -216,6 +285,7 @@ def _measure_config(name: str, args: List[str], dtype: str, opts) -> dict:
     if opts.threads:
         base_env.update(OMP_NUM_THREADS=opts.threads, MKL_NUM_THREADS=opts.threads)
     with tempfile.TemporaryDirectory(prefix="torchbragg-bench-") as work:
+        prepare_files(args, work)  # generated inputs (wide HKL tables), named relative to the run's folder
         cli = _cli_command(args, dtype, opts.device)
         if opts.write_image:
             cli += ["-floatfile", os.path.join(work, "float.bin")]
@@ -378,6 +448,14 @@ def format_table(doc: dict) -> str:
                 lines.append(f"    render process failed: {rr['process']['error'].splitlines()[-1]}")
             if not rr.get("fast_kernel", True):
                 lines.append("    (eager kernel: fused kernel off or unavailable)")
+            if "cutoff_scan_s" in rr:
+                cut = rr.get("cutoff")
+                lines.append(f"    interpolation switch-off scan: {_fmt(rr['cutoff_scan_s'])}"
+                             f" ({'never switches off' if cut is None else f'switches off at evaluation {cut}'})")
+            if "fallback_over_render" in rr:
+                lines.append(f"    fallback map: render_with_fallback {_fmt(rr['fallback_warm_min_s'])} vs render "
+                             f"{_fmt(min(rr['fallback_render_warm_s']))} warm, "
+                             f"{100 * (rr['fallback_over_render'] - 1):+.1f}%")
         if "float64_over_float32" in entry:
             lines.append(f"    float64 / float32 warm render: {entry['float64_over_float32']:.2f}x")
         c = entry.get("c")

@@ -427,3 +427,36 @@ def test_switch_off_scan_threads_and_slices(scan_folder):
             assert hit is not None and hit[0] == expect and hit[1]
     finally:
         torch.set_num_threads(old)
+
+def test_wide_table_config_files(tmp_path):
+    made = bench.prepare_files(bench.CONFIGS["interp128"], tmp_path)
+    assert [p.name for p in made] == ["interp_wide6.hkl"]
+    lines = made[0].read_text().splitlines()
+    assert len(lines) == 13 ** 3 and lines[0].split()[:3] == ["-6", "-6", "-6"]
+    assert bench.prepare_files(bench.CONFIGS["interp128"], tmp_path) == []  # already there
+    assert "interp_wide60.hkl" in bench.CONFIGS["interp4096"]
+    sim = torchbragg.Simulation.from_args(bench.CONFIGS["interp128"], cwd=tmp_path)
+    assert sim.setup.interpolate and sim._table_holds_every_neighbourhood()
+
+
+@pytest.mark.usefixtures("needs_fast")
+def test_bench_child_measures_the_fallback_map(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = bench.CONFIGS["interp128"]
+    bench.prepare_files(args, tmp_path)
+    import time
+
+    spec = {"args": args, "dtype": "float32", "device": "cpu", "repeats": 1, "threads": None,
+            "spawn_time": time.time()}
+    assert bench._child(json.dumps(spec)) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith(bench._MARK)][-1]
+    r = json.loads(line[len(bench._MARK):])
+    assert r["cutoff"] is None and r["cutoff_scan_s"] >= 0
+    assert len(r["fallback_warm_s"]) == 3 and len(r["fallback_render_warm_s"]) == 3
+    assert r["fallback_over_render"] == pytest.approx(r["fallback_warm_min_s"] / min(r["fallback_render_warm_s"]))
+    doc = {"torchbragg": "0", "host": {"cpu": "x", "cpu_count": 2, "torch": "t", "torch_threads": 2},
+           "options": {"device": "cpu"},
+           "configs": {"interp128": {"runs": {"float32": {"cli_cold": {"wall_s": 1.0, "returncode": 0},
+                                                          "render": r}}}}}
+    text = bench.format_table(doc)
+    assert "fallback map: render_with_fallback" in text and "never switches off" in text
