@@ -456,11 +456,13 @@ def test_bench_child_measures_the_fallback_map(tmp_path, capsys, monkeypatch):
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith(bench._MARK)][-1]
     r = json.loads(line[len(bench._MARK):])
     assert r["cutoff"] is None and r["cutoff_scan_s"] >= 0
-    assert len(r["fallback_warm_s"]) == 3 and len(r["fallback_render_warm_s"]) == 3
+    assert len(r["fallback_warm_s"]) == 5 and len(r["fallback_render_warm_s"]) == 5
     assert r["fallback_over_render"] == pytest.approx(r["fallback_warm_min_s"] / min(r["fallback_render_warm_s"]))
+    assert r["fallback_over_render_pairs_median"] > 0
     doc = {"torchbragg": "0", "host": {"cpu": "x", "cpu_count": 2, "torch": "t", "torch_threads": 2},
            "options": {"device": "cpu"},
            "configs": {"interp128": {"runs": {"float32": {"cli_cold": {"wall_s": 1.0, "returncode": 0},
                                                           "render": r}}}}}
     text = bench.format_table(doc)
     assert "fallback map: render_with_fallback" in text and "never switches off" in text
+    assert "median of back-to-back pairs" in text
