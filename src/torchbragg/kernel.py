@@ -387,7 +387,7 @@ _D_FIELDS = (("fdet", 3), ("sdet", 3), ("odet", 3), ("pix0", 3), ("subpixel", 1)
              ("Nprod", 1), ("scan_eps", 1))
 _I_FIELDS = (("oversample", 1), ("T", 1), ("S", 1), ("P", 1), ("M", 1), ("fpixels", 1), ("point_pixel", 1),
              ("nopolar", 1), ("thick_on", 1), ("dmin_on", 1), ("water", 1), ("bounds", 6),
-             ("count16", 1))
+             ("count_bytes", 1))
 
 
 def _field_offsets(fields):
@@ -458,6 +458,24 @@ static inline real sincg(real f, double h0, real n, bool n_even) {
     return (n_even && odd) ? -v : v;
 }
 
+#if TB_COUNT
+// one block's fallback counts (int8, int16 or int32: the smallest that holds a pixel's evaluations)
+// and dominant reasons, ties to the lower code: 1 without a table; with one, 3 (unlisted) only when
+// it outnumbers 2 (outside the box)
+template <typename C>
+static inline void store_counts(C* cs, uint8_t* rs, const uint8_t* mrow, const uint32_t* cnt,
+                                const uint32_t* cnt_out, int n) {
+#pragma omp simd
+    for (int c = 0; c < n; ++c) {
+        const bool active = mrow == nullptr || mrow[c] != 0;
+        const uint32_t tot = TB_INTERP ? 0u : cnt[c], out_n = cnt_out[c];
+        const uint8_t dom = TB_TABLE ? (tot - out_n > out_n ? 3 : 2) : 1;
+        cs[c] = (C)(active ? tot : 0u);
+        rs[c] = (active && tot > 0) ? dom : (uint8_t)0;
+    }
+}
+#endif
+
 // Fallback counting (TB_COUNT): with a table, ``table`` is the flagged copy whose sign bit marks the
 // entries that are default_F (unlisted ones and the extra last entry used outside the box; the values
 // are only ever squared here), so counting needs no second gather: two 32-bit counters per pixel, the
@@ -486,8 +504,8 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
     const real default_F = (real)dp[D_default_F];
     const double fudge = dp[D_fudge];
     (void)fudge; (void)table; (void)counts; (void)reasons; (void)fb_stride;
-    const bool count16 = ip[I_count16] != 0;
-    (void)count16;
+    const int64_t count_bytes = ip[I_count_bytes];
+    (void)count_bytes;
 #if TB_TABLE
     const int64_t hmin = ip[I_bounds + 0], hmax = ip[I_bounds + 1], kmin = ip[I_bounds + 2];
     const int64_t kmax = ip[I_bounds + 3], lmin = ip[I_bounds + 4], lmax = ip[I_bounds + 5];
@@ -709,30 +727,14 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
             }
             omega_row += om_blk;
 #if TB_COUNT
-            // dominant reason, ties to the lower code: 1 without a table; with one, 3 (unlisted)
-            // only when it outnumbers 2 (outside the box)
             uint8_t* rs = reasons + r * fb_stride + cb;
-            if (count16) {
-                int16_t* cs = (int16_t*)counts + r * fb_stride + cb;
-#pragma omp simd
-                for (int c = 0; c < n; ++c) {
-                    const bool active = mrow == nullptr || mrow[c] != 0;
-                    const uint32_t tot = TB_INTERP ? 0u : cnt[c], out_n = cnt_out[c];
-                    const uint8_t dom = TB_TABLE ? (tot - out_n > out_n ? 3 : 2) : 1;
-                    cs[c] = (int16_t)(active ? tot : 0u);
-                    rs[c] = (active && tot > 0) ? dom : (uint8_t)0;
-                }
-            } else {
-                int32_t* cs = (int32_t*)counts + r * fb_stride + cb;
-#pragma omp simd
-                for (int c = 0; c < n; ++c) {
-                    const bool active = mrow == nullptr || mrow[c] != 0;
-                    const uint32_t tot = TB_INTERP ? 0u : cnt[c], out_n = cnt_out[c];
-                    const uint8_t dom = TB_TABLE ? (tot - out_n > out_n ? 3 : 2) : 1;
-                    cs[c] = (int32_t)(active ? tot : 0u);
-                    rs[c] = (active && tot > 0) ? dom : (uint8_t)0;
-                }
-            }
+            const int64_t at = r * fb_stride + cb;
+            if (count_bytes == 1)
+                store_counts((int8_t*)counts + at, rs, mrow, cnt, cnt_out, n);
+            else if (count_bytes == 2)
+                store_counts((int16_t*)counts + at, rs, mrow, cnt, cnt_out, n);
+            else
+                store_counts((int32_t*)counts + at, rs, mrow, cnt, cnt_out, n);
 #endif
         }
         // C's statistics work on the float image: values rounded to float32. Per row: count, sum and
@@ -1136,8 +1138,16 @@ def _thread_pool(n: int) -> Optional[ThreadPoolExecutor]:
 
 
 def fallback_count_dtype(evaluations_per_pixel: int) -> torch.dtype:
-    """dtype of fallback-map counts: int16 while a pixel's evaluations fit, else int32."""
-    return torch.int16 if evaluations_per_pixel <= torch.iinfo(torch.int16).max else torch.int32
+    """dtype of fallback-map counts: the smallest signed integer that holds a pixel's evaluations.
+
+    int8 up to 127, int16 up to 32767, int32 beyond. The map is written into fresh memory on
+    every render, and the operating system's zeroing of those pages is most of its cost when a
+    pixel has few evaluations, so the narrower the better.
+    """
+    for dt in (torch.int8, torch.int16):
+        if evaluations_per_pixel <= torch.iinfo(dt).max:
+            return dt
+    return torch.int32
 
 
 def fast_unsupported(kt: KernelTensors) -> Optional[str]:
@@ -1232,9 +1242,9 @@ class FastPlan:
             self.table = torch.cat([kt.table.detach().cpu(), extra]).contiguous()
         self.mask = None if mask is None else np.ascontiguousarray(np.asarray(mask) != 0, dtype=np.uint8)
         self.evaluations_per_pixel = T * kt.oversample ** 2 * S * P * M
-        #: fallback counts are int16 while a pixel's evaluations fit, int32 beyond
+        #: fallback counts: the smallest signed integer that holds a pixel's evaluations
         self.count_dtype = fallback_count_dtype(self.evaluations_per_pixel)
-        i[_I_OFF["count16"]] = int(self.count_dtype == torch.int16)
+        i[_I_OFF["count_bytes"]] = torch.empty((), dtype=self.count_dtype).element_size()
 
     def flagged_table(self) -> torch.Tensor:
         """The table for fallback counting: magnitudes, the sign bit set on every default_F entry.

@@ -40,9 +40,11 @@ class FallbackMap:
     Attributes
     ----------
     counts : torch.Tensor
-        [slow, fast]: evaluations of each pixel that used default_F; int16 while
-        ``evaluations_per_pixel`` fits (up to 32767), int32 beyond (see
-        :func:`torchbragg.kernel.fallback_count_dtype`). Sums promote to int64.
+        [slow, fast]: evaluations of each pixel that used default_F, in the
+        smallest signed integer dtype that holds ``evaluations_per_pixel``: int8
+        up to 127, int16 up to 32767, int32 beyond (see
+        :func:`torchbragg.kernel.fallback_count_dtype`). Sums promote to int64;
+        convert before other arithmetic (``counts.int()``).
     reason : torch.Tensor
         uint8 [slow, fast]: the dominant fallback reason of each pixel
         (0 none, 1 no table, 2 outside the table, 3 unlisted in the table).

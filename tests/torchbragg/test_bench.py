@@ -260,8 +260,9 @@ def test_fast_statistics_equal_the_image_statistics(tmp_path, extra, dtype):
 
 # --------------------------------------------------------------------------- fallback map: counts dtype and flags
 @pytest.mark.usefixtures("needs_fast")
-def test_fallback_counts_are_int16_until_the_evaluations_do_not_fit():
-    assert kernel.fallback_count_dtype(4) == torch.int16 and kernel.fallback_count_dtype(32767) == torch.int16
+def test_fallback_counts_are_the_smallest_integers_that_fit():
+    assert kernel.fallback_count_dtype(1) == kernel.fallback_count_dtype(127) == torch.int8
+    assert kernel.fallback_count_dtype(128) == kernel.fallback_count_dtype(32767) == torch.int16
     assert kernel.fallback_count_dtype(32768) == torch.int32
     # 182^2 = 33124 subpixels per pixel: int32 counts, fused kernel and eager kernel agree
     args = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "100", "-N", "5", "-lambda", "1",
@@ -273,7 +274,13 @@ def test_fallback_counts_are_int16_until_the_evaluations_do_not_fit():
     assert torch.equal(fast_map.counts, eager_map.counts) and int(fast_map.counts[0, 0]) == 33124
     assert torch.equal(fast_map.reason, eager_map.reason)
     _, _, small = _render(TAP_SMALL, True, fallback=True)
-    assert small.counts.dtype == torch.int16
+    assert small.counts.dtype == torch.int8
+    # 12^2 = 144 subpixels: int16, fused and eager agree
+    mid = args[:-1] + ["12"]
+    _, eager, eager_map = _render(mid, False, fallback=True)
+    sim, fast, fast_map = _render(mid, True, fallback=True)
+    assert fast_map.counts.dtype == eager_map.counts.dtype == torch.int16
+    assert torch.equal(fast_map.counts, eager_map.counts) and int(fast_map.counts.max()) == 144
 
 
 @pytest.mark.usefixtures("needs_fast")
