@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -155,7 +157,12 @@ class Simulation:
 
     def render_with_fallback(self, progress: Optional[ProgressFn] = None,
                              should_cancel: Optional[CancelFn] = None) -> Tuple[torch.Tensor, FallbackMap]:
-        """Render the image and the per-pixel default_F fallback map."""
+        """Render the image and the per-pixel default_F fallback map.
+
+        On the CPU the map's memory is recycled from earlier maps that nothing refers to
+        any more (never from one still in use), which saves mapping fresh pages on repeated
+        renders.
+        """
         return self._render(progress, should_cancel, fallback=True)
 
     def tap(self, slow: int, fast: int, taps: Sequence[str] = ("hkl_subpixel",)):
@@ -530,9 +537,18 @@ class Simulation:
         full = (r_lo, r_hi, c_lo, c_hi) == (0, ny - 1, 0, nx - 1)
         new = torch.empty if full else torch.zeros
         image = new((ny, nx), dtype=out_dtype, device=self.device)
-        counts = new((ny, nx), dtype=fallback_count_dtype(self.evaluations_per_pixel),
-                     device=self.device) if fallback else None
-        reason = new((ny, nx), dtype=torch.uint8, device=self.device) if fallback else None
+        counts = reason = None
+        if fallback:  # recycled memory where a previous map is no longer used (see _RecycledBuffers)
+            count_dtype = fallback_count_dtype(self.evaluations_per_pixel)
+            if self.device.type == "cpu":
+                counts = _fallback_buffers.empty((ny, nx), count_dtype)
+                reason = _fallback_buffers.empty((ny, nx), torch.uint8)
+                if not full:
+                    counts.zero_()
+                    reason.zero_()
+            else:
+                counts = new((ny, nx), dtype=count_dtype, device=self.device)
+                reason = new((ny, nx), dtype=torch.uint8, device=self.device)
         segments = self._row_segments(plan, fallback, cutoff, r_lo, r_hi, nx)
         omega_sum = 0.0
         done = 0
@@ -674,6 +690,54 @@ class Simulation:
         roi_vals = img[in_roi]
         rmsd = math.sqrt(float(((roi_vals - mean) ** 2).sum()) / max(1, int(roi_vals.numel()) - 1))
         return RenderStats(max_I, f_m, s_m, (sl, fa), mean, rms, rmsd, omega_sum / s.steps, n)
+
+
+class _RecycledBuffers:
+    """CPU memory for fallback maps, reused once nothing refers to an earlier map any more.
+
+    A render writes its fallback map into fresh memory, and when pixels have few evaluations
+    the first touch of fresh pages (the operating system mapping and zeroing them) is most of
+    the map's cost. A buffer handed out here backs the tensor through a numpy array; when the
+    last tensor, view or array on it is gone, a finalizer on that numpy array puts the buffer
+    on a small free list, so repeated renders write into memory that is already mapped. A
+    buffer is never handed out again while anything can still reach it. The free list keeps
+    at most ``max_bytes``.
+    """
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = max_bytes
+        self._free: Dict[int, List[np.ndarray]] = {}
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def empty(self, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised CPU tensor (like ``torch.empty``) on recycled or new memory."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        nbytes = int(np.prod(shape)) * itemsize
+        with self._lock:
+            spare = self._free.get(nbytes)
+            base = spare.pop() if spare else None
+            if base is not None:
+                self._held -= nbytes
+        if base is None:
+            base = np.empty(max(nbytes, 1), dtype=np.uint8)  # malloc: pages are touched by the writer
+        view = base[:nbytes].view(np.dtype(str(dtype).replace("torch.", ""))).reshape(shape)
+        weakref.finalize(view, self._release, base)
+        return torch.from_numpy(view)
+
+    def _release(self, base: np.ndarray) -> None:
+        with self._lock:
+            if self._held + base.nbytes <= self.max_bytes:
+                self._free.setdefault(base.nbytes, []).append(base)
+                self._held += base.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+            self._held = 0
+
+
+_fallback_buffers = _RecycledBuffers()
 
 
 def _fallback_counts(res: dict, act: torch.Tensor):

@@ -473,3 +473,51 @@ def test_bench_child_measures_the_fallback_map(tmp_path, capsys, monkeypatch):
     text = bench.format_table(doc)
     assert "fallback map: render_with_fallback" in text and "never switches off" in text
     assert "median of back-to-back pairs" in text
+
+
+# --------------------------------------------------------------------------- fallback map memory
+def test_fallback_maps_reuse_memory_only_when_nothing_refers_to_it():
+    import gc
+
+    simulation_module._fallback_buffers.clear()
+    args = TAP_SMALL + ["-detpixels", "32"]
+    sim = torchbragg.Simulation.from_args(args)
+    _, fmap = sim.render_with_fallback()
+    expect_counts, expect_reason = fmap.counts.clone(), fmap.reason.clone()
+    ptrs = {fmap.counts.data_ptr(), fmap.reason.data_ptr()}
+    del fmap
+    gc.collect()
+    _, again = sim.render_with_fallback()
+    assert {again.counts.data_ptr(), again.reason.data_ptr()} == ptrs  # recycled
+    assert torch.equal(again.counts, expect_counts) and torch.equal(again.reason, expect_reason)
+    # while a map, a view of it or a numpy array on it is alive, its memory is never written again
+    for keep in ("map", "view", "numpy"):
+        _, held = sim.render_with_fallback()
+        held.counts.fill_(99)
+        handle = {"map": held, "view": held.counts[2:5], "numpy": held.counts.numpy()}[keep]
+        del held
+        gc.collect()
+        for _ in range(2):
+            _, other = sim.render_with_fallback()
+            assert torch.equal(other.counts, expect_counts), keep
+            del other
+        values = handle.counts if keep == "map" else torch.as_tensor(handle)
+        assert bool((values == 99).all()), keep
+        del handle, values
+        gc.collect()
+
+
+def test_recycled_fallback_memory_is_cleared_outside_the_roi():
+    import gc
+
+    full = torchbragg.Simulation.from_args(TAP_SMALL)
+    _, fmap = full.render_with_fallback()
+    assert bool((fmap.counts > 0).all())
+    del fmap
+    gc.collect()
+    roi = torchbragg.Simulation.from_args(TAP_SMALL + ["-roi", "3", "50", "5", "60"])
+    _, part = roi.render_with_fallback()
+    inside = torch.zeros(64, 64, dtype=torch.bool)
+    inside[5:61, 3:51] = True
+    assert bool((part.counts[~inside] == 0).all()) and bool((part.reason[~inside] == 0).all())
+    assert bool((part.counts[inside] > 0).all())
