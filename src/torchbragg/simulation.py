@@ -642,16 +642,21 @@ class Simulation:
         n, mean, rms, rmsd, max_I, (sl, fa), omega_sum = combine_row_statistics(row_stats, row_index, col0)
         if n == 0:
             return RenderStats(0.0, 0.0, 0.0, (0, 0), 0.0, 0.0, 0.0, 0.0, 0)
+        max_I, f_m, s_m, (sl, fa) = self._maximum_position(max_I, sl, fa)
+        return RenderStats(max_I, f_m, s_m, (sl, fa), mean, rms, rmsd, omega_sum / self.setup.steps, n)
+
+    def _maximum_position(self, max_I: float, sl: int, fa: int):
+        """C's printed maximum: its value and the position (m) of the pixel's last subpixel.
+
+        C never updates the position when no pixel is above 0: it prints ``0 at 0 0``.
+        """
         if max_I <= 0:
-            max_I, sl, fa = 0.0, 0, 0
+            return 0.0, 0.0, 0.0, (0, 0)
         s = self.setup
         sub = s.pixel_size / s.oversample
         last = s.oversample - 1
-        f_m = sub * (fa * s.oversample + last) + sub / 2.0
-        s_m = sub * (sl * s.oversample + last) + sub / 2.0
-        if max_I <= 0:  # C never updates the position: it prints 0 0
-            f_m = s_m = 0.0
-        return RenderStats(max_I, f_m, s_m, (sl, fa), mean, rms, rmsd, omega_sum / s.steps, n)
+        return (max_I, sub * (fa * s.oversample + last) + sub / 2.0,
+                sub * (sl * s.oversample + last) + sub / 2.0, (sl, fa))
 
     def _stats(self, image: torch.Tensor, omega_sum: float) -> RenderStats:
         """C's statistics of the float image.
@@ -676,15 +681,7 @@ class Simulation:
         flat_img = torch.where(act, img, torch.full_like(img, -math.inf)).reshape(-1)
         idx = int(torch.argmax(flat_img))
         sl, fa = divmod(idx, img.shape[1])
-        max_I = float(flat_img[idx])
-        if max_I <= 0:
-            max_I, sl, fa = 0.0, 0, 0
-        sub = s.pixel_size / s.oversample
-        last = s.oversample - 1
-        f_m = sub * (fa * s.oversample + last) + sub / 2.0
-        s_m = sub * (sl * s.oversample + last) + sub / 2.0
-        if max_I <= 0:  # C never updates the position: it prints 0 0
-            f_m = s_m = 0.0
+        max_I, f_m, s_m, (sl, fa) = self._maximum_position(float(flat_img[idx]), sl, fa)
         mean = float(vals.sum()) / n
         rms = math.sqrt(float((vals * vals).sum()) / max(1, n - 1))
         roi_vals = img[in_roi]
