@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 __all__ = ["KernelTensors", "BlockResult", "evaluate_block", "LOOKUP_REASONS", "LOOKUP_CODES", "FastPlan",
-           "fast_enabled", "fast_unsupported", "fast_library", "fast_scan_function", "kernel_cache_dir",
+           "fast_enabled", "fast_unsupported", "fused_unsupported", "fast_library", "fast_scan_function", "kernel_cache_dir",
            "fallback_count_dtype"]
 
 #: lookup reason codes used in per-evaluation results and fallback maps
@@ -1075,26 +1075,42 @@ def _load_variant(dtype, shape, table, count, interp):
 ROW_STATS = ("count", "sum", "sumsq", "m2", "max", "argmax", "omega", "roi_count")
 
 
-def row_statistics(values: torch.Tensor, active: torch.Tensor, omega: Optional[torch.Tensor] = None) -> np.ndarray:
+def row_statistics(values: torch.Tensor, active: Optional[torch.Tensor] = None,
+                   omega: Optional[torch.Tensor] = None) -> np.ndarray:
     """The fused kernel's ``[rows, 8]`` row statistics for ROI rows rendered another way.
 
     ``values`` are the rows' ROI pixels as rendered (0 where masked), ``active``
-    which of them are rendered.
+    which of them are rendered (broadcast to ``values``; None: all of them), ``omega``
+    each row's solid-angle sum. The reductions run on the values' device; only the
+    ``[rows, 8]`` result moves.
     """
-    v = values.detach().to("cpu", torch.float32).to(torch.float64)
-    act = active.to("cpu").expand_as(v)
-    cnt = act.sum(-1).to(torch.float64)
-    z = torch.where(act, v, torch.zeros((), dtype=torch.float64))
-    s = z.sum(-1)
-    sq = (z * z).sum(-1)
-    nroi = torch.full_like(s, float(v.shape[-1]))
-    d = z - (s / nroi.clamp(min=1))[:, None]
-    m2 = (d * d).sum(-1)
-    masked = torch.where(act, v, torch.full((), -math.inf, dtype=torch.float64))
-    mx, am = masked.max(-1) if v.shape[-1] else (torch.full_like(s, -math.inf), torch.zeros_like(s))
-    am = torch.where(torch.isfinite(mx), am.to(torch.float64), torch.full_like(s, -1.0))
-    om = torch.zeros_like(s) if omega is None else omega.detach().to("cpu", torch.float64)
-    return torch.stack([cnt, s, sq, m2, mx, am, om, nroi], -1).numpy()
+    v = values.detach().to(torch.float32).to(torch.float64)
+    nroi = torch.full(v.shape[:-1], float(v.shape[-1]), dtype=torch.float64, device=v.device)
+    if v.shape[-1] == 0:
+        zero = torch.zeros_like(nroi)
+        mx, am = torch.full_like(nroi, -math.inf), torch.full_like(nroi, -1.0)
+        cnt, s, sq, m2 = zero, zero, zero, zero
+    elif active is None:  # every pixel rendered: one pass for mean and variance, one for the maximum
+        var, mean = torch.var_mean(v, dim=-1, correction=0)
+        cnt = nroi
+        s = mean * nroi
+        m2 = var * nroi
+        sq = m2 + s * mean  # sum v^2 = n var + n mean^2 (both terms >= 0: no cancellation)
+        mx, am = v.max(-1)
+        am = am.to(torch.float64)
+    else:
+        act = active.to(v.device).expand_as(v)
+        cnt = act.sum(-1).to(torch.float64)
+        z = torch.where(act, v, torch.zeros((), dtype=torch.float64, device=v.device))
+        s = z.sum(-1)
+        sq = (z * z).sum(-1)
+        d = z - (s / nroi)[:, None]
+        m2 = (d * d).sum(-1)
+        masked = torch.where(act, v, torch.full((), -math.inf, dtype=torch.float64, device=v.device))
+        mx, am = masked.max(-1)
+        am = torch.where(torch.isfinite(mx), am.to(torch.float64), torch.full_like(s, -1.0))
+    om = torch.zeros_like(s) if omega is None else omega.detach().to(v.device, torch.float64)
+    return torch.stack([cnt, s, sq, m2, mx, am, om, nroi], -1).cpu().numpy()
 
 
 def combine_row_statistics(stats: np.ndarray, row_index: np.ndarray, col0: int):
@@ -1151,9 +1167,14 @@ def fallback_count_dtype(evaluations_per_pixel: int) -> torch.dtype:
 
 
 def fast_unsupported(kt: KernelTensors) -> Optional[str]:
-    """Why the fused kernel cannot render this set-up (None: it can)."""
+    """Why the fused CPU kernel cannot render this set-up (None: it can)."""
     if kt.device.type != "cpu":
         return "not a CPU render"
+    return fused_unsupported(kt)
+
+
+def fused_unsupported(kt: KernelTensors) -> Optional[str]:
+    """Why neither fused kernel (CPU or GPU) covers this set-up, whatever the device (None: they do)."""
     if kt.curved:
         return "curved detector"
     if kt.shape not in _SHAPE_CODES:
@@ -1172,7 +1193,7 @@ class FastPlan:
 
     def __init__(self, kt: KernelTensors, *, I_bg: float, scale: float, fpixels: int,
                  mask: Optional[np.ndarray] = None):
-        why = fast_unsupported(kt)
+        why = fused_unsupported(kt)  # the packing serves the GPU kernel too (gpu_kernel.GpuPlan)
         if why is not None:
             raise ValueError(why)
         self.kt = kt

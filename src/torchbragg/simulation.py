@@ -14,8 +14,8 @@ import torch
 from .arguments import parse_args
 from .config import SimulationConfig
 from .kernel import (LOOKUP_REASONS, ROW_STATS, FastPlan, KernelTensors, combine_row_statistics, evaluate_block,
-                     evaluation_ordinals, fallback_count_dtype, fast_enabled, fast_unsupported, interp_out_of_range,
-                     row_statistics)
+                     evaluation_ordinals, fallback_count_dtype, fast_enabled, fast_unsupported, fused_unsupported,
+                     interp_out_of_range, row_statistics)
 from .rotations import axis_rotation_matrix
 from .setup import R_E_SQR, ResolvedSetup, resolve
 
@@ -355,11 +355,12 @@ class Simulation:
     def _scan_plan(self) -> Optional[FastPlan]:
         """A fused-kernel plan whose switch-off scan applies here, or None (eager scan)."""
         plan = self._fast_plan()
-        if plan is None:  # the render may be eager (-oversample_* rules) while the scan need not be
+        if not isinstance(plan, FastPlan):
+            # the render may be eager (-oversample_* rules) or on the GPU while the scan runs on the CPU
             use = self.use_fast_kernel
             if use is None:
                 use = fast_enabled()
-            if not use or fast_unsupported(self._tensors) is not None:
+            if not use or fused_unsupported(self._tensors) is not None:
                 return None
             plan = self.__dict__.get("_scan_plan_cache")
             if plan is None:
@@ -514,9 +515,14 @@ class Simulation:
         if cached is None:
             kt = self._tensors
             plan = None
+            packing = dict(I_bg=s.I_bg, scale=R_E_SQR * s.fluence / s.steps, fpixels=s.fpixels, mask=s.mask)
             if fast_unsupported(kt) is None:
-                plan = FastPlan(kt, I_bg=s.I_bg, scale=R_E_SQR * s.fluence / s.steps, fpixels=s.fpixels,
-                                mask=s.mask)
+                plan = FastPlan(kt, **packing)
+            elif kt.device.type == "cuda":
+                from .gpu_kernel import GpuPlan, gpu_unsupported
+
+                if gpu_unsupported(kt) is None:
+                    plan = GpuPlan(kt, **packing)
             cached = self.__dict__["_fast_plan_cache"] = (plan,)
         return cached[0]
 
@@ -557,8 +563,9 @@ class Simulation:
         ncols = c_hi - c_lo + 1
         with torch.no_grad():
             for mode, seg_lo, seg_hi in segments:
+                per_chunk = getattr(plan, "evaluations_per_chunk", FAST_EVALUATIONS_PER_CHUNK)
                 step = self.chunk_rows if mode == "eager" else max(
-                    1, FAST_EVALUATIONS_PER_CHUNK // max(1, ncols * self.evaluations_per_pixel))
+                    1, per_chunk // max(1, ncols * self.evaluations_per_pixel))
                 for r0 in range(seg_lo, seg_hi + 1, step):
                     if should_cancel is not None and should_cancel():
                         raise RenderCancelled("render cancelled")
