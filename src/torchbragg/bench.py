@@ -160,6 +160,10 @@ def _child(spec_json: str) -> int:
     out["first_render_s"] = time.perf_counter() - t0
     out["first_render_cpu_s"] = time.process_time() - c0
     out["fast_kernel"] = bool(plan is not None and plan.function(False) is not None)
+    out["kernel"] = type(plan).__name__ if out["fast_kernel"] else "eager"
+    if device.startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        out["gpu_peak_memory_mib"] = torch.cuda.max_memory_allocated(torch.device(device)) / 2 ** 20
     warm, warm_cpu = [], []
     for _ in range(max(1, int(spec["repeats"]))):
         c0, t0 = time.process_time(), time.perf_counter()
@@ -352,7 +356,9 @@ def _host() -> dict:
         pass
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.is_available(), "load_average": list(os.getloadavg())}
+            "cuda": torch.cuda.is_available(), "load_average": list(os.getloadavg()),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else []}
 
 
 def run_bench(opts) -> dict:
@@ -419,6 +425,8 @@ def _log(opts, msg: str) -> None:
 def _fmt(x, unit="s", digits=3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
+    if unit == "s" and 0 < x < 0.01:  # GPU renders: milliseconds
+        return f"{1e3 * x:.{max(1, digits - 1)}f}ms"
     return f"{x:.{digits}f}{unit}"
 
 
@@ -428,6 +436,7 @@ def format_table(doc: dict) -> str:
     load = h.get("load_average")
     lines = [f"torchbragg {doc['torchbragg']} bench — {h['cpu']}, {h['cpu_count']} CPUs, torch {h['torch']} "
              f"({h['torch_threads']} threads), device {doc['options']['device']}"
+             + (f" ({', '.join(h['gpus'])})" if h.get("gpus") and doc["options"]["device"].startswith("cuda") else "")
              + (f", load average {load[0]:.1f} at start" if load else "")]
     head = (f"{'config':<14}{'dtype':<9}{'evals':>11}{'first-ever':>12}{'cli cold':>10}{'(cpu)':>8}{'1st render':>11}"
             f"{'warm':>9}{'ns/eval':>9}{'cpu ns/ev':>10}{'tap':>9}{'peak RSS':>10}")
@@ -452,6 +461,9 @@ def format_table(doc: dict) -> str:
                 lines.append(f"    render process failed: {rr['process']['error'].splitlines()[-1]}")
             if not rr.get("fast_kernel", True):
                 lines.append("    (eager kernel: fused kernel off or unavailable)")
+            if rr.get("gpu"):
+                lines.append(f"    {rr.get('kernel', '?')} on {rr['gpu']}, peak GPU memory "
+                             f"{rr.get('gpu_peak_memory_mib', 0):.0f} MiB")
             if "cutoff_scan_s" in rr:
                 cut = rr.get("cutoff")
                 lines.append(f"    interpolation switch-off scan: {_fmt(rr['cutoff_scan_s'])}"
