@@ -369,6 +369,12 @@ def _fix_phi0(cfg, flag, vals):
     cfg.compat.phi0_reuse = False
 
 
+@_flag("-fix_oversample", 0, "corrected physics: -oversample_thick/_polar/_omega weight each term by its own "
+      "factor (C multiplies the running sum)")
+def _fix_oversample(cfg, flag, vals):
+    cfg.compat.oversample_running_product = False
+
+
 @_flag("-use_fdump", 0, "C behaviour: read ./Fdump.bin when no -hkl is given")
 def _use_fdump(cfg, flag, vals):
     cfg.compat.implicit_fdump = True

@@ -129,6 +129,8 @@ def _describe_setup(sim, out: TextIO) -> None:
     p(f"  {s.oversample}x{s.oversample} pixel oversample steps{extra}")
     if not sim.config.compat.phi0_reuse:
         p("  -fix_phi0: phi = 0 uses the unrotated crystal (C reuses the previous step)")
+    if extra and not sim.config.compat.oversample_running_product:
+        p("  -fix_oversample: each term weighted by its own oversampled factors (C multiplies the running sum)")
 
 
 def header_fields(sim) -> dict:

@@ -181,6 +181,10 @@ class CompatConfig:
     #: C reads ./Fdump.bin silently when no -hkl is given. False (default here):
     #: never read it implicitly; only report that it is present and unused.
     implicit_fdump: bool = False
+    #: C's -oversample_thick/_polar/_omega multiply the pixel's running sum (the water
+    #: background and every earlier term) by each evaluation's factor. False: each
+    #: evaluation's term is weighted by its own factor (the background by their mean).
+    oversample_running_product: bool = True
 
 
 @dataclass

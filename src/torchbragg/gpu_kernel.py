@@ -57,13 +57,14 @@ def gpu_unsupported(kt: KernelTensors) -> Optional[str]:
     return fused_unsupported(kt)
 
 
-def gpu_source(dtype: torch.dtype, shape: str, table: bool, count: bool, interp: bool) -> str:
+def gpu_source(dtype: torch.dtype, shape: str, table: bool, count: bool, interp: bool, over: int = 0) -> str:
     """The kernel source of one variant: parameter indices and variant switches, then gpu_render.cu."""
     double = dtype == torch.float64
     lines = [f"#define D_{k} {v}" for k, v in _D_OFF.items()] + [f"#define I_{k} {v}" for k, v in _I_OFF.items()]
     lines += [f"#define TB_REAL {'double' if double else 'float'}", f"#define TB_DOUBLE {int(double)}",
               f"#define TB_SHAPE {_SHAPE_CODES[shape]}", f"#define TB_TABLE {int(table)}",
-              f"#define TB_COUNT {int(count)}", f"#define TB_INTERP {int(interp and table)}"]
+              f"#define TB_COUNT {int(count)}", f"#define TB_INTERP {int(interp and table)}",
+              f"#define TB_OVER {int(over)}"]
     return "\n".join(lines) + "\n" + SOURCE_PATH.read_text()
 
 
@@ -219,7 +220,8 @@ class _Driver:
         return self.modules[key][1]
 
     def launch(self, fn: ctypes.c_void_p, grid: int, block: int, stream: int, args: list) -> None:
-        params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.byref(a), ctypes.c_void_p) for a in args])
+        # cuLaunchKernel takes the address of each argument's value
+        params = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
         self._check(self.lib.cuLaunchKernel(fn, ctypes.c_uint(grid), 1, 1, ctypes.c_uint(block), 1, 1, 0,
                                             ctypes.c_void_p(stream), params, None), "cuLaunchKernel")
 
@@ -299,7 +301,8 @@ class GpuPlan:
     evaluations_per_chunk = 1 << 27
 
     def __init__(self, kt: KernelTensors, *, I_bg: float, scale: float, fpixels: int,
-                 mask: Optional[np.ndarray] = None, emulate: bool = False):
+                 mask: Optional[np.ndarray] = None, emulate: bool = False,
+                 oversample_factors: Tuple[bool, bool, bool] = (False, False, False), running_product: bool = True):
         why = fused_unsupported(kt) if emulate else gpu_unsupported(kt)
         if why is not None:
             raise ValueError(why)
@@ -307,7 +310,8 @@ class GpuPlan:
         self.emulate = bool(emulate)
         self.device = torch.device("cpu") if emulate else kt.device
         self.dtype = kt.dtype
-        self.packing = FastPlan(kt, I_bg=I_bg, scale=scale, fpixels=fpixels, mask=mask)
+        self.packing = FastPlan(kt, I_bg=I_bg, scale=scale, fpixels=fpixels, mask=mask,
+                                oversample_factors=oversample_factors, running_product=running_product)
         pk, dev = self.packing, self.device
         self.evaluations_per_pixel = pk.evaluations_per_pixel
         self.count_dtype = pk.count_dtype
@@ -327,11 +331,13 @@ class GpuPlan:
     def function(self, count: bool, interp: bool = False):
         """The compiled variant (compiling it on first use), or None with a warning."""
         table = self.table is not None
-        key = (self.emulate, str(self.device), self.dtype, self.kt.shape, table, bool(count), bool(interp and table))
+        over = self.packing.over
+        key = (self.emulate, str(self.device), self.dtype, self.kt.shape, table, bool(count), bool(interp and table),
+               over)
         with _lock:
             if key in _variants:
                 return _variants[key]
-        source = gpu_source(self.dtype, self.kt.shape, table, count, interp)
+        source = gpu_source(self.dtype, self.kt.shape, table, count, interp, over)
         fn = None
         try:
             fn = _host_function(source) if self.emulate else _cuda_function(source, self.device)

@@ -4,7 +4,8 @@
 // needed), or as plain C++ for the host (``tb_render_host``), which runs the very same per-pixel
 // function over the pixels one after another so that the test suite checks this file's physics on
 // machines without a GPU. Variants: -DTB_REAL=float|double -DTB_DOUBLE=0|1 -DTB_SHAPE=0..3
-// (square, round, gauss, tophat) -DTB_TABLE=0|1 -DTB_COUNT=0|1 -DTB_INTERP=0|1. The parameter
+// (square, round, gauss, tophat) -DTB_TABLE=0|1 -DTB_COUNT=0|1 -DTB_INTERP=0|1 -DTB_OVER=0..2
+// (-oversample_thick/_polar/_omega: 1 C's running product, 2 per-term weighting). The parameter
 // indices (D_*, I_*) are generated from kernel.py's packing (FastPlan) and prepended.
 //
 // The arithmetic follows the CPU fused kernel in kernel.py evaluation for evaluation: geometry,
@@ -120,6 +121,16 @@ TB_HD TbPixel tb_pixel(const double* __restrict__ dp, const i64* __restrict__ ip
 
     double acc = 0.0, om_first = 0.0, cap_last = 1.0, pol_first = 0.0;
     bool found = false;
+#if TB_OVER
+    // the -oversample_* factors per evaluation: fsub per subpixel (capture, omega), fpol per (subpixel,
+    // source) (times polarisation); fsum their sum (TB_OVER 2), om_sum the subpixels' solid angles
+    const bool ov_thick = ip[I_ov_thick] != 0, ov_polar = ip[I_ov_polar] != 0, ov_omega = ip[I_ov_omega] != 0;
+    double fsum = 0.0, om_sum = 0.0;
+    if (TB_OVER == 1)
+        acc = dp[D_I_bg];  // C's running product starts from the background
+#else
+    const bool ov_thick = false, ov_polar = false;
+#endif
     u32 n_default = 0, n_outside = 0;
     for (i64 t = 0; t < T; ++t) {
         const double toff = (double)t * thickstep;
@@ -133,13 +144,22 @@ TB_HD TbPixel tb_pixel(const double* __restrict__ dp, const i64* __restrict__ ip
                 const double air = sqrt(px * px + py * py + pz * pz);
                 const double inv = 1.0 / air;
                 const double dx = px * inv, dy = py * inv, dz = pz * inv;
+                const double om = point_pixel ? 1.0 / (air * air) : pix * pix / (air * air) * close / air;
                 if (t == 0 && ss == 0 && sf == 0)  // C applies the first subpixel's solid angle
-                    om_first = point_pixel ? 1.0 / (air * air) : pix * pix / (air * air) * close / air;
-                if (thick_on && t == T - 1 && ss == 0 && sf == 0) {  // and the last layer's capture
+                    om_first = om;
+                const bool last_cap = t == T - 1 && ss == 0 && sf == 0;  // and the last layer's capture
+                double cap = 1.0;
+                if (thick_on && (last_cap || ov_thick)) {
                     const double parallax = dx * ox + dy * oy + dz * oz;
-                    cap_last = exp(-(double)t * thickstep * mu / parallax)
-                               - exp(-((double)t + 1.0) * thickstep * mu / parallax);
+                    cap = exp(-(double)t * thickstep * mu / parallax)
+                          - exp(-((double)t + 1.0) * thickstep * mu / parallax);
+                    if (last_cap)
+                        cap_last = cap;
                 }
+#if TB_OVER
+                om_sum += om;
+                const double fsub = (ov_omega ? om : 1.0) * (ov_thick ? cap : 1.0);
+#endif
                 for (i64 s = 0; s < S; ++s) {
                     const double* sp = src + 10 * s;
                     const double ix = sp[0], iy = sp[1], iz = sp[2], il = sp[3];
@@ -149,18 +169,25 @@ TB_HD TbPixel tb_pixel(const double* __restrict__ dp, const i64* __restrict__ ip
                         const double stol = 0.5 * sqrt(X * X + Y * Y + Z * Z);
                         dskip = (stol > 0.0) && (dmin > 0.5 / (stol > 0.0 ? stol : 1.0));
                     }
-                    if (!found && !dskip) {
-                        // polarisation of the first (subpixel, source) that -dmin does not skip;
-                        // cos(2 psi), psi = -atan2(d.B, d.E), as (x^2 - y^2) / (x^2 + y^2)
+                    double polar = 1.0;
+                    if ((!found && !dskip) || ov_polar) {
+                        // C applies the polarisation of the first (subpixel, source) that -dmin does not
+                        // skip; cos(2 psi), psi = -atan2(d.B, d.E), as (x^2 - y^2) / (x^2 + y^2)
                         const double cos2t = dx * ix + dy * iy + dz * iz;
                         const double c2 = cos2t * cos2t, s2 = 1.0 - c2;
                         const double yb = dx * sp[4] + dy * sp[5] + dz * sp[6];
                         const double xe = dx * sp[7] + dy * sp[8] + dz * sp[9];
                         const double r2 = xe * xe + yb * yb;
                         const double cos2psi = r2 > 0.0 ? (xe * xe - yb * yb) / r2 : 1.0;
-                        pol_first = nopolar ? 1.0 : 0.5 * (1.0 + c2 - kahn * cos2psi * s2);
-                        found = true;
+                        polar = nopolar ? 1.0 : 0.5 * (1.0 + c2 - kahn * cos2psi * s2);
+                        if (!found && !dskip) {
+                            pol_first = polar;
+                            found = true;
+                        }
                     }
+#if TB_OVER
+                    const double fpol = ov_polar ? fsub * polar : fsub;
+#endif
                     for (i64 pm = 0; pm < PM; ++pm) {
                         const double* L = lattice + 9 * pm;
                         const double h = X * L[0] + Y * L[1] + Z * L[2];
@@ -246,15 +273,30 @@ TB_HD TbPixel tb_pixel(const double* __restrict__ dp, const i64* __restrict__ ip
 #endif
 #endif
                         const real I = skipped ? (real)0 : Fc * Fc * Fl * Fl;
+#if TB_OVER == 1
+                        acc = skipped ? acc : (acc + (double)I) * fpol;
+#elif TB_OVER == 2
+                        acc += (double)I * fpol;
+                        fsum += fpol;
+#else
                         acc += (double)I;
+#endif
                     }
                 }
             }
         }
     }
     TbPixel out;
+    const double nsub = (double)(T * os * os);
+#if TB_OVER
+    const double sum = TB_OVER == 1 ? acc : acc + dp[D_I_bg] * fsum / (nsub * (double)(S * PM));
+    out.value = sum * dp[D_scale] * (ov_thick ? 1.0 : cap_last) * (ov_polar ? 1.0 : pol_first)
+                * (ov_omega ? 1.0 : om_first);
+    out.omega = ov_omega ? om_sum : nsub * om_first;
+#else
     out.value = (acc + dp[D_I_bg]) * dp[D_scale] * cap_last * pol_first * om_first;
-    out.omega = (double)(T * os * os) * om_first;
+    out.omega = nsub * om_first;
+#endif
     out.n_default = n_default;
     out.n_outside = n_outside;
     return out;

@@ -27,7 +27,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -371,12 +371,12 @@ def _interpolate(kt, hkl, F_cell, reason, skipped, rows, cols, fpixels, E, cutof
 # C++ function does the same arithmetic per evaluation in registers: geometry
 # up to h, k, l in float64 (as above), the lattice factor, structure factor
 # and intensity in the render dtype, summed per pixel in float64. It is
-# compiled once per (dtype, crystal shape, table, fallback-count) variant with
-# the system C++ compiler into a per-user cache folder and loaded with ctypes
-# (no torch headers, so a first compile takes about a second). Anything it
-# cannot do (curved detectors, fractional N with square crystals, the
-# -oversample_thick/polar/omega loop rules, the row where interpolation
-# switches off, the first pixel's phi=0 quirk) is left to the eager kernel
+# compiled once per (dtype, crystal shape, table, fallback-count, interpolation,
+# -oversample_* rule) variant with the system C++ compiler into a per-user
+# cache folder and loaded with ctypes (no torch headers, so a first compile
+# takes about a second). Anything it cannot do (curved detectors, fractional N
+# with square crystals, the row where interpolation switches off, the first
+# pixel's phi=0 quirk) is left to the eager kernel
 # by the caller. The interpolating variants also export ``tb_scan``, C's
 # interpolation switch-off scan (:meth:`FastPlan.scan`). ``TORCHBRAGG_FAST=0``
 # switches it off; taps always use the eager kernel.
@@ -387,7 +387,7 @@ _D_FIELDS = (("fdet", 3), ("sdet", 3), ("odet", 3), ("pix0", 3), ("subpixel", 1)
              ("Nprod", 1), ("scan_eps", 1))
 _I_FIELDS = (("oversample", 1), ("T", 1), ("S", 1), ("P", 1), ("M", 1), ("fpixels", 1), ("point_pixel", 1),
              ("nopolar", 1), ("thick_on", 1), ("dmin_on", 1), ("water", 1), ("bounds", 6),
-             ("count_bytes", 1))
+             ("count_bytes", 1), ("ov_thick", 1), ("ov_polar", 1), ("ov_omega", 1))
 
 
 def _field_offsets(fields):
@@ -402,7 +402,9 @@ _D_OFF, _D_LEN = _field_offsets(_D_FIELDS)
 _I_OFF, _I_LEN = _field_offsets(_I_FIELDS)
 
 _FAST_SOURCE = r"""// torchbragg fused render kernel. Compiled on first use by torchbragg.kernel
-// with -DTB_REAL=float|double -DTB_SHAPE=0..3 -DTB_TABLE=0|1 -DTB_COUNT=0|1 -DTB_INTERP=0|1;
+// with -DTB_REAL=float|double -DTB_SHAPE=0..3 -DTB_TABLE=0|1 -DTB_COUNT=0|1 -DTB_INTERP=0|1 -DTB_OVER=0..2
+// (TB_OVER: -oversample_thick/_polar/_omega factors per evaluation, 1 as C's running product of the
+// pixel's sum, 2 each term weighted by its own factors; which factors: I_ov_*);
 // the parameter indices (D_*, I_*) are generated from kernel.py and prepended.
 #include <cmath>
 #include <cstdint>
@@ -523,6 +525,12 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
     alignas(64) double qx[CB], qy[CB], qz[CB];
     alignas(64) double dskip[CB];  // 1.0 where -dmin skips the (subpixel, source)
     alignas(64) double acc[CB], om_first[CB], cap_last[CB], pol_first[CB];
+#if TB_OVER
+    // per-evaluation factors of the -oversample_* flags: fsub per subpixel (capture, omega), fpol per
+    // (subpixel, source) (times polarisation); fsum their sum (TB_OVER 2); om_sum the solid angles
+    const bool ov_thick = ip[I_ov_thick] != 0, ov_polar = ip[I_ov_polar] != 0, ov_omega = ip[I_ov_omega] != 0;
+    alignas(64) double fsub[CB], fpol[CB], fsum[CB], om_sum[CB];
+#endif
     alignas(64) unsigned char found[CB];
 #if TB_COUNT
     alignas(64) uint32_t cnt[CB], cnt_out[CB];
@@ -536,6 +544,10 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
             const int64_t cstart = col0 + cb;
             for (int c = 0; c < n; ++c) {
                 acc[c] = 0.0; om_first[c] = 0.0; cap_last[c] = 1.0; pol_first[c] = 0.0; found[c] = 0;
+#if TB_OVER
+                acc[c] = TB_OVER == 1 ? I_bg : 0.0;  // C's running product starts from the background
+                fsum[c] = 0.0; om_sum[c] = 0.0;
+#endif
 #if TB_COUNT
                 cnt[c] = 0; cnt_out[c] = 0;
 #endif
@@ -563,6 +575,11 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                                 om_first[c] = point_pixel ? 1.0 / (air * air)
                                                           : pix * pix / (air * air) * close / air;
                             }
+#if TB_OVER
+                            const double om = point_pixel ? 1.0 / (air * air) : pix * pix / (air * air) * close / air;
+                            om_sum[c] += om;
+                            fsub[c] = ov_omega ? om : 1.0;
+#endif
                         }
                         if (thick_on) {
                             for (int c = 0; c < n; ++c) {
@@ -572,6 +589,10 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                             }
                             if (last_cap)
                                 for (int c = 0; c < n; ++c) cap_last[c] = cap[c];
+#if TB_OVER
+                            if (ov_thick)
+                                for (int c = 0; c < n; ++c) fsub[c] *= cap[c];
+#endif
                         }
                         for (int64_t s = 0; s < S; ++s) {
                             const double* sp = src + 10 * s;
@@ -589,6 +610,19 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                                 }
                                 dskip[c] = skip ? 1.0 : 0.0;
                             }
+#if TB_OVER
+#pragma omp simd
+                            for (int c = 0; c < n; ++c) {  // this (subpixel, source)'s polarisation, as below
+                                const double cos2t = dx[c] * ix + dy[c] * iy + dz[c] * iz;
+                                const double c2 = cos2t * cos2t, s2 = 1.0 - c2;
+                                const double yb = dx[c] * Bx + dy[c] * By + dz[c] * Bz;
+                                const double xe = dx[c] * Ex + dy[c] * Ey + dz[c] * Ez;
+                                const double r2 = xe * xe + yb * yb;
+                                const double cos2psi = r2 > 0.0 ? (xe * xe - yb * yb) / (r2 > 0.0 ? r2 : 1.0) : 1.0;
+                                const double polar = nopolar ? 1.0 : 0.5 * (1.0 + c2 - kahn * cos2psi * s2);
+                                fpol[c] = ov_polar ? fsub[c] * polar : fsub[c];
+                            }
+#endif
                             if (n_found < n) {
                                 // polarisation of the first (subpixel, source) not skipped by -dmin;
                                 // cos(2 psi), psi = -atan2(d.B, d.E), as (x^2 - y^2) / (x^2 + y^2)
@@ -707,7 +741,14 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
 #endif
 #endif
                                     const real I = skipped ? (real)0 : Fc * Fc * Fl * Fl;
+#if TB_OVER == 1
+                                    acc[c] = skipped ? acc[c] : (acc[c] + (double)I) * fpol[c];
+#elif TB_OVER == 2
+                                    acc[c] += (double)I * fpol[c];
+                                    fsum[c] += fpol[c];
+#else
                                     acc[c] += (double)I;
+#endif
                                 }
                             }
                         }
@@ -721,9 +762,17 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
 #pragma omp simd reduction(+ : om_blk)
             for (int c = 0; c < n; ++c) {
                 const bool active = mrow == nullptr || mrow[c] != 0;
+#if TB_OVER
+                const double E = nsub * (double)(S * P * M);
+                const double sum = TB_OVER == 1 ? acc[c] : acc[c] + I_bg * fsum[c] / E;
+                const double v = sum * scale * (ov_thick ? 1.0 : cap_last[c]) * (ov_polar ? 1.0 : pol_first[c])
+                                 * (ov_omega ? 1.0 : om_first[c]);
+                om_blk += active ? (ov_omega ? om_sum[c] : nsub * om_first[c]) : 0.0;
+#else
                 const double v = (acc[c] + I_bg) * scale * cap_last[c] * pol_first[c] * om_first[c];
-                out[c] = active ? (real)v : (real)0;
                 om_blk += active ? nsub * om_first[c] : 0.0;
+#endif
+                out[c] = active ? (real)v : (real)0;
             }
             omega_row += om_blk;
 #if TB_COUNT
@@ -988,12 +1037,13 @@ def _compiler() -> Optional[str]:
     return None
 
 
-def fast_library(dtype: torch.dtype, shape: str, table: bool, count: bool, interp: bool = False):
+def fast_library(dtype: torch.dtype, shape: str, table: bool, count: bool, interp: bool = False, over: int = 0):
     """The compiled render function for one variant (compiling it on first use), or None.
 
+    ``over``: the -oversample_* rule (0 none, 1 C's running product, 2 per-term weighting).
     The reason for a None is in :func:`fast_kernel_error`.
     """
-    key = (dtype, shape, bool(table), bool(count), bool(interp and table))
+    key = (dtype, shape, bool(table), bool(count), bool(interp and table), int(over))
     if key in _fast_libs:
         return _fast_libs[key]
     fn = None
@@ -1009,21 +1059,22 @@ def fast_library(dtype: torch.dtype, shape: str, table: bool, count: bool, inter
 
 def fast_scan_function(dtype: torch.dtype, shape: str):
     """The compiled interpolation switch-off scan (:meth:`FastPlan.scan`), or None."""
-    key = (dtype, shape, True, False, True)
+    key = (dtype, shape, True, False, True, 0)
     if fast_library(*key) is None:
         return None
     return _fast_scans.get(key)
 
 
-def fast_kernel_error(dtype: torch.dtype, shape: str, table: bool, count: bool, interp: bool = False) -> Optional[str]:
-    return _fast_errors.get((dtype, shape, bool(table), bool(count), bool(interp and table)))
+def fast_kernel_error(dtype: torch.dtype, shape: str, table: bool, count: bool, interp: bool = False,
+                      over: int = 0) -> Optional[str]:
+    return _fast_errors.get((dtype, shape, bool(table), bool(count), bool(interp and table), int(over)))
 
 
-def _load_variant(dtype, shape, table, count, interp):
+def _load_variant(dtype, shape, table, count, interp, over):
     real = "double" if dtype == torch.float64 else "float"
     defines = [f"-DTB_REAL={real}", f"-DTB_DOUBLE={int(real == 'double')}", f"-DTB_SHAPE={_SHAPE_CODES[shape]}",
                f"-DTB_TABLE={int(table)}", f"-DTB_COUNT={int(count)}", f"-DTB_INTERP={int(interp)}",
-               "-DTB_ENTRY=tb_render"]
+               f"-DTB_OVER={int(over)}", "-DTB_ENTRY=tb_render"]
     source = _full_source()
     cxx = _compiler()
     if cxx is None:
@@ -1066,7 +1117,7 @@ def _load_variant(dtype, shape, table, count, interp):
         scan = lib.tb_scan
         scan.argtypes = [P, P, P, P, P, I64, I64, I64, I64, P]
         scan.restype = ctypes.c_int
-        _fast_scans[(dtype, shape, table, count, interp)] = scan
+        _fast_scans[(dtype, shape, table, count, interp, over)] = scan
     return fn
 
 
@@ -1192,7 +1243,8 @@ class FastPlan:
     """
 
     def __init__(self, kt: KernelTensors, *, I_bg: float, scale: float, fpixels: int,
-                 mask: Optional[np.ndarray] = None):
+                 mask: Optional[np.ndarray] = None, oversample_factors: Tuple[bool, bool, bool] = (False, False, False),
+                 running_product: bool = True):
         why = fused_unsupported(kt)  # the packing serves the GPU kernel too (gpu_kernel.GpuPlan)
         if why is not None:
             raise ValueError(why)
@@ -1266,6 +1318,12 @@ class FastPlan:
         #: fallback counts: the smallest signed integer that holds a pixel's evaluations
         self.count_dtype = fallback_count_dtype(self.evaluations_per_pixel)
         i[_I_OFF["count_bytes"]] = torch.empty((), dtype=self.count_dtype).element_size()
+        #: -oversample_thick/_polar/_omega: which factors apply per evaluation, and the kernel variant
+        #: (0 none, 1 C's running product of the pixel's sum, 2 each term weighted by its own factors)
+        self.oversample_factors = tuple(bool(f) for f in oversample_factors)
+        for name, on in zip(("ov_thick", "ov_polar", "ov_omega"), self.oversample_factors):
+            i[_I_OFF[name]] = int(on)
+        self.over = 0 if not any(self.oversample_factors) else (1 if running_product else 2)
 
     def flagged_table(self) -> torch.Tensor:
         """The table for fallback counting: magnitudes, the sign bit set on every default_F entry.
@@ -1281,7 +1339,7 @@ class FastPlan:
         return self._flagged
 
     def function(self, count: bool, interp: bool = False):
-        return fast_library(self.dtype, self.kt.shape, self.table is not None, count, interp)
+        return fast_library(self.dtype, self.kt.shape, self.table is not None, count, interp, self.over)
 
     def scan_function(self):
         """The compiled switch-off scan for this set-up, or None (no table, no compiler)."""

@@ -364,9 +364,7 @@ class Simulation:
                 return None
             plan = self.__dict__.get("_scan_plan_cache")
             if plan is None:
-                s = self.setup
-                plan = self.__dict__["_scan_plan_cache"] = FastPlan(
-                    self._tensors, I_bg=s.I_bg, scale=R_E_SQR * s.fluence / s.steps, fpixels=s.fpixels, mask=s.mask)
+                plan = self.__dict__["_scan_plan_cache"] = FastPlan(self._tensors, **self.plan_arguments())
         return plan if plan.scan_function() is not None else None
 
     def _table_holds_every_neighbourhood(self) -> bool:
@@ -473,7 +471,7 @@ class Simulation:
             value = I_sum * scale * capture_last * polar_first * omega_first
             return {"value": value, "I_sum": I_sum, "omega_applied": omega_first,
                     "capture_applied": capture_last, "polar_applied": polar_first}
-        # C multiplies the running sum by each oversampled factor inside the loop
+        # each evaluation's oversampled factors (capture, omega per subpixel; polar per source too)
         evshape = inten.shape
         mult = torch.ones(evshape, dtype=inten.dtype, device=inten.device)
         sub_shape = evshape[:5] + (1,) * (len(evshape) - 5)
@@ -483,9 +481,15 @@ class Simulation:
             mult = mult * omega.reshape(sub_shape)
         if s.oversample_polar:
             mult = mult * polar.reshape(evshape[:6] + (1,) * (len(evshape) - 6))
-        mult = torch.where(res["skipped"], torch.ones_like(mult), mult).reshape(R, C, -1)
-        suffix = torch.flip(torch.cumprod(torch.flip(mult, [-1]), -1), [-1])
-        I_sum = (flat * suffix).sum(-1) + s.I_bg * suffix[..., 0]
+        if self.config.compat.oversample_running_product:
+            # C multiplies the running sum (background and earlier terms) by each factor inside the loop
+            mult = torch.where(res["skipped"], torch.ones_like(mult), mult).reshape(R, C, -1)
+            suffix = torch.flip(torch.cumprod(torch.flip(mult, [-1]), -1), [-1])
+            I_sum = (flat * suffix).sum(-1) + s.I_bg * suffix[..., 0]
+        else:
+            # -fix_oversample: each term weighted by its own factor, the background by their mean
+            mult = mult.reshape(R, C, -1).to(flat.dtype)
+            I_sum = (flat * mult).sum(-1) + s.I_bg * mult.mean(-1)
         value = I_sum * scale
         if not s.oversample_thick:
             value = value * capture_last
@@ -496,6 +500,14 @@ class Simulation:
         return {"value": value, "I_sum": I_sum, "omega_applied": omega_first if not s.oversample_omega else None,
                 "capture_applied": capture_last if not s.oversample_thick else None,
                 "polar_applied": polar_first if not s.oversample_polar else None}
+
+    def plan_arguments(self) -> dict:
+        """The keyword arguments of a compiled-kernel plan (:class:`~torchbragg.kernel.FastPlan`,
+        :class:`~torchbragg.gpu_kernel.GpuPlan`) for this simulation, besides its tensors."""
+        s = self.setup
+        return dict(I_bg=s.I_bg, scale=R_E_SQR * s.fluence / s.steps, fpixels=s.fpixels, mask=s.mask,
+                    oversample_factors=(s.oversample_thick, s.oversample_polar, s.oversample_omega),
+                    running_product=self.config.compat.oversample_running_product)
 
     def _fast_plan(self) -> Optional[FastPlan]:
         """The fused-kernel plan for this simulation, or None where only the eager kernel applies.
@@ -508,14 +520,11 @@ class Simulation:
             use = fast_enabled()
         if not use:
             return None
-        s = self.setup
-        if s.oversample_thick or s.oversample_polar or s.oversample_omega:
-            return None  # C's running-product rules: eager reduce only
         cached = self.__dict__.get("_fast_plan_cache")
         if cached is None:
             kt = self._tensors
             plan = None
-            packing = dict(I_bg=s.I_bg, scale=R_E_SQR * s.fluence / s.steps, fpixels=s.fpixels, mask=s.mask)
+            packing = self.plan_arguments()
             if fast_unsupported(kt) is None:
                 plan = FastPlan(kt, **packing)
             elif kt.device.type == "cuda":

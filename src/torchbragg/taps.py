@@ -197,7 +197,9 @@ def run_tap(sim, slow: int, fast: int, taps: Sequence[str] = ("hkl_subpixel",)) 
                 "omega_applied_sr": _maybe(red["omega_applied"]),
                 "rule": ("solid angle of the first subpixel, applied once to the pixel (C's cached value)"
                          if not s.oversample_omega else
-                         "-oversample_omega: C multiplies the running sum by each subpixel's solid angle"),
+                         "-oversample_omega: C multiplies the running sum by each subpixel's solid angle"
+                         if sim.config.compat.oversample_running_product else
+                         "-oversample_omega -fix_oversample: each term weighted by its subpixel's solid angle"),
                 "point_pixel": s.point_pixel,
             }
         elif name == "intensity":
@@ -301,6 +303,9 @@ def _config_block(sim) -> dict:
         "default_F": info["default_F"],
         "interpolate": s.interpolate,
         "phi0_reuse": sim.config.compat.phi0_reuse,
+        "oversample_factors": {"thick": s.oversample_thick, "polar": s.oversample_polar,
+                               "omega": s.oversample_omega,
+                               "running_product": sim.config.compat.oversample_running_product},
         "shape": [s.spixels, s.fpixels],
         "wavelength_A": s.lambda0 * 1e10,
         "N": list(s.N),

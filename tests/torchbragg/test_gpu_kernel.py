@@ -17,7 +17,6 @@ import torch
 
 import torchbragg
 from torchbragg.gpu_kernel import GpuPlan, gpu_source, gpu_unsupported, nvrtc_compile, nvrtc_library
-from torchbragg.setup import R_E_SQR
 
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64, id="float64")]
 TAP = ["-cell", "100", "100", "100", "90", "90", "90", "-N", "5", "-default_F", "100", "-lambda", "0.5",
@@ -26,9 +25,7 @@ TAP = ["-cell", "100", "100", "100", "90", "90", "90", "-N", "5", "-default_F", 
 
 def gpu_emulated(sim: torchbragg.Simulation) -> GpuPlan:
     """Make ``sim`` render with the host build of the GPU kernel; returns the plan."""
-    s = sim.setup
-    plan = GpuPlan(sim._tensors, I_bg=s.I_bg, scale=R_E_SQR * s.fluence / s.steps, fpixels=s.fpixels,
-                   mask=s.mask, emulate=True)
+    plan = GpuPlan(sim._tensors, emulate=True, **sim.plan_arguments())
     assert plan.function(False) is not None, "the host build of gpu_render.cu failed"
     sim.__dict__["_fast_plan_cache"] = (plan,)
     return plan
@@ -127,10 +124,11 @@ def _nvrtc_available() -> bool:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", ["square", "round", "gauss", "tophat"])
 def test_every_cuda_variant_compiles_for_hopper(dtype, shape):
-    for table, count, interp in ((False, False, False), (False, True, False), (True, False, False),
-                                 (True, True, False), (True, False, True)):
-        image, kind = nvrtc_compile(gpu_source(dtype, shape, table, count, interp), 90)
-        assert kind == "cubin" and image[:4] == b"\x7fELF", (shape, table, count, interp)
+    for table, count, interp, over in ((False, False, False, 0), (False, True, False, 0), (True, False, False, 0),
+                                       (True, True, False, 0), (True, False, True, 0), (True, True, False, 1),
+                                       (False, False, False, 2), (True, False, True, 2)):
+        image, kind = nvrtc_compile(gpu_source(dtype, shape, table, count, interp, over), 90)
+        assert kind == "cubin" and image[:4] == b"\x7fELF", (shape, table, count, interp, over)
 
 
 @pytest.mark.skipif(not _nvrtc_available(), reason="NVRTC library not installed")
