@@ -181,7 +181,6 @@ def evaluate_block(kt: KernelTensors, rows: torch.Tensor, cols: torch.Tensor, *,
     """
     dt, dev = kt.dtype, kt.device
     gdt = kt.fdet.dtype  # geometry dtype: float64
-    R, C = rows.numel(), cols.numel()
     os_ = kt.oversample
     T = kt.thick_offsets.numel()
     S = kt.incident.shape[0]

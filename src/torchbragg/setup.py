@@ -12,15 +12,12 @@ the caller's device and dtype.
 from __future__ import annotations
 
 import math
-import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .arguments import ArgumentError
 from .config import CONVENTIONS, SimulationConfig
 from .rotations import rotate_axis, rotate_xyz, unit
 

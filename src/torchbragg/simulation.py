@@ -13,7 +13,7 @@ import torch
 
 from .arguments import parse_args
 from .config import SimulationConfig
-from .kernel import (LOOKUP_REASONS, ROW_STATS, FastPlan, KernelTensors, combine_row_statistics, evaluate_block,
+from .kernel import (ROW_STATS, FastPlan, KernelTensors, combine_row_statistics, evaluate_block,
                      evaluation_ordinals, fallback_count_dtype, fast_enabled, fast_unsupported, fused_unsupported,
                      interp_out_of_range, row_statistics)
 from .rotations import axis_rotation_matrix
