@@ -31,6 +31,17 @@ typedef uint8_t u8;
 
 typedef TB_REAL real;
 
+// v turned by angle about the unit axis a (Rodrigues' formula, the eager kernel's order of operations)
+TB_HD void tb_rotate(double* v, const double* a, double angle) {
+    const double c = cos(angle), s = sin(angle);
+    const double x = v[0], y = v[1], z = v[2];
+    const double dot = x * a[0] + y * a[1] + z * a[2];
+    const double cx = a[1] * z - a[2] * y, cy = a[2] * x - a[0] * z, cz = a[0] * y - a[1] * x;
+    v[0] = a[0] * dot * (1.0 - c) + x * c + cx * s;
+    v[1] = a[1] * dot * (1.0 - c) + y * c + cy * s;
+    v[2] = a[2] * dot * (1.0 - c) + z * c + cz * s;
+}
+
 // sin(pi r) for |r| <= 0.5: Taylor series of sin z, z = pi r (truncation below rounding)
 TB_HD real tb_sin_poly(real r) {
     const real z = r * (real)3.14159265358979323846;
@@ -138,9 +149,18 @@ TB_HD TbPixel tb_pixel(const double* __restrict__ dp, const i64* __restrict__ ip
             const double Sdet = ((double)(row * os) + ((double)ss + 0.5)) * sub;
             for (i64 sf = 0; sf < os; ++sf) {
                 const double Fdet = ((double)(col * os) + ((double)sf + 0.5)) * sub;
-                const double px = Fdet * fx + Sdet * sx + toff * ox + p0x;
-                const double py = Fdet * fy + Sdet * sy + toff * oy + p0y;
-                const double pz = Fdet * fz + Sdet * sz + toff * oz + p0z;
+                double px = Fdet * fx + Sdet * sx + toff * ox + p0x;
+                double py = Fdet * fy + Sdet * sy + toff * oy + p0y;
+                double pz = Fdet * fz + Sdet * sz + toff * oz + p0z;
+                if (ip[I_curved] != 0) {
+                    // -curved_det: the flat position's lab y and z are arc lengths at the sample distance:
+                    // distance*beam turned about the slow axis by y/distance, then the fast axis by z/distance
+                    const double dist = dp[D_distance];
+                    double v[3] = {dist * dp[D_beam + 0], dist * dp[D_beam + 1], dist * dp[D_beam + 2]};
+                    tb_rotate(v, dp + D_sdet, py / dist);
+                    tb_rotate(v, dp + D_fdet, pz / dist);
+                    px = v[0]; py = v[1]; pz = v[2];
+                }
                 const double air = sqrt(px * px + py * py + pz * pz);
                 const double inv = 1.0 / air;
                 const double dx = px * inv, dy = py * inv, dz = pz * inv;

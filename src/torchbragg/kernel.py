@@ -373,9 +373,9 @@ def _interpolate(kt, hkl, F_cell, reason, skipped, rows, cols, fpixels, E, cutof
 # compiled once per (dtype, crystal shape, table, fallback-count, interpolation,
 # -oversample_* rule) variant with the system C++ compiler into a per-user
 # cache folder and loaded with ctypes (no torch headers, so a first compile
-# takes about a second). Anything it cannot do (curved detectors, fractional N
-# with square crystals, the row where interpolation switches off, the first
-# pixel's phi=0 quirk) is left to the eager kernel
+# takes about a second). Anything it cannot do (fractional N with square
+# crystals, the row where interpolation switches off, the first pixel's phi=0
+# quirk) is left to the eager kernel
 # by the caller. The interpolating variants also export ``tb_scan``, C's
 # interpolation switch-off scan (:meth:`FastPlan.scan`). ``TORCHBRAGG_FAST=0``
 # switches it off; taps always use the eager kernel.
@@ -383,10 +383,10 @@ def _interpolate(kt, hkl, F_cell, reason, skipped, rows, cols, fpixels, E, cutof
 _D_FIELDS = (("fdet", 3), ("sdet", 3), ("odet", 3), ("pix0", 3), ("subpixel", 1), ("pixel", 1),
              ("close", 1), ("thickstep", 1), ("mu", 1), ("dmin", 1), ("kahn", 1), ("I_bg", 1),
              ("scale", 1), ("N", 3), ("default_F", 1), ("fudge", 1), ("a_star", 9), ("N2prod", 1),
-             ("Nprod", 1), ("scan_eps", 1))
+             ("Nprod", 1), ("scan_eps", 1), ("beam", 3), ("distance", 1))
 _I_FIELDS = (("oversample", 1), ("T", 1), ("S", 1), ("P", 1), ("M", 1), ("fpixels", 1), ("point_pixel", 1),
              ("nopolar", 1), ("thick_on", 1), ("dmin_on", 1), ("water", 1), ("bounds", 6),
-             ("count_bytes", 1), ("ov_thick", 1), ("ov_polar", 1), ("ov_omega", 1))
+             ("count_bytes", 1), ("ov_thick", 1), ("ov_polar", 1), ("ov_omega", 1), ("curved", 1))
 
 
 def _field_offsets(fields):
@@ -419,6 +419,26 @@ typedef TB_REAL real;
         w2 = -tp1_ * (t) * tm2_ / 2.0;                                    \
         w3 = tp1_ * (t) * tm1_ / 6.0;                                     \
     }
+
+// v turned by angle about the unit axis a (Rodrigues' formula, the eager kernel's order of operations)
+static inline void tb_rotate(double& x, double& y, double& z, const double* a, double angle) {
+    const double c = std::cos(angle), s = std::sin(angle);
+    const double dot = x * a[0] + y * a[1] + z * a[2];
+    const double cx = a[1] * z - a[2] * y, cy = a[2] * x - a[0] * z, cz = a[0] * y - a[1] * x;
+    x = a[0] * dot * (1.0 - c) + x * c + cx * s;
+    y = a[1] * dot * (1.0 - c) + y * c + cy * s;
+    z = a[2] * dot * (1.0 - c) + z * c + cz * s;
+}
+
+// -curved_det: C takes the flat position's lab y and z (metres) as arc lengths at the sample distance:
+// the point distance*beam turned about the slow axis by y/distance, then about the fast axis by z/distance
+static inline void tb_curve(double& px, double& py, double& pz, const double* dp) {
+    const double dist = dp[D_distance], a1 = py / dist, a2 = pz / dist;
+    double x = dist * dp[D_beam + 0], y = dist * dp[D_beam + 1], z = dist * dp[D_beam + 2];
+    tb_rotate(x, y, z, dp + D_sdet, a1);
+    tb_rotate(x, y, z, dp + D_fdet, a2);
+    px = x; py = y; pz = z;
+}
 
 // sin(pi r) for |r| <= 0.5: Taylor series of sin z, z = pi r (truncation below rounding)
 static inline real sin_poly(real r) {
@@ -491,6 +511,7 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
     const int64_t fpixels = ip[I_fpixels];
     const bool point_pixel = ip[I_point_pixel] != 0, nopolar = ip[I_nopolar] != 0;
     const bool thick_on = ip[I_thick_on] != 0, dmin_on = ip[I_dmin_on] != 0, water = ip[I_water] != 0;
+    const bool curved = ip[I_curved] != 0;
     const double sub = dp[D_subpixel], pix = dp[D_pixel], close = dp[D_close];
     const double fx = dp[D_fdet + 0], fy = dp[D_fdet + 1], fz = dp[D_fdet + 2];
     const double sx_ = dp[D_sdet + 0], sy_ = dp[D_sdet + 1], sz_ = dp[D_sdet + 2];
@@ -564,9 +585,11 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
 #pragma omp simd
                         for (int c = 0; c < n; ++c) {
                             const double Fdet = ((double)((cstart + c) * os) + fo) * sub;
-                            const double px = Fdet * fx + bx + toff * ox + p0x;
-                            const double py = Fdet * fy + by + toff * oy + p0y;
-                            const double pz = Fdet * fz + bz + toff * oz + p0z;
+                            double px = Fdet * fx + bx + toff * ox + p0x;
+                            double py = Fdet * fy + by + toff * oy + p0y;
+                            double pz = Fdet * fz + bz + toff * oz + p0z;
+                            if (curved)
+                                tb_curve(px, py, pz, dp);
                             const double air = std::sqrt(px * px + py * py + pz * pz);
                             const double inv = 1.0 / air;
                             dx[c] = px * inv; dy[c] = py * inv; dz[c] = pz * inv;
@@ -836,7 +859,7 @@ extern "C" int tb_scan(const double* dp, const int64_t* ip, const double* lattic
                        int64_t* result) {
     const int64_t os = ip[I_oversample], T = ip[I_T], S = ip[I_S], P = ip[I_P], M = ip[I_M];
     const int64_t fpixels = ip[I_fpixels];
-    const bool dmin_on = ip[I_dmin_on] != 0, water = ip[I_water] != 0;
+    const bool dmin_on = ip[I_dmin_on] != 0, water = ip[I_water] != 0, curved = ip[I_curved] != 0;
     const double sub = dp[D_subpixel];
     const double fx = dp[D_fdet + 0], fy = dp[D_fdet + 1], fz = dp[D_fdet + 2];
     const double sx_ = dp[D_sdet + 0], sy_ = dp[D_sdet + 1], sz_ = dp[D_sdet + 2];
@@ -883,9 +906,11 @@ extern "C" int tb_scan(const double* dp, const int64_t* ip, const double* lattic
 #pragma omp simd
                         for (int c = 0; c < n; ++c) {
                             const double Fdet = ((double)((cstart + c) * os) + fo) * sub;
-                            const double px = Fdet * fx + bx + toff * ox + p0x;
-                            const double py = Fdet * fy + by + toff * oy + p0y;
-                            const double pz = Fdet * fz + bz + toff * oz + p0z;
+                            double px = Fdet * fx + bx + toff * ox + p0x;
+                            double py = Fdet * fy + by + toff * oy + p0y;
+                            double pz = Fdet * fz + bz + toff * oz + p0z;
+                            if (curved)
+                                tb_curve(px, py, pz, dp);
                             const double inv = 1.0 / std::sqrt(px * px + py * py + pz * pz);
                             dx[c] = px * inv; dy[c] = py * inv; dz[c] = pz * inv;
                         }
@@ -1225,8 +1250,6 @@ def fast_unsupported(kt: KernelTensors) -> Optional[str]:
 
 def fused_unsupported(kt: KernelTensors) -> Optional[str]:
     """Why neither fused kernel (CPU or GPU) covers this set-up, whatever the device (None: they do)."""
-    if kt.curved:
-        return "curved detector"
     if kt.shape not in _SHAPE_CODES:
         return f"crystal shape {kt.shape}"
     if kt.shape == "square" and any(n > 1 and n != int(n) for n in kt.N):
@@ -1258,6 +1281,8 @@ class FastPlan:
         d[_D_OFF["subpixel"]] = kt.subpixel_size
         d[_D_OFF["pixel"]] = kt.pixel_size
         d[_D_OFF["close"]] = kt.close_distance
+        d[_D_OFF["beam"]:_D_OFF["beam"] + 3] = g(kt.beam)
+        d[_D_OFF["distance"]] = kt.distance
         d[_D_OFF["thickstep"]] = kt.thickstep
         d[_D_OFF["mu"]] = kt.mu
         d[_D_OFF["dmin"]] = kt.dmin_A
@@ -1286,6 +1311,7 @@ class FastPlan:
         i[_I_OFF["T"]], i[_I_OFF["S"]], i[_I_OFF["P"]], i[_I_OFF["M"]] = T, S, P, M
         i[_I_OFF["fpixels"]] = self.fpixels
         i[_I_OFF["point_pixel"]] = int(kt.point_pixel)
+        i[_I_OFF["curved"]] = int(kt.curved)
         i[_I_OFF["nopolar"]] = int(kt.nopolar)
         i[_I_OFF["thick_on"]] = int(kt.thick > 0)
         i[_I_OFF["dmin_on"]] = int(kt.dmin_A > 0)

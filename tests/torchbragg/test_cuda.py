@@ -71,11 +71,15 @@ def test_cuda_tap_equals_cpu_tap():
     assert a.final_intensity == pytest.approx(b.final_intensity, rel=1e-5)
 
 
-def test_cuda_eager_kernel_where_the_gpu_kernel_does_not_apply():
+@pytest.mark.parametrize("extra", [[], ["-curved_det", "-oversample_omega", "-mosaic", "0.3", "-mosaic_domains", "2"]],
+                         ids=["plain", "curved_oversample_omega"])
+def test_cuda_eager_kernel(extra):
+    """The PyTorch kernel on the GPU (TORCHBRAGG_FAST=0, and what taps run) gives the CPU image."""
     args = torchbragg.TAP_CONFIG_ARGS[:]
     args[args.index("-detpixels") + 1] = "64"
-    args += ["-curved_det"]
+    args += extra
     gpu = torchbragg.Simulation.from_args(args, device="cuda")
+    gpu.use_fast_kernel = False
     assert gpu._fast_plan() is None
     a = gpu.render().cpu()
     b = torchbragg.Simulation.from_args(args).render()

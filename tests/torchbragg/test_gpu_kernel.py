@@ -11,6 +11,7 @@ device-code error fails here rather than on a GPU machine.
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -106,10 +107,31 @@ def test_gpu_kernel_mask_and_roi(tmp_path):
 
 
 def test_gpu_plan_refuses_what_it_cannot_render():
-    sim = torchbragg.Simulation.from_args(TAP + ["-detpixels", "16", "-curved_det"])
+    sim = torchbragg.Simulation.from_args(TAP + ["-detpixels", "16"])
     assert gpu_unsupported(sim._tensors) == "not a CUDA render"
-    with pytest.raises(ValueError, match="curved"):
+    # fractional N with a square crystal (from a crystal size) is the eager kernel's alone
+    sim._tensors = dataclasses.replace(sim._tensors, N=(4.5, 5.0, 5.0))
+    with pytest.raises(ValueError, match="fractional N"):
         gpu_emulated(sim)
+
+
+@pytest.mark.parametrize("extra", [[], ["-detector_rotx", "5", "-detector_roty", "3", "-twotheta", "10"],
+                                   ["-detector_thick", "100", "-detector_thicksteps", "2", "-detector_abs", "300"]],
+                         ids=["plain", "rotated", "thick"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_curved_detector_in_every_kernel(extra, dtype):
+    args = TAP[:-8] + ["-detpixels", "40", "-oversample", "2", "-curved_det", "-distance", "50",
+                        "-pixel", "1"] + extra
+    eager = torchbragg.Simulation.from_args(args, dtype=dtype)
+    eager.use_fast_kernel = False
+    a = eager.render().double()
+    flat = torchbragg.Simulation.from_args([x for x in args if x != "-curved_det"], dtype=dtype).render().double()
+    assert float((a - flat).abs().max()) > 0.1 * float(a.abs().max())  # the curvature matters here
+    a_fused, b, fused, gpu = both(args, dtype)
+    assert fused._fast_plan() is not None
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    for img in (a_fused, b):
+        assert float((a - img.double()).abs().max()) <= tol * float(a.abs().max())
 
 
 def _nvrtc_available() -> bool:
