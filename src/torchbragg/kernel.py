@@ -582,14 +582,22 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                         const double fo = (double)sf + 0.5;
                         const bool first_sub_px = (t == 0 && ss == 0 && sf == 0);
                         const bool last_cap = (t == last_t && ss == 0 && sf == 0);
+                        if (curved) {  // positions on the sphere first (a loop of its own keeps the flat one vectorised)
+                            for (int c = 0; c < n; ++c) {
+                                const double Fdet = ((double)((cstart + c) * os) + fo) * sub;
+                                double px = Fdet * fx + bx + toff * ox + p0x;
+                                double py = Fdet * fy + by + toff * oy + p0y;
+                                double pz = Fdet * fz + bz + toff * oz + p0z;
+                                tb_curve(px, py, pz, dp);
+                                dx[c] = px; dy[c] = py; dz[c] = pz;
+                            }
+                        }
 #pragma omp simd
                         for (int c = 0; c < n; ++c) {
                             const double Fdet = ((double)((cstart + c) * os) + fo) * sub;
-                            double px = Fdet * fx + bx + toff * ox + p0x;
-                            double py = Fdet * fy + by + toff * oy + p0y;
-                            double pz = Fdet * fz + bz + toff * oz + p0z;
-                            if (curved)
-                                tb_curve(px, py, pz, dp);
+                            const double px = curved ? dx[c] : Fdet * fx + bx + toff * ox + p0x;
+                            const double py = curved ? dy[c] : Fdet * fy + by + toff * oy + p0y;
+                            const double pz = curved ? dz[c] : Fdet * fz + bz + toff * oz + p0z;
                             const double air = std::sqrt(px * px + py * py + pz * pz);
                             const double inv = 1.0 / air;
                             dx[c] = px * inv; dy[c] = py * inv; dz[c] = pz * inv;
@@ -903,14 +911,22 @@ extern "C" int tb_scan(const double* dp, const int64_t* ip, const double* lattic
                     const double bx = Sdet * sx_, by = Sdet * sy_, bz = Sdet * sz_;
                     for (int64_t sf = 0; sf < os; ++sf) {
                         const double fo = (double)sf + 0.5;
+                        if (curved) {  // positions on the sphere first (see tb_render)
+                            for (int c = 0; c < n; ++c) {
+                                const double Fdet = ((double)((cstart + c) * os) + fo) * sub;
+                                double px = Fdet * fx + bx + toff * ox + p0x;
+                                double py = Fdet * fy + by + toff * oy + p0y;
+                                double pz = Fdet * fz + bz + toff * oz + p0z;
+                                tb_curve(px, py, pz, dp);
+                                dx[c] = px; dy[c] = py; dz[c] = pz;
+                            }
+                        }
 #pragma omp simd
                         for (int c = 0; c < n; ++c) {
                             const double Fdet = ((double)((cstart + c) * os) + fo) * sub;
-                            double px = Fdet * fx + bx + toff * ox + p0x;
-                            double py = Fdet * fy + by + toff * oy + p0y;
-                            double pz = Fdet * fz + bz + toff * oz + p0z;
-                            if (curved)
-                                tb_curve(px, py, pz, dp);
+                            const double px = curved ? dx[c] : Fdet * fx + bx + toff * ox + p0x;
+                            const double py = curved ? dy[c] : Fdet * fy + by + toff * oy + p0y;
+                            const double pz = curved ? dz[c] : Fdet * fz + bz + toff * oz + p0z;
                             const double inv = 1.0 / std::sqrt(px * px + py * py + pz * pz);
                             dx[c] = px * inv; dy[c] = py * inv; dz[c] = pz * inv;
                         }
