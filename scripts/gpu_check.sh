@@ -9,6 +9,12 @@
 #   bench.txt, bench/<STAMP>/bench.json   torchbragg bench --device cuda (cold and warm)
 # The C program's images are read from .golden/ when it holds a copy of ../shared/golden
 # (the device machine sees only the repository), else the small copies in tests/data.
+# From a workplace session with a device lent (35 MB of golden data travel with the tree):
+#   cp -r ../shared/golden .golden && echo /.golden/ >> .git/info/exclude
+#   run(command="bash scripts/gpu_check.sh", carry=[".golden"], timeout_s=560)
+# then copy the returned bench/<STAMP>/bench.json into reports/benchmarks/<STAMP>/.
+# Each step has its own time limit (tests 200 s, timing 90 s, bench 240 s) so one slow
+# step cannot take the others' results with it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_check_out}
@@ -22,10 +28,10 @@ export TORCHBRAGG_CACHE_DIR=${TORCHBRAGG_CACHE_DIR:-/tmp/torchbragg-kernels}
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/gpu.txt"
 
-timeout "${GPU_CHECK_TEST_S:-240}" $PY -m pytest -q -rs tests/torchbragg/test_cuda.py tests/torchbragg/test_gpu_kernel.py \
+timeout "${GPU_CHECK_TEST_S:-200}" $PY -m pytest -q -rs tests/torchbragg/test_cuda.py tests/torchbragg/test_gpu_kernel.py \
   2>&1 | tail -n 60 | tee "$OUT/pytest.txt"
 
-timeout 120 $PY - <<'PYEOF' 2>&1 | tee "$OUT/timing.txt"
+timeout 90 $PY - <<'PYEOF' 2>&1 | tee "$OUT/timing.txt"
 import time, torch, torchbragg
 args = torchbragg.TAP_CONFIG_ARGS
 for dtype in (torch.float32, torch.float64):
@@ -56,5 +62,5 @@ for dtype in (torch.float32, torch.float64):
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14))
 PYEOF
 
-timeout 300 $PY -m torchbragg bench --device cuda --configs tap4096,defaultF4096 --dtype both --repeats 20 \
+timeout 240 $PY -m torchbragg bench --device cuda --configs tap4096,defaultF4096 --dtype both --repeats 20 \
   --no-tap-process --out "$OUT/bench" 2>&1 | tee "$OUT/bench.txt"

@@ -299,6 +299,9 @@ class GpuPlan:
     #: evaluations per launch: one launch covers a 4096² image at 4 evaluations per pixel; the
     #: block size only sets how often progress and cancellation are checked
     evaluations_per_chunk = 1 << 27
+    #: ... but at least this many pixels per launch (one thread each), so that a set-up with many
+    #: evaluations per pixel still fills the GPU
+    min_pixels_per_chunk = 1 << 20
 
     def __init__(self, kt: KernelTensors, *, I_bg: float, scale: float, fpixels: int,
                  mask: Optional[np.ndarray] = None, emulate: bool = False,

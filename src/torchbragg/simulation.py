@@ -573,8 +573,10 @@ class Simulation:
         with torch.no_grad():
             for mode, seg_lo, seg_hi in segments:
                 per_chunk = getattr(plan, "evaluations_per_chunk", FAST_EVALUATIONS_PER_CHUNK)
+                # a GPU needs many pixels (threads) per launch to be busy, however many evaluations each has
+                min_rows = -(-getattr(plan, "min_pixels_per_chunk", 0) // max(1, ncols))
                 step = self.chunk_rows if mode == "eager" else max(
-                    1, per_chunk // max(1, ncols * self.evaluations_per_pixel))
+                    1, min_rows, per_chunk // max(1, ncols * self.evaluations_per_pixel))
                 for r0 in range(seg_lo, seg_hi + 1, step):
                     if should_cancel is not None and should_cancel():
                         raise RenderCancelled("render cancelled")

@@ -158,3 +158,25 @@ def test_nvrtc_errors_name_the_file_and_line():
     with pytest.raises(RuntimeError, match=r"gpu_render\.cu\(\d+\).*undefined"):
         nvrtc_compile(gpu_source(torch.float32, "square", False, False, False).replace(
             "acc += (double)I;", "acc += (double)I + not_a_name;"), 90)
+
+
+def test_gpu_kernel_in_many_launches_equals_one(reference_case, tmp_path):
+    """Row blocks (launches), their statistics and fallback maps combine to the one-launch result."""
+    case = reference_case("cubic_hkl_mosflm")
+    case.stage(tmp_path)
+    roi = ["-roi", "103", "160", "85", "130"]  # 58 x 46 pixels holding spots of the sparse image
+    one = torchbragg.Simulation.from_args(case.args + roi, cwd=tmp_path)
+    many = torchbragg.Simulation.from_args(case.args + roi, cwd=tmp_path)
+    gpu_emulated(one)
+    plan = gpu_emulated(many)
+    plan.evaluations_per_chunk = 7 * 58 * many.evaluations_per_pixel  # 7 rows of the ROI per launch
+    plan.min_pixels_per_chunk = 0
+    progress = []
+    (a, fa), (b, fb) = one.render_with_fallback(), many.render_with_fallback(progress=lambda d, t: progress.append(d))
+    assert len(progress) == 7 and progress[-1] == 46
+    assert torch.equal(a, b) and torch.equal(fa.counts, fb.counts) and torch.equal(fa.reason, fb.reason)
+    assert float(a[:85].abs().max()) == float(a[131:].abs().max()) == float(a[:, :103].abs().max()) == 0.0
+    assert float(a[85:131, 103:161].abs().sum()) > 0
+    sa, sb = one.last_stats, many.last_stats
+    assert (sa.pixels, sa.max_pixel) == (sb.pixels, sb.max_pixel) == (46 * 58, sb.max_pixel)
+    assert (sa.mean, sa.rms, sa.rmsd) == pytest.approx((sb.mean, sb.rms, sb.rmsd), rel=1e-12)
