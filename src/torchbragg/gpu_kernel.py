@@ -39,8 +39,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .kernel import (_D_OFF, _I_OFF, _SHAPE_CODES, ROW_STATS, FastPlan, KernelTensors, _compiler, fused_unsupported,
-                     kernel_cache_dir, row_statistics)
+from .kernel import (_SHAPE_CODES, ROW_STATS, FastPlan, KernelTensors, _compiler, fused_unsupported,
+                     kernel_cache_dir, kernel_source, row_statistics)
 
 __all__ = ["GpuPlan", "gpu_unsupported", "gpu_source", "nvrtc_compile", "nvrtc_library"]
 
@@ -58,14 +58,14 @@ def gpu_unsupported(kt: KernelTensors) -> Optional[str]:
 
 
 def gpu_source(dtype: torch.dtype, shape: str, table: bool, count: bool, interp: bool, over: int = 0) -> str:
-    """The kernel source of one variant: parameter indices and variant switches, then gpu_render.cu."""
+    """The kernel source of one variant: parameter indices, variant switches, gpu_render.cu (with
+    kernel_math.h)."""
     double = dtype == torch.float64
-    lines = [f"#define D_{k} {v}" for k, v in _D_OFF.items()] + [f"#define I_{k} {v}" for k, v in _I_OFF.items()]
-    lines += [f"#define TB_REAL {'double' if double else 'float'}", f"#define TB_DOUBLE {int(double)}",
-              f"#define TB_SHAPE {_SHAPE_CODES[shape]}", f"#define TB_TABLE {int(table)}",
-              f"#define TB_COUNT {int(count)}", f"#define TB_INTERP {int(interp and table)}",
-              f"#define TB_OVER {int(over)}"]
-    return "\n".join(lines) + "\n" + SOURCE_PATH.read_text()
+    lines = [f"#define TB_REAL {'double' if double else 'float'}", f"#define TB_DOUBLE {int(double)}",
+             f"#define TB_SHAPE {_SHAPE_CODES[shape]}", f"#define TB_TABLE {int(table)}",
+             f"#define TB_COUNT {int(count)}", f"#define TB_INTERP {int(interp and table)}",
+             f"#define TB_OVER {int(over)}"]
+    return kernel_source("\n".join(lines) + "\n" + SOURCE_PATH.read_text())
 
 
 # ----------------------------------------------------------------- NVRTC

@@ -31,65 +31,7 @@ typedef uint8_t u8;
 
 typedef TB_REAL real;
 
-// v turned by angle about the unit axis a (Rodrigues' formula, the eager kernel's order of operations)
-TB_HD void tb_rotate(double* v, const double* a, double angle) {
-    const double c = cos(angle), s = sin(angle);
-    const double x = v[0], y = v[1], z = v[2];
-    const double dot = x * a[0] + y * a[1] + z * a[2];
-    const double cx = a[1] * z - a[2] * y, cy = a[2] * x - a[0] * z, cz = a[0] * y - a[1] * x;
-    v[0] = a[0] * dot * (1.0 - c) + x * c + cx * s;
-    v[1] = a[1] * dot * (1.0 - c) + y * c + cy * s;
-    v[2] = a[2] * dot * (1.0 - c) + z * c + cz * s;
-}
-
-// sin(pi r) for |r| <= 0.5: Taylor series of sin z, z = pi r (truncation below rounding)
-TB_HD real tb_sin_poly(real r) {
-    const real z = r * (real)3.14159265358979323846;
-    const real z2 = z * z;
-    real p;
-#if TB_DOUBLE
-    p = (real)(-1.0 / 51090942171709440000.0);
-    p = p * z2 + (real)(1.0 / 121645100408832000.0);
-    p = p * z2 + (real)(-1.0 / 355687428096000.0);
-    p = p * z2 + (real)(1.0 / 1307674368000.0);
-    p = p * z2 + (real)(-1.0 / 6227020800.0);
-#else
-    p = (real)(-1.0 / 6227020800.0);
-#endif
-    p = p * z2 + (real)(1.0 / 39916800.0);
-    p = p * z2 + (real)(-1.0 / 362880.0);
-    p = p * z2 + (real)(1.0 / 5040.0);
-    p = p * z2 + (real)(-1.0 / 120.0);
-    p = p * z2 + (real)(1.0 / 6.0);
-    return z - z * z2 * p;  // sin z = z - z^3/3! + z^5/5! - ...
-}
-
-// sin(pi y) for any y: reduce by the nearest integer k, sign (-1)^k
-TB_HD real tb_sinpi(real y) {
-    const real k = rint(y);
-    const real half = k * (real)0.5;
-    const real odd = half - floor(half);  // 0 or 0.5
-    return ((real)1 - (real)4 * odd) * tb_sin_poly(y - k);
-}
-
-// sin(pi N h) / sin(pi h) through f = h - h0, h0 the nearest integer
-TB_HD real tb_sincg(real f, double h0, real n, bool n_even) {
-    const real v = (f == (real)0) ? n : tb_sinpi(n * f) / tb_sin_poly(f);
-    const double half = h0 * 0.5;
-    const bool odd = (half - floor(half)) != 0.0;
-    return (n_even && odd) ? -v : v;
-}
-
-#if TB_TABLE && TB_INTERP
-// Lagrange weights of the four points -1, 0, 1, 2 at t (float64 like the eager kernel)
-TB_HD void tb_lagrange(double t, double* w) {
-    const double tm1 = t - 1.0, tm2 = t - 2.0, tp1 = t + 1.0;
-    w[0] = -t * tm1 * tm2 / 6.0;
-    w[1] = tp1 * tm1 * tm2 / 2.0;
-    w[2] = -tp1 * t * tm2 / 2.0;
-    w[3] = tp1 * t * tm1 / 6.0;
-}
-#endif
+// @include kernel_math.h
 
 // What one pixel's evaluations give: the image value (before the mask), the solid angle of its
 // first subpixel, and the fallback counts (evaluations that used default_F, and those of them
@@ -152,13 +94,9 @@ TB_HD TbPixel tb_pixel(const double* __restrict__ dp, const i64* __restrict__ ip
                 double px = Fdet * fx + Sdet * sx + toff * ox + p0x;
                 double py = Fdet * fy + Sdet * sy + toff * oy + p0y;
                 double pz = Fdet * fz + Sdet * sz + toff * oz + p0z;
-                if (ip[I_curved] != 0) {
-                    // -curved_det: the flat position's lab y and z are arc lengths at the sample distance:
-                    // distance*beam turned about the slow axis by y/distance, then the fast axis by z/distance
-                    const double dist = dp[D_distance];
-                    double v[3] = {dist * dp[D_beam + 0], dist * dp[D_beam + 1], dist * dp[D_beam + 2]};
-                    tb_rotate(v, dp + D_sdet, py / dist);
-                    tb_rotate(v, dp + D_fdet, pz / dist);
+                if (ip[I_curved] != 0) {  // -curved_det
+                    double v[3] = {px, py, pz};
+                    tb_curve(v, dp);
                     px = v[0]; py = v[1]; pz = v[2];
                 }
                 const double air = sqrt(px * px + py * py + pz * pz);
@@ -191,15 +129,8 @@ TB_HD TbPixel tb_pixel(const double* __restrict__ dp, const i64* __restrict__ ip
                     }
                     double polar = 1.0;
                     if ((!found && !dskip) || ov_polar) {
-                        // C applies the polarisation of the first (subpixel, source) that -dmin does not
-                        // skip; cos(2 psi), psi = -atan2(d.B, d.E), as (x^2 - y^2) / (x^2 + y^2)
-                        const double cos2t = dx * ix + dy * iy + dz * iz;
-                        const double c2 = cos2t * cos2t, s2 = 1.0 - c2;
-                        const double yb = dx * sp[4] + dy * sp[5] + dz * sp[6];
-                        const double xe = dx * sp[7] + dy * sp[8] + dz * sp[9];
-                        const double r2 = xe * xe + yb * yb;
-                        const double cos2psi = r2 > 0.0 ? (xe * xe - yb * yb) / r2 : 1.0;
-                        polar = nopolar ? 1.0 : 0.5 * (1.0 + c2 - kahn * cos2psi * s2);
+                        // C applies the polarisation of the first (subpixel, source) that -dmin does not skip
+                        polar = tb_polar(dx, dy, dz, sp, kahn, nopolar);
                         if (!found && !dskip) {
                             pol_first = polar;
                             found = true;

@@ -405,78 +405,29 @@ _FAST_SOURCE = r"""// torchbragg fused render kernel. Compiled on first use by t
 // (TB_OVER: -oversample_thick/_polar/_omega factors per evaluation, 1 as C's running product of the
 // pixel's sum, 2 each term weighted by its own factors; which factors: I_ov_*);
 // the parameter indices (D_*, I_*) are generated from kernel.py and prepended.
+#include <math.h>
 #include <cmath>
 #include <cstdint>
 
 typedef TB_REAL real;
 #define CB 256
 
-#define TB_LAGRANGE(t, w0, w1, w2, w3)                                   \
-    {                                                                     \
-        const double tm1_ = (t) - 1.0, tm2_ = (t) - 2.0, tp1_ = (t) + 1.0; \
-        w0 = -(t) * tm1_ * tm2_ / 6.0;                                    \
-        w1 = tp1_ * tm1_ * tm2_ / 2.0;                                    \
-        w2 = -tp1_ * (t) * tm2_ / 2.0;                                    \
-        w3 = tp1_ * (t) * tm1_ / 6.0;                                     \
+#define TB_HD static inline
+// @include kernel_math.h
+
+// -curved_det positions of a block of n columns from cstart (fast subpixel offset fo, slow part bx..bz,
+// sensor layer offset toff), the flat position's arithmetic of the render loop, then tb_curve
+static inline void tb_curved_block(double* X, double* Y, double* Z, int n, int64_t cstart, int64_t os, double fo,
+                                   double bx, double by, double bz, double toff, const double* dp) {
+    const double sub = dp[D_subpixel];
+    for (int c = 0; c < n; ++c) {
+        const double Fdet = ((double)((cstart + c) * os) + fo) * sub;
+        double p[3] = {Fdet * dp[D_fdet + 0] + bx + toff * dp[D_odet + 0] + dp[D_pix0 + 0],
+                       Fdet * dp[D_fdet + 1] + by + toff * dp[D_odet + 1] + dp[D_pix0 + 1],
+                       Fdet * dp[D_fdet + 2] + bz + toff * dp[D_odet + 2] + dp[D_pix0 + 2]};
+        tb_curve(p, dp);
+        X[c] = p[0]; Y[c] = p[1]; Z[c] = p[2];
     }
-
-// v turned by angle about the unit axis a (Rodrigues' formula, the eager kernel's order of operations)
-static inline void tb_rotate(double& x, double& y, double& z, const double* a, double angle) {
-    const double c = std::cos(angle), s = std::sin(angle);
-    const double dot = x * a[0] + y * a[1] + z * a[2];
-    const double cx = a[1] * z - a[2] * y, cy = a[2] * x - a[0] * z, cz = a[0] * y - a[1] * x;
-    x = a[0] * dot * (1.0 - c) + x * c + cx * s;
-    y = a[1] * dot * (1.0 - c) + y * c + cy * s;
-    z = a[2] * dot * (1.0 - c) + z * c + cz * s;
-}
-
-// -curved_det: C takes the flat position's lab y and z (metres) as arc lengths at the sample distance:
-// the point distance*beam turned about the slow axis by y/distance, then about the fast axis by z/distance
-static inline void tb_curve(double& px, double& py, double& pz, const double* dp) {
-    const double dist = dp[D_distance], a1 = py / dist, a2 = pz / dist;
-    double x = dist * dp[D_beam + 0], y = dist * dp[D_beam + 1], z = dist * dp[D_beam + 2];
-    tb_rotate(x, y, z, dp + D_sdet, a1);
-    tb_rotate(x, y, z, dp + D_fdet, a2);
-    px = x; py = y; pz = z;
-}
-
-// sin(pi r) for |r| <= 0.5: Taylor series of sin z, z = pi r (truncation below rounding)
-static inline real sin_poly(real r) {
-    const real z = r * (real)3.14159265358979323846;
-    const real z2 = z * z;
-    real p;
-#if TB_DOUBLE
-    p = (real)(-1.0 / 51090942171709440000.0);
-    p = p * z2 + (real)(1.0 / 121645100408832000.0);
-    p = p * z2 + (real)(-1.0 / 355687428096000.0);
-    p = p * z2 + (real)(1.0 / 1307674368000.0);
-    p = p * z2 + (real)(-1.0 / 6227020800.0);
-#else
-    p = (real)(-1.0 / 6227020800.0);
-#endif
-    p = p * z2 + (real)(1.0 / 39916800.0);
-    p = p * z2 + (real)(-1.0 / 362880.0);
-    p = p * z2 + (real)(1.0 / 5040.0);
-    p = p * z2 + (real)(-1.0 / 120.0);
-    p = p * z2 + (real)(1.0 / 6.0);
-    // alternate signs: sin z = z - z^3/3! + z^5/5! - ...
-    return z - z * z2 * p;
-}
-
-// sin(pi y) for any y: reduce by the nearest integer k, sign (-1)^k
-static inline real sinpi(real y) {
-    const real k = std::rint(y);
-    const real half = k * (real)0.5;
-    const real odd = half - std::floor(half);  // 0 or 0.5
-    return ((real)1 - (real)4 * odd) * sin_poly(y - k);
-}
-
-// sin(pi N h) / sin(pi h) through f = h - h0, h0 the nearest integer (f in (-0.5, 0.5])
-static inline real sincg(real f, double h0, real n, bool n_even) {
-    const real v = (f == (real)0) ? n : sinpi(n * f) / sin_poly(f);
-    const double half = h0 * 0.5;
-    const bool odd = (half - std::floor(half)) != 0.0;
-    return (n_even && odd) ? -v : v;
 }
 
 #if TB_COUNT
@@ -582,16 +533,8 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                         const double fo = (double)sf + 0.5;
                         const bool first_sub_px = (t == 0 && ss == 0 && sf == 0);
                         const bool last_cap = (t == last_t && ss == 0 && sf == 0);
-                        if (curved) {  // positions on the sphere first (a loop of its own keeps the flat one vectorised)
-                            for (int c = 0; c < n; ++c) {
-                                const double Fdet = ((double)((cstart + c) * os) + fo) * sub;
-                                double px = Fdet * fx + bx + toff * ox + p0x;
-                                double py = Fdet * fy + by + toff * oy + p0y;
-                                double pz = Fdet * fz + bz + toff * oz + p0z;
-                                tb_curve(px, py, pz, dp);
-                                dx[c] = px; dy[c] = py; dz[c] = pz;
-                            }
-                        }
+                        if (curved)  // positions on the sphere first (a loop of its own keeps the flat one vectorised)
+                            tb_curved_block(dx, dy, dz, n, cstart, os, fo, bx, by, bz, toff, dp);
 #pragma omp simd
                         for (int c = 0; c < n; ++c) {
                             const double Fdet = ((double)((cstart + c) * os) + fo) * sub;
@@ -627,8 +570,6 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                         for (int64_t s = 0; s < S; ++s) {
                             const double* sp = src + 10 * s;
                             const double ix = sp[0], iy = sp[1], iz = sp[2], il = sp[3];
-                            const double Bx = sp[4], By = sp[5], Bz = sp[6];
-                            const double Ex = sp[7], Ey = sp[8], Ez = sp[9];
 #pragma omp simd
                             for (int c = 0; c < n; ++c) {
                                 const double X = (dx[c] - ix) * il, Y = (dy[c] - iy) * il, Z = (dz[c] - iz) * il;
@@ -642,30 +583,17 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                             }
 #if TB_OVER
 #pragma omp simd
-                            for (int c = 0; c < n; ++c) {  // this (subpixel, source)'s polarisation, as below
-                                const double cos2t = dx[c] * ix + dy[c] * iy + dz[c] * iz;
-                                const double c2 = cos2t * cos2t, s2 = 1.0 - c2;
-                                const double yb = dx[c] * Bx + dy[c] * By + dz[c] * Bz;
-                                const double xe = dx[c] * Ex + dy[c] * Ey + dz[c] * Ez;
-                                const double r2 = xe * xe + yb * yb;
-                                const double cos2psi = r2 > 0.0 ? (xe * xe - yb * yb) / (r2 > 0.0 ? r2 : 1.0) : 1.0;
-                                const double polar = nopolar ? 1.0 : 0.5 * (1.0 + c2 - kahn * cos2psi * s2);
+                            for (int c = 0; c < n; ++c) {  // this (subpixel, source)'s polarisation
+                                const double polar = tb_polar(dx[c], dy[c], dz[c], sp, kahn, nopolar);
                                 fpol[c] = ov_polar ? fsub[c] * polar : fsub[c];
                             }
 #endif
                             if (n_found < n) {
-                                // polarisation of the first (subpixel, source) not skipped by -dmin;
-                                // cos(2 psi), psi = -atan2(d.B, d.E), as (x^2 - y^2) / (x^2 + y^2)
+                                // polarisation of the first (subpixel, source) not skipped by -dmin
                                 int newly = 0;
 #pragma omp simd reduction(+ : newly)
                                 for (int c = 0; c < n; ++c) {
-                                    const double cos2t = dx[c] * ix + dy[c] * iy + dz[c] * iz;
-                                    const double c2 = cos2t * cos2t, s2 = 1.0 - c2;
-                                    const double yb = dx[c] * Bx + dy[c] * By + dz[c] * Bz;
-                                    const double xe = dx[c] * Ex + dy[c] * Ey + dz[c] * Ez;
-                                    const double r2 = xe * xe + yb * yb;
-                                    const double cos2psi = r2 > 0.0 ? (xe * xe - yb * yb) / (r2 > 0.0 ? r2 : 1.0) : 1.0;
-                                    const double polar = nopolar ? 1.0 : 0.5 * (1.0 + c2 - kahn * cos2psi * s2);
+                                    const double polar = tb_polar(dx[c], dy[c], dz[c], sp, kahn, nopolar);
                                     const bool take = !found[c] && dskip[c] == 0.0;
                                     pol_first[c] = take ? polar : pol_first[c];
                                     found[c] = take ? 1 : found[c];
@@ -688,8 +616,8 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                                     const real fh = (real)(h - h0), fk = (real)(k - k0), fl = (real)(l - l0);
                                     real Fl;
 #if TB_SHAPE == 0
-                                    Fl = sincg(fh, h0, na, na_even) * sincg(fk, k0, nb, nb_even)
-                                         * sincg(fl, l0, nc, nc_even);
+                                    Fl = tb_sincg(fh, h0, na, na_even) * tb_sincg(fk, k0, nb, nb_even)
+                                         * tb_sincg(fl, l0, nc, nc_even);
 #elif TB_SHAPE == 1
                                     {
                                         const real hrad = fh * fh * na * na + fk * fk * nb * nb + fl * fl * nc * nc;
@@ -737,14 +665,12 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                                         // like the eager kernel; indices are clamped only to keep every read
                                         // inside the table (the caller interpolates only where C does)
                                         const double th = h - std::floor(h), tk = k - std::floor(k), tl = l - std::floor(l);
-                                        double wh0, wh1, wh2, wh3, wk0, wk1, wk2, wk3, wl0, wl1, wl2, wl3;
-                                        TB_LAGRANGE(th, wh0, wh1, wh2, wh3);
-                                        TB_LAGRANGE(tk, wk0, wk1, wk2, wk3);
-                                        TB_LAGRANGE(tl, wl0, wl1, wl2, wl3);
+                                        double wh[4], wk[4], wl[4];
+                                        tb_lagrange(th, wh);
+                                        tb_lagrange(tk, wk);
+                                        tb_lagrange(tl, wl);
                                         const double hb = std::floor(h) - 1.0 - dhmin, kb = std::floor(k) - 1.0 - dkmin;
                                         const double lb = std::floor(l) - 1.0 - dlmin;
-                                        const double wh[4] = {wh0, wh1, wh2, wh3}, wk[4] = {wk0, wk1, wk2, wk3};
-                                        const double wl[4] = {wl0, wl1, wl2, wl3};
                                         double val = 0.0;
                                         for (int i = 0; i < 4; ++i) {
                                             const double hi = std::fmin(std::fmax(hb + i, 0.0), dnh - 1.0);
@@ -911,16 +837,8 @@ extern "C" int tb_scan(const double* dp, const int64_t* ip, const double* lattic
                     const double bx = Sdet * sx_, by = Sdet * sy_, bz = Sdet * sz_;
                     for (int64_t sf = 0; sf < os; ++sf) {
                         const double fo = (double)sf + 0.5;
-                        if (curved) {  // positions on the sphere first (see tb_render)
-                            for (int c = 0; c < n; ++c) {
-                                const double Fdet = ((double)((cstart + c) * os) + fo) * sub;
-                                double px = Fdet * fx + bx + toff * ox + p0x;
-                                double py = Fdet * fy + by + toff * oy + p0y;
-                                double pz = Fdet * fz + bz + toff * oz + p0z;
-                                tb_curve(px, py, pz, dp);
-                                dx[c] = px; dy[c] = py; dz[c] = pz;
-                            }
-                        }
+                        if (curved)  // positions on the sphere first (a loop of its own keeps the flat one vectorised)
+                            tb_curved_block(dx, dy, dz, n, cstart, os, fo, bx, by, bz, toff, dp);
 #pragma omp simd
                         for (int c = 0; c < n; ++c) {
                             const double Fdet = ((double)((cstart + c) * os) + fo) * sub;
@@ -1049,9 +967,22 @@ def kernel_cache_dir() -> Path:
     return Path(base) / "torchbragg" / "kernels"
 
 
-def _full_source() -> str:
+#: the arithmetic both compiled kernels share, pasted where a source says "// @include kernel_math.h"
+KERNEL_MATH_PATH = Path(__file__).with_name("kernel_math.h")
+
+
+def kernel_source(body: str) -> str:
+    """A compiled kernel's source: the packed-parameter indices (D_*, I_*), then ``body`` with
+    kernel_math.h pasted in."""
     lines = [f"#define D_{k} {v}" for k, v in _D_OFF.items()] + [f"#define I_{k} {v}" for k, v in _I_OFF.items()]
-    return "\n".join(lines) + "\n" + _FAST_SOURCE
+    marker = "// @include kernel_math.h"
+    if body.count(marker) != 1:
+        raise ValueError(f"a kernel source must hold {marker!r} once")
+    return "\n".join(lines) + "\n" + body.replace(marker, KERNEL_MATH_PATH.read_text())
+
+
+def _full_source() -> str:
+    return kernel_source(_FAST_SOURCE)
 
 
 def _cpu_signature() -> str:
