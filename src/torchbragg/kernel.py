@@ -619,13 +619,8 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                                     Fl = tb_sincg(fh, h0, na, na_even) * tb_sincg(fk, k0, nb, nb_even)
                                          * tb_sincg(fl, l0, nc, nc_even);
 #elif TB_SHAPE == 1
-                                    {
-                                        const real hrad = fh * fh * na * na + fk * fk * nb * nb + fl * fl * nc * nc;
-                                        const real x = (real)3.14159265358979323846 * std::sqrt(hrad * (real)fudge);
-                                        const real xs = x == (real)0 ? (real)1 : x;
-                                        const real s3 = (real)3 * (std::sin(xs) / xs - std::cos(xs)) / (xs * xs);
-                                        Fl = na * nb * nc * (real)0.723601254558268 * (x == (real)0 ? (real)1 : s3);
-                                    }
+                                    Fl = tb_round_factor(fh * fh * na * na + fk * fk * nb * nb + fl * fl * nc * nc,
+                                                         (real)fudge, na * nb * nc);
 #else
                                     {
                                         const double dh = h - h0, dk = k - k0, dl = l - l0;

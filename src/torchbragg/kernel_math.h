@@ -25,6 +25,37 @@ TB_HD real tb_sin_poly(real r) {
     return z - z * z2 * p;  // sin z = z - z^3/3! + z^5/5! - ...
 }
 
+// cos(pi r) for |r| <= 0.5: Taylor series of cos z, z = pi r (truncation below rounding)
+TB_HD real tb_cos_poly(real r) {
+    const real z = r * (real)3.14159265358979323846;
+    const real z2 = z * z;
+    real p;
+#if TB_DOUBLE
+    p = (real)(1.0 / 1124000727777607680000.0);
+    p = p * z2 + (real)(-1.0 / 2432902008176640000.0);
+    p = p * z2 + (real)(1.0 / 6402373705728000.0);
+    p = p * z2 + (real)(-1.0 / 20922789888000.0);
+    p = p * z2 + (real)(1.0 / 87178291200.0);
+#else
+    p = (real)(1.0 / 87178291200.0);
+#endif
+    p = p * z2 + (real)(-1.0 / 479001600.0);
+    p = p * z2 + (real)(1.0 / 3628800.0);
+    p = p * z2 + (real)(-1.0 / 40320.0);
+    p = p * z2 + (real)(1.0 / 720.0);
+    p = p * z2 + (real)(-1.0 / 24.0);
+    p = p * z2 + (real)(1.0 / 2.0);
+    return (real)1 - z2 * p;  // cos z = 1 - z^2/2! + z^4/4! - ...
+}
+
+// cos(pi y) for any y: reduce by the nearest integer k, sign (-1)^k
+TB_HD real tb_cospi(real y) {
+    const real k = rint(y);
+    const real half = k * (real)0.5;
+    const real odd = half - floor(half);  // 0 or 0.5
+    return ((real)1 - (real)4 * odd) * tb_cos_poly(y - k);
+}
+
 // sin(pi y) for any y: reduce by the nearest integer k, sign (-1)^k
 TB_HD real tb_sinpi(real y) {
     const real k = rint(y);
@@ -40,6 +71,17 @@ TB_HD real tb_sincg(real f, double h0, real n, bool n_even) {
     const double half = h0 * 0.5;
     const bool odd = (half - floor(half)) != 0.0;
     return (n_even && odd) ? -v : v;
+}
+
+// Lattice factor of a round crystal (-round_xtal): Na Nb Nc 0.7236 3 (sin x / x - cos x) / x^2 with
+// x = pi sqrt(hrad fudge), hrad = sum of (N f)^2 over the axes; sin and cos through tb_sinpi/tb_cospi
+// of sqrt(hrad fudge), which vectorise where the C library's sin and cos do not
+TB_HD real tb_round_factor(real hrad, real fudge, real nprod) {
+    const real y = sqrt(hrad * fudge);
+    const real x = (real)3.14159265358979323846 * y;
+    const real xs = x == (real)0 ? (real)1 : x;
+    const real s3 = (real)3 * (tb_sinpi(y) / xs - tb_cospi(y)) / (xs * xs);
+    return nprod * (real)0.723601254558268 * (x == (real)0 ? (real)1 : s3);
 }
 
 // Polarisation factor of a diffracted unit direction d for a source sp (incident unit vector sp[0..2],

@@ -55,7 +55,9 @@ def test_gpu_kernel_matches_c(golden_case, dtype, tmp_path, parity):
     tol = 1e-12 if dtype == torch.float64 else 2e-6  # same arithmetic; float32 rounding may contract differently
     assert np.abs(image - ref).max() <= tol * np.abs(ref).max()
     a, b = sim.last_stats, cpu.last_stats
-    assert a.pixels == b.pixels and a.max_pixel == b.max_pixel
+    assert a.pixels == b.pixels
+    # mirror pixels tie to rounding: each kernel's maximum pixel is a maximum of the other's image
+    assert ref[a.max_pixel] >= b.max_I * (1 - 1e-6) and image[b.max_pixel] >= a.max_I * (1 - 1e-6)
     assert (a.max_I, a.mean, a.rms, a.rmsd, a.solid_angle_sr) == pytest.approx(
         (b.max_I, b.mean, b.rms, b.rmsd, b.solid_angle_sr), rel=1e-6)
 
@@ -72,7 +74,13 @@ def test_gpu_kernel_shapes_sources_and_layers(flags, dtype):
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     assert float(a.max()) > 0
     assert float((a.double() - b.double()).abs().max()) <= tol * float(a.double().abs().max())
-    assert gpu.last_stats.max_pixel == cpu.last_stats.max_pixel
+    # and both compiled kernels give the eager (reference) kernel's image
+    eager = torchbragg.Simulation.from_args(args, dtype=dtype)
+    eager.use_fast_kernel = False
+    ref = eager.render().double()
+    for img in (a, b):
+        assert float((img.double() - ref).abs().max()) <= tol * float(ref.abs().max())
+    assert float(a[gpu.last_stats.max_pixel]) >= cpu.last_stats.max_I * (1 - 1e-6)  # mirror pixels tie
 
 
 def test_gpu_kernel_fallback_map_equals_cpu_kernel(reference_case, tmp_path):
