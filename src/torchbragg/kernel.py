@@ -408,12 +408,72 @@ _FAST_SOURCE = r"""// torchbragg fused render kernel. Compiled on first use by t
 #include <math.h>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 typedef TB_REAL real;
 #define CB 256
 
 #define TB_HD static inline
 // @include kernel_math.h
+
+// 2^m for an integer-valued m in the exponent range (m >= -1022 double, -126 float), from the exponent
+// bits: m + bias added to 1.5 * 2^52 (2^23) lands in the low mantissa bits, a shift moves it into the
+// exponent field (integer adds and shifts only, so it vectorises without AVX-512)
+static inline double tb_pow2(double m) {
+    const double t = m + (1023.0 + 6755399441055744.0);
+    uint64_t bits;
+    std::memcpy(&bits, &t, sizeof bits);
+    bits <<= 52;
+    double v;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+}
+static inline float tb_pow2(float m) {
+    const float t = m + (127.0f + 12582912.0f);
+    uint32_t bits;
+    std::memcpy(&bits, &t, sizeof bits);
+    bits <<= 23;
+    float v;
+    std::memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+// e^x in the render dtype, written to vectorise (the C library's exp does not): x = k ln2 + r with
+// |r| <= ln2/2 (ln2 in two parts), e^r by its Taylor series, times 2^k in two steps so that subnormal
+// results are kept; 0 below half the smallest subnormal, infinity above the largest value
+static inline real tb_exp(real x) {
+#if TB_DOUBLE
+    const real lo_limit = (real)-745.1332191019412, hi_limit = (real)709.782712893384;
+    const real ln2_hi = (real)0.6931471803691238, ln2_lo = (real)1.9082149292705877e-10;
+#else
+    const real lo_limit = (real)-103.97208f, hi_limit = (real)88.72283f;
+    const real ln2_hi = (real)0.693145751953125f, ln2_lo = (real)1.428606765330187e-06f;
+#endif
+    const real k = rint(x * (real)1.4426950408889634);
+    const real r = (x - k * ln2_hi) - k * ln2_lo;
+    real p;
+#if TB_DOUBLE
+    p = (real)(1.0 / 6227020800.0);
+    p = p * r + (real)(1.0 / 479001600.0);
+    p = p * r + (real)(1.0 / 39916800.0);
+    p = p * r + (real)(1.0 / 3628800.0);
+    p = p * r + (real)(1.0 / 362880.0);
+    p = p * r + (real)(1.0 / 40320.0);
+#else
+    p = (real)(1.0 / 40320.0);
+#endif
+    p = p * r + (real)(1.0 / 5040.0);
+    p = p * r + (real)(1.0 / 720.0);
+    p = p * r + (real)(1.0 / 120.0);
+    p = p * r + (real)(1.0 / 24.0);
+    p = p * r + (real)(1.0 / 6.0);
+    p = p * r + (real)0.5;
+    p = p * r + (real)1;
+    p = p * r + (real)1;
+    const real k1 = floor(k * (real)0.5), k2 = k - k1;
+    const real v = p * tb_pow2(k1) * tb_pow2(k2);
+    return x < lo_limit ? (real)0 : (x > hi_limit ? (real)INFINITY : v);
+}
 
 // -curved_det positions of a block of n columns from cstart (fast subpixel offset fo, slow part bx..bz,
 // sensor layer offset toff), the flat position's arithmetic of the render loop, then tb_curve
@@ -630,7 +690,7 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                                         const double w = dh * A[2] + dk * A[5] + dl * A[8];
                                         const real rad = (real)((u * u + v * v + w * w) * dp[D_N2prod]);
 #if TB_SHAPE == 2
-                                        Fl = (real)dp[D_Nprod] * std::exp(-(rad / (real)0.63 * (real)fudge));
+                                        Fl = (real)dp[D_Nprod] * tb_exp(-(rad / (real)0.63 * (real)fudge));
 #else
                                         Fl = (real)dp[D_Nprod] * (real)(rad * (real)fudge < (real)0.3969);
 #endif
@@ -767,6 +827,17 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
         double* st = row_stats + 8 * r;
         st[0] = cnt; st[1] = sum; st[2] = sumsq; st[3] = m2; st[4] = vmax; st[5] = amax; st[6] = omega_row;
         st[7] = (double)ncols;
+    }
+    return 0;
+}
+
+// The shared arithmetic in this variant's dtype, for tests: out[i] = f(x[i]) with f by ``which``:
+// 0 sin(pi x), 1 cos(pi x), 2 e^x, 3 the round-crystal factor of hrad = x (fudge 1, N 1)
+extern "C" int tb_math_probe(int64_t which, const double* x, double* out, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const real v = (real)x[i];
+        out[i] = which == 0 ? (double)tb_sinpi(v) : which == 1 ? (double)tb_cospi(v)
+                 : which == 2 ? (double)tb_exp(v) : (double)tb_round_factor(v, (real)1, (real)1);
     }
     return 0;
 }
@@ -943,6 +1014,7 @@ _CXX_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-
 _fast_libs: Dict[tuple, object] = {}
 _fast_errors: Dict[tuple, str] = {}
 _fast_scans: Dict[tuple, object] = {}
+_fast_probes: Dict[tuple, object] = {}
 _pool_lock = threading.Lock()
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
@@ -1031,6 +1103,22 @@ def fast_scan_function(dtype: torch.dtype, shape: str):
     return _fast_scans.get(key)
 
 
+def fast_math_probe(dtype: torch.dtype, which: str, x: np.ndarray) -> np.ndarray:
+    """The compiled kernels' own arithmetic (kernel_math.h and the CPU exponential) on ``x``, in ``dtype``.
+
+    ``which``: ``"sinpi"``, ``"cospi"``, ``"exp"`` or ``"round_factor"`` (of hrad = x,
+    fudge 1, N 1). For tests of that arithmetic against numpy.
+    """
+    codes = {"sinpi": 0, "cospi": 1, "exp": 2, "round_factor": 3}
+    key = (dtype, "square", False, False, False, 0)
+    if fast_library(*key) is None:
+        raise RuntimeError(f"fused kernel unavailable: {fast_kernel_error(dtype, 'square', False, False)}")
+    xs = np.ascontiguousarray(x, dtype=np.float64)
+    out = np.empty_like(xs)
+    _fast_probes[key](codes[which], ctypes.c_void_p(xs.ctypes.data), ctypes.c_void_p(out.ctypes.data), xs.size)
+    return out
+
+
 def fast_kernel_error(dtype: torch.dtype, shape: str, table: bool, count: bool, interp: bool = False,
                       over: int = 0) -> Optional[str]:
     return _fast_errors.get((dtype, shape, bool(table), bool(count), bool(interp and table), int(over)))
@@ -1079,6 +1167,10 @@ def _load_variant(dtype, shape, table, count, interp, over):
     I64 = ctypes.c_int64
     fn.argtypes = [P, P, P, P, P, P, I64, I64, I64, I64, P, I64, P, P, I64, P]
     fn.restype = ctypes.c_int
+    probe = lib.tb_math_probe
+    probe.argtypes = [I64, P, P, I64]
+    probe.restype = ctypes.c_int
+    _fast_probes[(dtype, shape, table, count, interp, over)] = probe
     if interp:  # the interpolating variants also hold C's switch-off scan
         scan = lib.tb_scan
         scan.argtypes = [P, P, P, P, P, I64, I64, I64, I64, P]

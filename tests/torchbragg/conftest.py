@@ -183,3 +183,12 @@ def reference_case(small_cases):
 def parity():
     """``parity(out, ref, dtype, label)``: assert the golden acceptance criteria."""
     return assert_parity
+
+
+@pytest.fixture
+def needs_fast():
+    """Skip where the fused CPU kernel cannot be compiled (no C++ compiler)."""
+    from torchbragg import kernel
+
+    if kernel.fast_library(torch.float32, "square", False, False) is None:
+        pytest.skip("the fused kernel could not be compiled here (no C++ compiler?)")

@@ -42,12 +42,6 @@ def _render(args, fast, dtype=torch.float32, chunk_rows=None, fallback=False):
     return sim, image, fmap
 
 
-@pytest.fixture
-def needs_fast():
-    if kernel.fast_library(torch.float32, "square", False, False) is None:
-        pytest.skip("the fused kernel could not be compiled here (no C++ compiler?)")
-
-
 # --------------------------------------------------------------------------- fast == eager
 @pytest.mark.usefixtures("needs_fast")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
