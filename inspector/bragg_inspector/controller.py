@@ -318,7 +318,9 @@ class InspectorController:
         self._running = False
         self._result = (True, None)
         shape = self.model.image.shape
-        self._info(f"rendered {shape[0]}×{shape[1]} on {device} ({dtype}); click a pixel to tap it", "info")
+        kernel = getattr(self.model.sim, "last_kernel", None)
+        self._info(f"rendered {shape[0]}×{shape[1]} on {device} ({dtype}"
+                   + (f", {kernel}" if kernel else "") + "); click a pixel to tap it", "info")
         self.rendered.emit()
         self.render_finished.emit(True)
         self.selection_changed.emit()

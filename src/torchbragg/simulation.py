@@ -124,6 +124,9 @@ class Simulation:
             1, DEFAULT_EVALUATIONS_PER_CHUNK // max(1, self.setup.fpixels * E))
         self._cutoff_cache: Optional[Tuple[int, Optional[int]]] = None  # (rows scanned, cutoff)
         self.last_stats: Optional[RenderStats] = None
+        #: which kernel rendered the last image: "fused CPU kernel", "GPU kernel" or "eager kernel"
+        #: (with "+ eager rows" where the row of C's interpolation switch-off was rendered eagerly)
+        self.last_kernel: Optional[str] = None
 
     # ------------------------------------------------------------------ API
     @classmethod
@@ -607,6 +610,7 @@ class Simulation:
                 row = torch.tensor([fs], device=self.device)
                 row_stats[fs - r_lo] = row_statistics(image[fs:fs + 1, c_lo:c_hi + 1],
                                                       self.active_mask(row, cols), omega_row)[0]
+        self.last_kernel = _kernel_label(plan, segments)
         if row_stats is not None:  # the same statistics as _stats, from the kernel's row sums
             self.last_stats = self._stats_from_rows(row_stats, np.arange(r_lo, r_lo + total), c_lo)
         else:
@@ -705,6 +709,15 @@ class Simulation:
         roi_vals = img[in_roi]
         rmsd = math.sqrt(float(((roi_vals - mean) ** 2).sum()) / max(1, int(roi_vals.numel()) - 1))
         return RenderStats(max_I, f_m, s_m, (sl, fa), mean, rms, rmsd, omega_sum / s.steps, n)
+
+
+def _kernel_label(plan, segments) -> str:
+    """What rendered an image, for people: the compiled kernel's name, or the eager kernel."""
+    modes = {m for m, _, _ in segments}
+    if plan is None or modes == {"eager"}:
+        return "eager kernel"
+    name = "GPU kernel" if type(plan).__name__ == "GpuPlan" else "fused CPU kernel"
+    return name + (" + eager rows" if "eager" in modes else "")
 
 
 class _RecycledBuffers:

@@ -70,6 +70,7 @@ def test_gpu_kernel_shapes_sources_and_layers(flags, dtype):
                   "-phisteps", "2", "-dispersion", "0.1", "-dispsteps", "2", "-detector_thick", "100",
                   "-detector_thicksteps", "2", "-detector_abs", "300", "-polar", "0.8", "-dmin", "2.5"] + flags
     a, b, cpu, gpu = both(args, dtype)
+    assert (cpu.last_kernel, gpu.last_kernel) == ("fused CPU kernel", "GPU kernel")
     assert gpu.evaluations_per_pixel == 2 * 4 * 2 * 2 * 3
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     assert float(a.max()) > 0

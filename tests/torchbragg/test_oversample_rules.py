@@ -148,8 +148,10 @@ def test_interpolating_render_with_oversample_factors(tmp_path, fix):
     fused = torchbragg.Simulation.from_args(args, dtype=torch.float64, cwd=tmp_path)
     gpu = torchbragg.Simulation.from_args(args, dtype=torch.float64, cwd=tmp_path)
     gpu.__dict__["_fast_plan_cache"] = (GpuPlan(gpu._tensors, emulate=True, **gpu.plan_arguments()),)
-    for sim in (fused, gpu):
+    assert eager.last_kernel == "eager kernel"
+    for sim, name in ((fused, "fused CPU kernel"), (gpu, "GPU kernel")):
         b = sim.render()
+        assert sim.last_kernel == name + " + eager rows"  # the switch-off row
         assert float(b.abs().max()) > 0
         assert [m for m, _, _ in sim._row_segments(sim._fast_plan(), False, cutoff, 0, 31, 32)] == [
             "interp", "eager", "fast"]
