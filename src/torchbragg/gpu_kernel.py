@@ -271,11 +271,9 @@ def _cuda_function(source: str, device: torch.device):
     index = device.index if device.index is not None else torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(index)
     arch = 10 * major + minor
-    kind_box = {}
 
     def build(tmp):
-        image, kind = nvrtc_compile(source, arch)
-        kind_box["kind"] = kind
+        image, _ = nvrtc_compile(source, arch)  # a cubin, or PTX the driver compiles on load
         with open(tmp, "wb") as fh:
             fh.write(image)
 
