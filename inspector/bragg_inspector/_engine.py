@@ -92,7 +92,7 @@ def render(sim, progress: Callable[[int, int], None] | None = None,
         reasons = getattr(fmap, "REASONS", None) or {
             0: "table", 1: "default_F:no_table", 2: "default_F:outside_table", 3: "default_F:unlisted"}
         fb = Fallback(
-            counts=to_numpy(fmap.counts).astype(np.int32, copy=False),
+            counts=to_numpy(fmap.counts),  # the engine's narrowest integer type: no 4x wider copy
             reason=to_numpy(fmap.reason).astype(np.uint8, copy=False),
             reasons={int(k): str(v) for k, v in reasons.items()},
             evaluations_per_pixel=getattr(fmap, "evaluations_per_pixel", 0),

@@ -236,7 +236,7 @@ class SimulationWidget(QWidget):
             rows.append(
                 f"<tr><td><span style='background-color:{e['colour']};'>&nbsp;&nbsp;&nbsp;&nbsp;</span></td>"
                 f"<td>{html.escape(e['text'])}</td><td align='right'>{e['pixels']:,} px</td></tr>")
-        total = int(fb.counts.sum()) if fb is not None else 0
+        total = int(fb.counts.sum(dtype="int64")) if fb is not None else 0
         n_eval = fb.evaluations_per_pixel * fb.counts.size if fb is not None and fb.evaluations_per_pixel else 0
         foot = f"{total:,} of {n_eval:,} evaluations used default_F" if n_eval else f"{total:,} evaluations used default_F"
         self.legend_label.setText(f"<table cellspacing='3'>{''.join(rows)}</table><small>{foot}</small>")

@@ -256,6 +256,9 @@ def test_default_F_overlay_counts_equal_fallback_map(insp, viewer, small_hkl, tm
     for n in expect.values():
         assert f"{n:,} px" in text
     assert f"{int(fmap.counts.sum()):,} of" in text
+    # the inspector keeps the engine's narrow counts (no wider copy of a 4096² map per render)
+    assert insp.model.fallback.counts.dtype == fmap.counts.numpy().dtype
+    np.testing.assert_array_equal(insp.model.fallback.counts, fmap.counts.numpy())
     # one colour per reason, table pixels transparent
     cmap = labels[0].colormap
     cols = {c: tuple(np.round(cmap.map(c), 3)) for c in (0, 1, 2, 3)}
