@@ -332,6 +332,8 @@ class GpuPlan:
     def function(self, count: bool, interp: bool = False):
         """The compiled variant (compiling it on first use), or None with a warning."""
         table = self.table is not None
+        if interp and table and not self.packing.interpolates:
+            return None  # a table under 4 entries along an axis: the eager kernel interpolates
         over = self.packing.over
         key = (self.emulate, str(self.device), self.dtype, self.kt.shape, table, bool(count), bool(interp and table),
                over)

@@ -67,7 +67,8 @@ TB_HD TbPixel tb_pixel(const double* __restrict__ dp, const i64* __restrict__ ip
     const double dlmin = (double)ip[I_bounds + 4], dlmax = (double)ip[I_bounds + 5];
     const double dnh = dhmax - dhmin + 1.0, dnk = dkmax - dkmin + 1.0, dnl = dlmax - dlmin + 1.0;
     const double dsize = dnh * dnk * dnl;
-    (void)dnh;
+    const double lo[3] = {dhmin, dkmin, dlmin};
+    (void)lo;
 #else
     const real default_F = (real)dp[D_default_F];
 #endif
@@ -184,31 +185,8 @@ TB_HD TbPixel tb_pixel(const double* __restrict__ dp, const i64* __restrict__ ip
 #endif
 #if TB_INTERP
                         if (!skipped) {
-                            // tricubic Lagrange interpolation over the 4x4x4 neighbourhood, in float64;
-                            // indices clamped only to keep reads inside the table (the caller
-                            // interpolates only where C does)
-                            double wh[4], wk[4], wl[4];
-                            tb_lagrange(h - floor(h), wh);
-                            tb_lagrange(k - floor(k), wk);
-                            tb_lagrange(l - floor(l), wl);
-                            const double hb = floor(h) - 1.0 - dhmin, kb = floor(k) - 1.0 - dkmin;
-                            const double lb = floor(l) - 1.0 - dlmin;
-                            double val = 0.0;
-                            for (int i = 0; i < 4; ++i) {
-                                const double hi = fmin(fmax(hb + i, 0.0), dnh - 1.0);
-                                double vj = 0.0;
-                                for (int j = 0; j < 4; ++j) {
-                                    const double ki = fmin(fmax(kb + j, 0.0), dnk - 1.0);
-                                    const double row_base = (hi * dnk + ki) * dnl;
-                                    double vk = 0.0;
-                                    for (int m = 0; m < 4; ++m) {
-                                        const double li = fmin(fmax(lb + m, 0.0), dnl - 1.0);
-                                        vk += (double)table[(i64)(row_base + li)] * wl[m];
-                                    }
-                                    vj += vk * wk[j];
-                                }
-                                val += vj * wh[i];
-                            }
+                            // tricubic Lagrange interpolation (kernel_math.h), where C interpolates
+                            const double val = tb_tricubic(table, h, k, l, lo, dnh, dnk, dnl);
                             Fc = (real)val;
                         }
 #endif

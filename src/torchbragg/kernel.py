@@ -547,7 +547,8 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
     const double dnk = (double)(kmax - kmin + 1), dnl = (double)(lmax - lmin + 1);
     const double dsize = (double)((hmax - hmin + 1) * (kmax - kmin + 1) * (lmax - lmin + 1));
     const double dnh = (double)(hmax - hmin + 1);
-    (void)dnh;
+    const double lo[3] = {dhmin, dkmin, dlmin};
+    (void)dnh; (void)lo;
 #endif
     const int64_t first_sub = 0, last_t = T - 1;
     (void)first_sub;
@@ -716,32 +717,8 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
 #endif
 #if TB_INTERP
                                     {
-                                        // tricubic Lagrange interpolation over the 4x4x4 neighbourhood, in float64
-                                        // like the eager kernel; indices are clamped only to keep every read
-                                        // inside the table (the caller interpolates only where C does)
-                                        const double th = h - std::floor(h), tk = k - std::floor(k), tl = l - std::floor(l);
-                                        double wh[4], wk[4], wl[4];
-                                        tb_lagrange(th, wh);
-                                        tb_lagrange(tk, wk);
-                                        tb_lagrange(tl, wl);
-                                        const double hb = std::floor(h) - 1.0 - dhmin, kb = std::floor(k) - 1.0 - dkmin;
-                                        const double lb = std::floor(l) - 1.0 - dlmin;
-                                        double val = 0.0;
-                                        for (int i = 0; i < 4; ++i) {
-                                            const double hi = std::fmin(std::fmax(hb + i, 0.0), dnh - 1.0);
-                                            double vj = 0.0;
-                                            for (int j = 0; j < 4; ++j) {
-                                                const double ki = std::fmin(std::fmax(kb + j, 0.0), dnk - 1.0);
-                                                const double row_base = (hi * dnk + ki) * dnl;
-                                                double vk = 0.0;
-                                                for (int m = 0; m < 4; ++m) {
-                                                    const double li = std::fmin(std::fmax(lb + m, 0.0), dnl - 1.0);
-                                                    vk += (double)table[(int)(row_base + li)] * wl[m];
-                                                }
-                                                vj += vk * wk[j];
-                                            }
-                                            val += vj * wh[i];
-                                        }
+                                        // tricubic Lagrange interpolation (kernel_math.h), where C interpolates
+                                        const double val = tb_tricubic(table, h, k, l, lo, dnh, dnk, dnl);
                                         Fc = skipped ? Fc : (real)val;
                                     }
 #endif
@@ -1397,7 +1374,16 @@ class FastPlan:
             self._flagged = torch.where(flag, -mag, mag).contiguous()
         return self._flagged
 
+    @property
+    def interpolates(self) -> bool:
+        """Whether the compiled kernels can interpolate this table: at least 4 entries along each
+        axis, the neighbourhood tb_tricubic reads (else the eager kernel interpolates)."""
+        b = self.kt.bounds
+        return b is not None and all(b[2 * i + 1] - b[2 * i] + 1 >= 4 for i in range(3))
+
     def function(self, count: bool, interp: bool = False):
+        if interp and self.table is not None and not self.interpolates:
+            return None
         return fast_library(self.dtype, self.kt.shape, self.table is not None, count, interp, self.over)
 
     def scan_function(self):

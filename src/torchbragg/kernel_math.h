@@ -107,6 +107,35 @@ TB_HD void tb_lagrange(double t, double* w) {
     w[3] = tp1 * t * tm1 / 6.0;
 }
 
+// Tricubic Lagrange interpolation of the structure-factor table at fractional (h, k, l), in float64
+// like the eager kernel: the 4x4x4 neighbourhood floor - 1 .. floor + 2 on each axis. lo: the table's
+// lowest h, k, l; nh, nk, nl: its extent (each at least 4). The neighbourhood's start is clamped into
+// the table only to keep every read inside it: the callers interpolate only where C does, where the
+// whole neighbourhood lies inside, and discard what skipped evaluations read.
+TB_HD double tb_tricubic(const real* table, double h, double k, double l, const double* lo,
+                         double nh, double nk, double nl) {
+    const double fh = floor(h), fk = floor(k), fl = floor(l);
+    double wh[4], wk[4], wl[4];
+    tb_lagrange(h - fh, wh);
+    tb_lagrange(k - fk, wk);
+    tb_lagrange(l - fl, wl);
+    const double hs = fmin(fmax(fh - 1.0 - lo[0], 0.0), nh - 4.0);
+    const double ks = fmin(fmax(fk - 1.0 - lo[1], 0.0), nk - 4.0);
+    const double ls = fmin(fmax(fl - 1.0 - lo[2], 0.0), nl - 4.0);
+    const real* t = table + (long long)((hs * nk + ks) * nl + ls);
+    const long long sh = (long long)(nk * nl), sk = (long long)nl;
+    double val = 0.0;
+    for (int i = 0; i < 4; ++i) {
+        double vj = 0.0;
+        for (int j = 0; j < 4; ++j) {
+            const real* r = t + i * sh + j * sk;
+            vj += ((double)r[0] * wl[0] + (double)r[1] * wl[1] + (double)r[2] * wl[2] + (double)r[3] * wl[3]) * wk[j];
+        }
+        val += vj * wh[i];
+    }
+    return val;
+}
+
 // v turned by angle about the unit axis a (Rodrigues' formula, the eager kernel's order of operations)
 TB_HD void tb_rotate(double* v, const double* a, double angle) {
     const double c = cos(angle), s = sin(angle);

@@ -189,3 +189,15 @@ def test_gpu_kernel_in_many_launches_equals_one(reference_case, tmp_path):
     sa, sb = one.last_stats, many.last_stats
     assert (sa.pixels, sa.max_pixel) == (sb.pixels, sb.max_pixel) == (46 * 58, sb.max_pixel)
     assert (sa.mean, sa.rms, sa.rmsd) == pytest.approx((sb.mean, sb.rms, sb.rmsd), rel=1e-12)
+
+
+def test_tables_under_four_entries_along_an_axis_are_interpolated_eagerly(tmp_path):
+    """tb_tricubic reads a 4x4x4 block: a thinner table leaves interpolation to the eager kernel."""
+    lines = [f"{h} {k} {l} 10" for h in range(-1, 2) for k in range(-3, 4) for l in range(-3, 4)]
+    (tmp_path / "thin.hkl").write_text("\n".join(lines) + "\n")
+    sim = torchbragg.Simulation.from_args(TAP + ["-detpixels", "8", "-hkl", "thin.hkl", "-interpolate"], cwd=tmp_path)
+    fused = sim._fast_plan()
+    gpu = GpuPlan(sim._tensors, emulate=True, **sim.plan_arguments())
+    for plan in (fused, gpu):
+        assert not plan.packing.interpolates if hasattr(plan, "packing") else not plan.interpolates
+        assert plan.function(False, interp=True) is None and plan.function(False) is not None

@@ -211,3 +211,56 @@ def test_table_validates_its_shape():
             h_min=0, h_max=2, k_min=0, k_max=1, l_min=0, l_max=1,
             default_F=0.0, source="x", kind="hkl", count=0,
         )
+
+
+# --------------------------------------------------------------------------- the fast path
+PLAIN_CASES = {
+    "plain": "0 0 0 10\n1 -2 3 4.5\n-1 2 -3 1e2\n2 2 2 -7\n",
+    "no final newline": "0 0 0 10\n1 1 1 2.5",
+    "tabs and signs": "+1\t-2\t3\t4.25\n  0   0   0   1  \n",
+    "duplicates": "1 1 1 5\n2 2 2 6\n1 1 1 7\n",
+}
+LINE_RULES = {  # each needs the line-by-line reader: the fast path must step aside
+    "comment": "1 1 1 5 # strong\n2 2 2 6\n",
+    "blank line": "1 1 1 5\n\n2 2 2 6\n",
+    "crlf": "1 1 1 5\r\n2 2 2 6\r\n",
+    "decimal index": "1.0 1 1 5\n2 2 2 6\n",
+    "five fields": "1 1 1 5 9\n",
+    "nan": "1 1 1 nan\n",
+    "underscore": "1_0 1 1 5\n",
+}
+
+
+@pytest.mark.parametrize("name", PLAIN_CASES)
+def test_plain_files_take_the_fast_path_with_the_same_table(tmp_path, name, monkeypatch):
+    from torchbragg import hkl_table
+
+    path = tmp_path / "t.hkl"
+    path.write_text(PLAIN_CASES[name])
+    with warnings.catch_warnings(record=True) as slow_warn:
+        warnings.simplefilter("always")
+        monkeypatch.setattr(hkl_table, "_parse_plain", lambda raw: None)
+        slow = read_hkl(path, default_F=3.0)
+    monkeypatch.undo()
+    assert hkl_table._parse_plain(path.read_bytes()) is not None
+
+    def refuse(*a):
+        raise AssertionError("the line-by-line reader ran")
+
+    monkeypatch.setattr(hkl_table, "_parse_lines", refuse)
+    with warnings.catch_warnings(record=True) as fast_warn:
+        warnings.simplefilter("always")
+        fast = read_hkl(path, default_F=3.0)
+    np.testing.assert_array_equal(fast.values, slow.values)
+    np.testing.assert_array_equal(fast.listed, slow.listed)
+    assert (fast.h_min, fast.h_max, fast.k_min, fast.k_max, fast.l_min, fast.l_max, fast.count) == (
+        slow.h_min, slow.h_max, slow.k_min, slow.k_max, slow.l_min, slow.l_max, slow.count)
+    assert fast.warnings == slow.warnings
+    assert [str(w.message) for w in fast_warn] == [str(w.message) for w in slow_warn]
+
+
+@pytest.mark.parametrize("name", LINE_RULES)
+def test_files_with_line_rules_are_read_line_by_line(name):
+    from torchbragg import hkl_table
+
+    assert hkl_table._parse_plain(LINE_RULES[name].encode()) is None
