@@ -206,7 +206,9 @@ class _Driver:
         self._check(self.lib.cuDevicePrimaryCtxRetain(ctypes.byref(primary), dev), "cuDevicePrimaryCtxRetain")
         if ctx.value != primary.value:
             self._check(self.lib.cuCtxSetCurrent(primary), "cuCtxSetCurrent")
-        self.lib.cuDevicePrimaryCtxRelease(dev)
+        # PyTorch holds its own reference to the primary context (its tensors live there)
+        release = getattr(self.lib, "cuDevicePrimaryCtxRelease_v2", None) or self.lib.cuDevicePrimaryCtxRelease
+        release(dev)
 
     def function(self, device_index: int, image: bytes, name: bytes) -> ctypes.c_void_p:
         key = (device_index, hashlib.sha256(image).hexdigest(), name)
@@ -267,6 +269,13 @@ def _host_function(source: str):
     return fn
 
 
+def _with_index(device: torch.device) -> torch.device:
+    """``device`` with its index: cuda -> cuda:<current device>; other devices unchanged."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def _cuda_function(source: str, device: torch.device):
     index = device.index if device.index is not None else torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(index)
@@ -309,7 +318,9 @@ class GpuPlan:
             raise ValueError(why)
         self.kt = kt
         self.emulate = bool(emulate)
-        self.device = torch.device("cpu") if emulate else kt.device
+        #: where the parameters live and the outputs must be; "cuda" gets its index (tensors made
+        #: on torch.device("cuda") report cuda:N, and the two do not compare equal)
+        self.device = torch.device("cpu") if emulate else _with_index(kt.device)
         self.dtype = kt.dtype
         self.packing = FastPlan(kt, I_bg=I_bg, scale=scale, fpixels=fpixels, mask=mask,
                                 oversample_factors=oversample_factors, running_product=running_product)

@@ -117,6 +117,8 @@ class Simulation:
         self.config = config
         self.setup: ResolvedSetup = resolve(config)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # as tensors report it: cuda:N
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = dtype
         self._tensors = self._make_tensors()
         E = self.evaluations_per_pixel
