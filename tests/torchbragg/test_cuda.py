@@ -47,6 +47,21 @@ def test_cuda_render_matches_c(golden_case, dtype, tmp_path, parity):
         (b.max_I, b.mean, b.rms, b.rmsd, b.solid_angle_sr), rel=1e-5)
 
 
+def test_cuda_device_carries_its_index_and_cancels():
+    sim = torchbragg.Simulation.from_args(torchbragg.TAP_CONFIG_ARGS[:-4] + ["-detpixels", "512", "-oversample", "2"],
+                                          device="cuda")
+    assert sim.device.index is not None and sim.device == torch.empty(0, device="cuda").device
+    plan = _gpu_plan(sim)
+    plan.min_pixels_per_chunk = 0
+    plan.evaluations_per_chunk = 64 * 512 * 4  # 64 rows per launch
+    seen = []
+    image = sim.render(progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (512, 512) and len(seen) == 8 and sim.last_kernel == "GPU kernel"
+    assert float(image.sum()) > 0
+    with pytest.raises(torchbragg.RenderCancelled):
+        sim.render(should_cancel=lambda: len(seen) > 9, progress=lambda d, t: seen.append((d, t)))
+
+
 def test_cuda_fallback_map_equals_cpu(reference_case, tmp_path):
     case = reference_case("hkl_partial_defaultF")
     case.stage(tmp_path)
