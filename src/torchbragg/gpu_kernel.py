@@ -185,8 +185,8 @@ def _cached(key_parts: Tuple[str, ...], suffix: str, build) -> Path:
 class _Driver:
     """The few CUDA driver calls the launch needs (libcuda, through ctypes)."""
 
-    def __init__(self):
-        self.lib = ctypes.CDLL("libcuda.so.1")
+    def __init__(self, library: str = "libcuda.so.1"):
+        self.lib = ctypes.CDLL(library)
         self._check(self.lib.cuInit(0), "cuInit")
         self.modules: Dict[tuple, tuple] = {}
 
@@ -246,6 +246,15 @@ _errors: Dict[tuple, str] = {}
 
 def _host_function(source: str):
     """``tb_render_host`` of the source built as plain C++ (cached)."""
+    fn = ctypes.CDLL(str(host_library(source))).tb_render_host
+    P, I64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [P, P, P, P, P, P, I64, I64, I64, I64, P, I64, P, P, I64, P]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def host_library(source: str) -> Path:
+    """The shared library of a kernel source built for the host (cached), exporting ``tb_render_host``."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
@@ -261,12 +270,7 @@ def _host_function(source: str):
         if proc.returncode != 0:
             raise RuntimeError(f"{cxx} could not build the GPU kernel for the host: {proc.stderr.strip()[-2000:]}")
 
-    path = _cached((source, cxx, *flags, "host"), ".so", build)
-    fn = ctypes.CDLL(str(path)).tb_render_host
-    P, I64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [P, P, P, P, P, P, I64, I64, I64, I64, P, I64, P, P, I64, P]
-    fn.restype = ctypes.c_int
-    return fn
+    return _cached((source, cxx, *flags, "host"), ".so", build)
 
 
 def _with_index(device: torch.device) -> torch.device:
