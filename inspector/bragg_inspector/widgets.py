@@ -36,8 +36,29 @@ def _devices() -> list[str]:
     return out
 
 
+class _WrapLabel(QLabel):
+    """A word-wrapped label that asks for the height of its wrapped text.
+
+    Qt sizes a wrapped label from its first text; a longer text set later was clipped to
+    the old height (a second line lost) in napari's dock.
+    """
+
+    def _fit(self) -> None:
+        h = self.heightForWidth(max(1, self.width()))
+        if h > 0 and h != self.minimumHeight():
+            self.setMinimumHeight(h)
+
+    def setText(self, text: str) -> None:  # noqa: N802 - Qt's name
+        super().setText(text)
+        self._fit()
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        super().resizeEvent(event)
+        self._fit()
+
+
 def _wrap_label(text: str = "") -> QLabel:
-    lab = QLabel(text)
+    lab = _WrapLabel(text)
     lab.setWordWrap(True)
     lab.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
     lab.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)

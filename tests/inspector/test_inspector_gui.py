@@ -62,9 +62,18 @@ def test_unused_fdump_warning_is_shown(insp, tmp_path):
         if (GOLDEN / "cases" / "hkl_partial_defaultF" / "Fdump.bin").is_file() else \
         (tmp_path / "Fdump.bin").write_bytes(b"x")
     assert insp.simulate(small_args(None, detpixels=16), wait=True), insp.controller.last_error
-    text = insp.simulation_widget.hkl_info_label.text()
+    label = insp.simulation_widget.hkl_info_label
+    text = label.text()
     assert "Fdump.bin" in text and "unused" in text
     assert "no HKL table" in text
+    # several wrapped lines, all of them shown (the label grows with a longer text)
+    from qtpy.QtWidgets import QApplication
+
+    QApplication.processEvents()
+    assert label.heightForWidth(label.width()) > 2 * label.fontMetrics().height()
+    assert label.height() >= label.heightForWidth(label.width())
+    box = label.parentWidget()  # its group box: the label's last line inside the box's frame
+    assert label.geometry().bottom() <= box.contentsRect().bottom(), (label.geometry(), box.contentsRect())
 
 
 @needs_engine
