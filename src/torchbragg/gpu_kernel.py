@@ -344,6 +344,12 @@ class GpuPlan:
             self._flagged = self.packing.flagged_table().to(self.device)
         return self._flagged
 
+    def wide_table(self) -> torch.Tensor:
+        """The table in float64 for the interpolating variants (the same values)."""
+        if getattr(self, "_wide", None) is None:
+            self._wide = self.packing.wide_table().to(self.device)
+        return self._wide
+
     def function(self, count: bool, interp: bool = False):
         """The compiled variant (compiling it on first use), or None with a warning."""
         table = self.table is not None
@@ -395,6 +401,8 @@ class GpuPlan:
         table = self.table
         if count and table is not None and not interp:
             table = self.flagged_table()
+        if interp and table is not None:
+            table = self.wide_table()
         ptrs = [self.dparams, self.iparams, self.lattice, self.src, table, self.mask]
         args = [ctypes.c_void_p(t.data_ptr() if t is not None else None) for t in ptrs]
         args += [ctypes.c_int64(row0), ctypes.c_int64(nrows), ctypes.c_int64(col0), ctypes.c_int64(ncols),

@@ -30,6 +30,11 @@ typedef uint8_t u8;
 #endif
 
 typedef TB_REAL real;
+#if TB_INTERP
+typedef double tb_table_t;  // interpolation reads 64 entries a lookup: the table comes widened already
+#else
+typedef real tb_table_t;
+#endif
 
 // @include kernel_math.h
 
@@ -45,7 +50,7 @@ struct TbPixel {
 
 TB_HD TbPixel tb_pixel(const double* __restrict__ dp, const i64* __restrict__ ip,
                        const double* __restrict__ lattice, const double* __restrict__ src,
-                       const real* __restrict__ table, i64 row, i64 col) {
+                       const tb_table_t* __restrict__ table, i64 row, i64 col) {
     const i64 os = ip[I_oversample], T = ip[I_T], S = ip[I_S], PM = ip[I_P] * ip[I_M];
     const bool point_pixel = ip[I_point_pixel] != 0, nopolar = ip[I_nopolar] != 0;
     const bool thick_on = ip[I_thick_on] != 0, dmin_on = ip[I_dmin_on] != 0, water = ip[I_water] != 0;
@@ -177,7 +182,7 @@ TB_HD TbPixel tb_pixel(const double* __restrict__ dp, const i64* __restrict__ ip
                         const bool inside = h0 >= dhmin && h0 <= dhmax && k0 >= dkmin && k0 <= dkmax
                                             && l0 >= dlmin && l0 <= dlmax;
                         const double didx = ((h0 - dhmin) * dnk + (k0 - dkmin)) * dnl + (l0 - dlmin);
-                        Fc = table[(i64)(inside ? didx : dsize)];
+                        Fc = (real)table[(i64)(inside ? didx : dsize)];
 #if TB_COUNT && !TB_INTERP
                         // the counting table's sign bit marks default_F entries
                         n_default += (!skipped && TB_SIGNBIT(Fc)) ? 1u : 0u;
@@ -230,7 +235,7 @@ TB_HD TbPixel tb_pixel(const double* __restrict__ dp, const i64* __restrict__ ip
 // fallback count (int8/16/32 by ip[I_count_bytes]) and dominant reason: 1 without a table; with
 // one, 3 (unlisted) only when it outnumbers 2 (outside the box); 0 for none.
 TB_HD void tb_store(const double* dp, const i64* ip, const double* lattice, const double* src,
-                    const real* table, const u8* mask, i64 row0, i64 col0, i64 ncols, i64 r, i64 c,
+                    const tb_table_t* table, const u8* mask, i64 row0, i64 col0, i64 ncols, i64 r, i64 c,
                     real* image, i64 image_stride, void* counts, u8* reasons, i64 fb_stride, double* omega) {
     const i64 row = row0 + r, col = col0 + c;
     const bool active = mask == 0 || mask[row * ip[I_fpixels] + col] != 0;
@@ -260,7 +265,7 @@ TB_HD void tb_store(const double* dp, const i64* ip, const double* lattice, cons
 #ifdef __CUDACC_RTC__
 // One thread per pixel of the block rows row0.. x columns col0.. (pixel index = r * ncols + c).
 extern "C" __global__ void tb_render(const double* dp, const i64* ip, const double* lattice, const double* src,
-                                     const real* table, const u8* mask, i64 row0, i64 nrows, i64 col0, i64 ncols,
+                                     const tb_table_t* table, const u8* mask, i64 row0, i64 nrows, i64 col0, i64 ncols,
                                      real* image, i64 image_stride, void* counts, u8* reasons, i64 fb_stride,
                                      double* omega) {
     const i64 p = (i64)blockIdx.x * (i64)blockDim.x + (i64)threadIdx.x;
@@ -273,7 +278,7 @@ extern "C" __global__ void tb_render(const double* dp, const i64* ip, const doub
 #else
 // The same pixels, one after another on the host: what the GPU threads compute, for testing.
 extern "C" int tb_render_host(const double* dp, const i64* ip, const double* lattice, const double* src,
-                              const real* table, const u8* mask, i64 row0, i64 nrows, i64 col0, i64 ncols,
+                              const tb_table_t* table, const u8* mask, i64 row0, i64 nrows, i64 col0, i64 ncols,
                               real* image, i64 image_stride, void* counts, u8* reasons, i64 fb_stride,
                               double* omega) {
     for (i64 p = 0; p < nrows * ncols; ++p) {

@@ -411,6 +411,11 @@ _FAST_SOURCE = r"""// torchbragg fused render kernel. Compiled on first use by t
 #include <cstring>
 
 typedef TB_REAL real;
+#if TB_INTERP
+typedef double tb_table_t;  // interpolation reads 64 entries a lookup: the table comes widened already
+#else
+typedef real tb_table_t;
+#endif
 #define CB 256
 
 #define TB_HD static inline
@@ -514,7 +519,7 @@ static inline void store_counts(C* cs, uint8_t* rs, const uint8_t* mrow, const u
 // evaluations that used default_F and those of them outside the box. Interpolated lookups never use
 // default_F, so the interpolating variant writes zero counts.
 extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* lattice, const double* src,
-                        const real* table, const uint8_t* mask,
+                        const tb_table_t* table, const uint8_t* mask,
                         int64_t row0, int64_t nrows, int64_t col0, int64_t ncols,
                         real* image, int64_t image_stride, void* counts, uint8_t* reasons,
                         int64_t fb_stride, double* row_stats) {
@@ -710,7 +715,7 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                                                         & (l0 >= dlmin) & (l0 <= dlmax);
                                     const double didx = ((h0 - dhmin) * dnk + (k0 - dkmin)) * dnl + (l0 - dlmin);
                                     const int idx = (int)(inside ? didx : dsize);
-                                    Fc = table[idx];
+                                    Fc = (real)table[idx];
 #if TB_COUNT && !TB_INTERP
                                     cnt[c] += skipped ? 0u : (std::signbit(Fc) ? 1u : 0u);
                                     cnt_out[c] += (skipped | inside) ? 0u : 1u;
@@ -1381,6 +1386,12 @@ class FastPlan:
         b = self.kt.bounds
         return b is not None and all(b[2 * i + 1] - b[2 * i] + 1 >= 4 for i in range(3))
 
+    def wide_table(self) -> torch.Tensor:
+        """The table in float64, what the interpolating variants read (the same values)."""
+        if getattr(self, "_wide", None) is None:
+            self._wide = self.table.to(torch.float64).contiguous()
+        return self._wide
+
     def function(self, count: bool, interp: bool = False):
         if interp and self.table is not None and not self.interpolates:
             return None
@@ -1468,6 +1479,8 @@ class FastPlan:
         table = self.table
         if count and table is not None and not interp:
             table = self.flagged_table()
+        if interp and table is not None:
+            table = self.wide_table()
         fixed = (ptr(self.dparams), ptr(self.iparams), ptr(self.lattice), ptr(self.src),
                  ptr(table) if table is not None else none,
                  ptr(self.mask) if self.mask is not None else none)

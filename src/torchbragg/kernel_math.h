@@ -1,6 +1,7 @@
 // Arithmetic shared by torchbragg's compiled kernels: the fused CPU kernel (kernel.py) and the GPU
 // kernel (gpu_render.cu). Pasted by torchbragg where a source says "// @include kernel_math.h",
-// after TB_HD (the functions' qualifiers), TB_DOUBLE and the typedef ``real`` (the render dtype);
+// after TB_HD (the functions' qualifiers), TB_DOUBLE and the typedefs ``real`` (the render dtype) and
+// ``tb_table_t`` (the structure-factor table's);
 // the math functions are the C library's (host) or CUDA's (device) overloads.
 
 // sin(pi r) for |r| <= 0.5: Taylor series of sin z, z = pi r (truncation below rounding)
@@ -112,7 +113,7 @@ TB_HD void tb_lagrange(double t, double* w) {
 // lowest h, k, l; nh, nk, nl: its extent (each at least 4). The neighbourhood's start is clamped into
 // the table only to keep every read inside it: the callers interpolate only where C does, where the
 // whole neighbourhood lies inside, and discard what skipped evaluations read.
-TB_HD double tb_tricubic(const real* table, double h, double k, double l, const double* lo,
+TB_HD double tb_tricubic(const tb_table_t* table, double h, double k, double l, const double* lo,
                          double nh, double nk, double nl) {
     const double fh = floor(h), fk = floor(k), fl = floor(l);
     double wh[4], wk[4], wl[4];
@@ -122,13 +123,13 @@ TB_HD double tb_tricubic(const real* table, double h, double k, double l, const 
     const double hs = fmin(fmax(fh - 1.0 - lo[0], 0.0), nh - 4.0);
     const double ks = fmin(fmax(fk - 1.0 - lo[1], 0.0), nk - 4.0);
     const double ls = fmin(fmax(fl - 1.0 - lo[2], 0.0), nl - 4.0);
-    const real* t = table + (long long)((hs * nk + ks) * nl + ls);
+    const tb_table_t* t = table + (long long)((hs * nk + ks) * nl + ls);
     const long long sh = (long long)(nk * nl), sk = (long long)nl;
     double val = 0.0;
     for (int i = 0; i < 4; ++i) {
         double vj = 0.0;
         for (int j = 0; j < 4; ++j) {
-            const real* r = t + i * sh + j * sk;
+            const tb_table_t* r = t + i * sh + j * sk;
             vj += ((double)r[0] * wl[0] + (double)r[1] * wl[1] + (double)r[2] * wl[2] + (double)r[3] * wl[3]) * wk[j];
         }
         val += vj * wh[i];
