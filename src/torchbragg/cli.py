@@ -131,6 +131,9 @@ def _describe_setup(sim, out: TextIO) -> None:
         p("  -fix_phi0: phi = 0 uses the unrotated crystal (C reuses the previous step)")
     if extra and not sim.config.compat.oversample_running_product:
         p("  -fix_oversample: each term weighted by its own oversampled factors (C multiplies the running sum)")
+    elif extra:
+        p("  note: as in C, the oversampled factors multiply the pixel's running sum; -fix_oversample "
+          "weights each term instead")
 
 
 def header_fields(sim) -> dict:
