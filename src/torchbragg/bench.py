@@ -167,6 +167,7 @@ def _child(spec_json: str) -> int:
     out["first_render_cpu_s"] = time.process_time() - c0
     out["fast_kernel"] = bool(plan is not None and plan.function(False) is not None)
     out["kernel"] = type(plan).__name__ if out["fast_kernel"] else "eager"
+    out["last_kernel"] = getattr(sim, "last_kernel", None)  # e.g. "fused CPU kernel + eager rows"
     if device.startswith("cuda"):
         out["gpu"] = torch.cuda.get_device_name(torch.device(device))
         out["gpu_peak_memory_mib"] = torch.cuda.max_memory_allocated(torch.device(device)) / 2 ** 20
