@@ -185,6 +185,7 @@ def test_bench_command_writes_a_report(tmp_path, capsys, monkeypatch):
     assert len(r["warm_s"]) == 2 and r["evaluations"] == 128 * 128 * 4
     assert r["tap_method"] in ("sim.tap", "sim.evaluate(detail=True)") and r["tap_pixel"] == [64, 64]
     assert r["fast_kernel"] is True
+    assert (r["kernel"], r["last_kernel"]) == ("FastPlan", "fused CPU kernel")
     calls = log.read_text().splitlines()
     assert calls == [f"1 {' '.join(bench.CONFIGS['tap128'])}", f"{os.cpu_count()} {' '.join(bench.CONFIGS['tap128'])}"]
     c1 = entry["c"]["single_thread"]
