@@ -42,7 +42,7 @@ import torch
 from .kernel import (_SHAPE_CODES, ROW_STATS, FastPlan, KernelTensors, _compiler, fused_unsupported,
                      kernel_cache_dir, kernel_source, row_statistics)
 
-__all__ = ["GpuPlan", "gpu_unsupported", "gpu_source", "nvrtc_compile", "nvrtc_library"]
+__all__ = ["GpuPlan", "gpu_unsupported", "gpu_source", "host_library", "nvrtc_compile", "nvrtc_library"]
 
 SOURCE_PATH = Path(__file__).with_name("gpu_render.cu")
 #: threads per CUDA block

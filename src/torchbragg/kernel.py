@@ -34,7 +34,7 @@ import torch
 
 __all__ = ["KernelTensors", "BlockResult", "evaluate_block", "LOOKUP_REASONS", "LOOKUP_CODES", "FastPlan",
            "fast_enabled", "fast_unsupported", "fused_unsupported", "fast_library", "fast_scan_function", "kernel_cache_dir",
-           "fallback_count_dtype"]
+           "fallback_count_dtype", "fast_math_probe", "kernel_source"]
 
 #: lookup reason codes used in per-evaluation results and fallback maps
 LOOKUP_REASONS = {
