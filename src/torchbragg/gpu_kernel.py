@@ -28,9 +28,7 @@ import ctypes
 import glob
 import hashlib
 import os
-import subprocess
 import sys
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -39,8 +37,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .kernel import (_SHAPE_CODES, ROW_STATS, FastPlan, KernelTensors, _compiler, fused_unsupported,
-                     kernel_cache_dir, kernel_source, row_statistics)
+from .kernel import (_SHAPE_CODES, RENDER_ARGTYPES, ROW_STATS, FastPlan, KernelTensors, _compiler, cached_file,
+                     compile_shared_library, fused_unsupported, kernel_source, row_statistics)
 
 __all__ = ["GpuPlan", "gpu_unsupported", "gpu_source", "host_library", "nvrtc_compile", "nvrtc_library"]
 
@@ -163,24 +161,6 @@ def nvrtc_compile(source: str, arch: int, options: Tuple[str, ...] = (), name: s
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-def _cached(key_parts: Tuple[str, ...], suffix: str, build) -> Path:
-    """A file in the kernel cache named by the hash of ``key_parts``, built atomically when missing."""
-    key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:20]
-    folder = kernel_cache_dir()
-    path = folder / f"tb_gpu_{key}{suffix}"
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=suffix, prefix=".tb_", dir=folder)
-        os.close(fd)
-        try:
-            build(tmp)
-            os.replace(tmp, path)  # concurrent processes see a whole file or none
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return path
-
-
 # ------------------------------------------------------------ driver API
 class _Driver:
     """The few CUDA driver calls the launch needs (libcuda, through ctypes)."""
@@ -247,8 +227,7 @@ _errors: Dict[tuple, str] = {}
 def _host_function(source: str):
     """``tb_render_host`` of the source built as plain C++ (cached)."""
     fn = ctypes.CDLL(str(host_library(source))).tb_render_host
-    P, I64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [P, P, P, P, P, P, I64, I64, I64, I64, P, I64, P, P, I64, P]
+    fn.argtypes = RENDER_ARGTYPES
     fn.restype = ctypes.c_int
     return fn
 
@@ -259,18 +238,8 @@ def host_library(source: str) -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
     flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-x", "c++"]
-
-    def build(tmp):
-        with tempfile.NamedTemporaryFile("w", suffix=".cu", dir=os.path.dirname(tmp), delete=False) as fh:
-            fh.write(source)
-        try:
-            proc = subprocess.run([cxx, *flags, fh.name, "-o", tmp], capture_output=True, text=True, timeout=300)
-        finally:
-            os.unlink(fh.name)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cxx} could not build the GPU kernel for the host: {proc.stderr.strip()[-2000:]}")
-
-    return _cached((source, cxx, *flags, "host"), ".so", build)
+    return cached_file("tb_gpu_", (source, cxx, *flags, "host"), ".so",
+                       lambda out: compile_shared_library(cxx, (flags,), source, out, source_suffix=".cu"))
 
 
 def _with_index(device: torch.device) -> torch.device:
@@ -290,7 +259,7 @@ def _cuda_function(source: str, device: torch.device):
         with open(tmp, "wb") as fh:
             fh.write(image)
 
-    path = _cached((source, f"sm_{arch}", "nvrtc %d.%d" % nvrtc_version()), ".bin", build)
+    path = cached_file("tb_gpu_", (source, f"sm_{arch}", "nvrtc %d.%d" % nvrtc_version()), ".bin", build)
     image = path.read_bytes()
     if not image.startswith(b"\x7fELF"):
         image += b"\0"  # PTX text is loaded as a NUL-terminated string
@@ -307,6 +276,8 @@ class GpuPlan:
     kernel's per-pixel code on the CPU (a host build of ``gpu_render.cu``), for tests.
     """
 
+    #: what ``Simulation.last_kernel`` calls this kernel
+    label = "GPU kernel"
     #: evaluations per launch: one launch covers a 4096² image at 4 evaluations per pixel; the
     #: block size only sets how often progress and cancellation are checked
     evaluations_per_chunk = 1 << 27

@@ -1106,6 +1106,52 @@ def fast_kernel_error(dtype: torch.dtype, shape: str, table: bool, count: bool, 
     return _fast_errors.get((dtype, shape, bool(table), bool(count), bool(interp and table), int(over)))
 
 
+#: ctypes argument types of a compiled render entry point (the fused kernel's ``tb_render``, the GPU
+#: kernel's host build ``tb_render_host``): dp, ip, lattice, src, table, mask, row0, nrows, col0, ncols,
+#: image, image_stride, counts, reasons, fb_stride, row statistics (GPU: per-pixel solid angles)
+RENDER_ARGTYPES = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int64,
+                                                                  ctypes.c_void_p, ctypes.c_void_p,
+                                                                  ctypes.c_int64, ctypes.c_void_p]
+
+
+def cached_file(prefix: str, key_parts: Tuple[str, ...], suffix: str, build) -> Path:
+    """``<kernel cache>/<prefix><hash of key_parts><suffix>``, made by ``build(temporary path)`` when
+    missing and moved into place atomically (concurrent processes see a whole file or none)."""
+    key = hashlib.sha256("\0".join(key_parts).encode()).hexdigest()[:20]
+    folder = kernel_cache_dir()
+    path = folder / f"{prefix}{key}{suffix}"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=suffix, prefix=".tb_", dir=folder)
+        os.close(fd)
+        try:
+            build(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return path
+
+
+def compile_shared_library(cxx: str, flag_sets, source: str, out: str, extra=(), source_suffix: str = ".cpp") -> None:
+    """Compile ``source`` into the shared library ``out`` with the first of ``flag_sets`` that works."""
+    fd, src = tempfile.mkstemp(suffix=source_suffix, prefix=".tb_", dir=os.path.dirname(out))
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(source)
+        for flags in flag_sets:
+            cmd = [cxx, *flags, *extra, src, "-o", out]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.TimeoutExpired) as err:
+                raise RuntimeError(f"{cxx}: {err}") from None
+            if proc.returncode == 0:
+                return
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-2000:]}")
+    finally:
+        os.unlink(src)
+
+
 def _load_variant(dtype, shape, table, count, interp, over):
     real = "double" if dtype == torch.float64 else "float"
     defines = [f"-DTB_REAL={real}", f"-DTB_DOUBLE={int(real == 'double')}", f"-DTB_SHAPE={_SHAPE_CODES[shape]}",
@@ -1115,39 +1161,14 @@ def _load_variant(dtype, shape, table, count, interp, over):
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
-    key = hashlib.sha256("\0".join([source, cxx, *defines, *_CXX_FLAGS, _cpu_signature()]).encode()).hexdigest()[:20]
-    folder = kernel_cache_dir()
-    lib_path = folder / f"tb_render_{key}.so"
-    if not lib_path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_src = tempfile.mkstemp(suffix=".cpp", prefix=".tb_", dir=folder)
-        tmp_lib = tmp_src[:-4] + ".so"
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(source)
-            # a compiler without -march=native (some clang targets) still gets a portable build
-            for flags in (_CXX_FLAGS, [f for f in _CXX_FLAGS if f != "-march=native"]):
-                cmd = [cxx, *flags, *defines, tmp_src, "-o", tmp_lib]
-                try:
-                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-                except (OSError, subprocess.TimeoutExpired) as err:
-                    raise RuntimeError(f"{cxx}: {err}") from None
-                if proc.returncode == 0:
-                    break
-            else:
-                raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-2000:]}")
-            os.replace(tmp_lib, lib_path)  # atomic: concurrent processes see a whole library or none
-        finally:
-            for p in (tmp_src, tmp_lib):
-                try:
-                    os.unlink(p)
-                except OSError:
-                    pass
+    portable = [f for f in _CXX_FLAGS if f != "-march=native"]  # for compilers without -march=native
+    lib_path = cached_file("tb_render_", (source, cxx, *defines, *_CXX_FLAGS, _cpu_signature()), ".so",
+                           lambda out: compile_shared_library(cxx, (_CXX_FLAGS, portable), source, out, defines))
     lib = ctypes.CDLL(str(lib_path))
     fn = lib.tb_render
     P = ctypes.c_void_p
     I64 = ctypes.c_int64
-    fn.argtypes = [P, P, P, P, P, P, I64, I64, I64, I64, P, I64, P, P, I64, P]
+    fn.argtypes = RENDER_ARGTYPES
     fn.restype = ctypes.c_int
     probe = lib.tb_math_probe
     probe.argtypes = [I64, P, P, I64]
@@ -1279,6 +1300,9 @@ class FastPlan:
     :meth:`run` renders a block of whole rows straight into the image (and the
     fallback maps) and returns each row's solid-angle sum.
     """
+
+    #: what ``Simulation.last_kernel`` calls this kernel
+    label = "fused CPU kernel"
 
     def __init__(self, kt: KernelTensors, *, I_bg: float, scale: float, fpixels: int,
                  mask: Optional[np.ndarray] = None, oversample_factors: Tuple[bool, bool, bool] = (False, False, False),

@@ -283,28 +283,26 @@ class Simulation:
 
     def _scan_cutoff_eager(self, start: int, limit: int) -> Optional[int]:
         """The switch-off ordinal among rows ``start .. limit-1``, by the eager kernel (None: none)."""
-        kt = self._tensors
-        nx = self.shape[1]
-        first = self.first_pixel()
-        cols = torch.arange(nx, device=self.device)
+        cols = torch.arange(self.shape[1], device=self.device)
         for r0 in range(start, limit, self.chunk_rows):
-            rows = torch.arange(r0, min(limit, r0 + self.chunk_rows), device=self.device)
-            res = evaluate_block(kt, rows, cols, first_pixel=first, want_hkl_only=True)
-            bad = interp_out_of_range(kt, res["hkl"]) & ~res["skipped"]
-            act = self.active_mask(rows, cols)
-            bad = bad & act.reshape(act.shape + (1,) * (bad.dim() - 2))
-            if bool(bad.any()):
-                ords = evaluation_ordinals(rows, cols, nx, res["E"], bad.shape)
-                return int(ords[bad].min())
+            hit = self._eager_block_cutoff(torch.arange(r0, min(limit, r0 + self.chunk_rows), device=self.device),
+                                           cols)
+            if hit is not None:
+                return hit
         return None
 
     def _eager_pixel_cutoff(self, slow: int, fast: int) -> Optional[int]:
         """The first evaluation of one (rendered) pixel that switches interpolation off, by the eager kernel."""
+        return self._eager_block_cutoff(torch.tensor([slow], device=self.device),
+                                        torch.tensor([fast], device=self.device))
+
+    def _eager_block_cutoff(self, rows: torch.Tensor, cols: torch.Tensor) -> Optional[int]:
+        """The first evaluation of a block's rendered pixels whose lookup leaves the table (None: none)."""
         kt = self._tensors
-        rows = torch.tensor([slow], device=self.device)
-        cols = torch.tensor([fast], device=self.device)
         res = evaluate_block(kt, rows, cols, first_pixel=self.first_pixel(), want_hkl_only=True)
         bad = interp_out_of_range(kt, res["hkl"]) & ~res["skipped"]
+        act = self.active_mask(rows, cols)
+        bad = bad & act.reshape(act.shape + (1,) * (bad.dim() - 2))
         if not bool(bad.any()):
             return None
         ords = evaluation_ordinals(rows, cols, self.shape[1], res["E"], bad.shape)
@@ -361,11 +359,8 @@ class Simulation:
         """A fused-kernel plan whose switch-off scan applies here, or None (eager scan)."""
         plan = self._fast_plan()
         if not isinstance(plan, FastPlan):
-            # the render may be eager (-oversample_* rules) or on the GPU while the scan runs on the CPU
-            use = self.use_fast_kernel
-            if use is None:
-                use = fast_enabled()
-            if not use or fused_unsupported(self._tensors) is not None:
+            # the render may be on the GPU while the scan runs on the CPU
+            if not self._compiled_kernels_on() or fused_unsupported(self._tensors) is not None:
                 return None
             plan = self.__dict__.get("_scan_plan_cache")
             if plan is None:
@@ -514,16 +509,14 @@ class Simulation:
                     oversample_factors=(s.oversample_thick, s.oversample_polar, s.oversample_omega),
                     running_product=self.config.compat.oversample_running_product)
 
-    def _fast_plan(self) -> Optional[FastPlan]:
-        """The fused-kernel plan for this simulation, or None where only the eager kernel applies.
+    def _compiled_kernels_on(self) -> bool:
+        """``use_fast_kernel`` (instance or class attribute) when not None, else ``TORCHBRAGG_FAST``."""
+        return fast_enabled() if self.use_fast_kernel is None else bool(self.use_fast_kernel)
 
-        ``use_fast_kernel`` (instance or class attribute) overrides the
-        ``TORCHBRAGG_FAST`` environment switch when it is not None.
-        """
-        use = self.use_fast_kernel
-        if use is None:
-            use = fast_enabled()
-        if not use:
+    def _fast_plan(self) -> Optional[FastPlan]:
+        """The compiled-kernel plan for this simulation (fused CPU or GPU), or None where only the
+        eager kernel applies (see :meth:`_compiled_kernels_on`)."""
+        if not self._compiled_kernels_on():
             return None
         cached = self.__dict__.get("_fast_plan_cache")
         if cached is None:
@@ -575,13 +568,14 @@ class Simulation:
         # fused kernel: statistics come per row from the kernel (eager rows: from row_statistics)
         row_stats = np.zeros((total, len(ROW_STATS))) if plan is not None else None
         ncols = c_hi - c_lo + 1
+        # rows per compiled-kernel block; a GPU needs many pixels (threads) per launch to be busy,
+        # however many evaluations each has
+        per_chunk = getattr(plan, "evaluations_per_chunk", FAST_EVALUATIONS_PER_CHUNK)
+        min_rows = -(-getattr(plan, "min_pixels_per_chunk", 0) // max(1, ncols))
+        compiled_step = max(1, min_rows, per_chunk // max(1, ncols * self.evaluations_per_pixel))
         with torch.no_grad():
             for mode, seg_lo, seg_hi in segments:
-                per_chunk = getattr(plan, "evaluations_per_chunk", FAST_EVALUATIONS_PER_CHUNK)
-                # a GPU needs many pixels (threads) per launch to be busy, however many evaluations each has
-                min_rows = -(-getattr(plan, "min_pixels_per_chunk", 0) // max(1, ncols))
-                step = self.chunk_rows if mode == "eager" else max(
-                    1, min_rows, per_chunk // max(1, ncols * self.evaluations_per_pixel))
+                step = self.chunk_rows if mode == "eager" else compiled_step
                 for r0 in range(seg_lo, seg_hi + 1, step):
                     if should_cancel is not None and should_cancel():
                         raise RenderCancelled("render cancelled")
@@ -718,8 +712,7 @@ def _kernel_label(plan, segments) -> str:
     modes = {m for m, _, _ in segments}
     if plan is None or modes == {"eager"}:
         return "eager kernel"
-    name = "GPU kernel" if type(plan).__name__ == "GpuPlan" else "fused CPU kernel"
-    return name + (" + eager rows" if "eager" in modes else "")
+    return plan.label + (" + eager rows" if "eager" in modes else "")
 
 
 class _RecycledBuffers:
