@@ -6,24 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .io import RAW_SUFFIXES, SMV_SUFFIXES, is_tap_document, load_tap_documents, read_image, taps_to_points
+import numpy as np
 
-IMAGE_SUFFIXES = SMV_SUFFIXES + RAW_SUFFIXES
+from .io import image_suffixes, is_tap_document, load_tap_documents, read_image, taps_to_points
 
 
 # ------------------------------------------------------------------ widgets
-def simulation_widget(napari_viewer):
-    from .controller import controller_for
-    from .widgets import SimulationWidget
-
-    return SimulationWidget(controller_for(napari_viewer))
-
-
-def tap_widget(napari_viewer):
-    from .controller import controller_for
-    from .widgets import TapWidget
-
-    return TapWidget(controller_for(napari_viewer))
+# napari.yaml names the panel classes in bragg_inspector._qt directly: napari
+# builds them with the viewer (their ``viewer: napari.viewer.Viewer`` argument).
+SIM_DOCK_NAME = "Bragg simulation"
+TAP_DOCK_NAME = "Bragg pixel tap"
 
 
 # ------------------------------------------------------------------ readers
@@ -35,7 +27,7 @@ def _single(path) -> str | None:
 
 def get_image_reader(path):
     p = _single(path)
-    if p is None or Path(p).suffix.lower() not in IMAGE_SUFFIXES:
+    if p is None or Path(p).suffix.lower() not in image_suffixes():
         return None
     return read_image_layers
 
@@ -51,9 +43,18 @@ def read_image_layers(path) -> list[tuple[Any, dict, str]]:
                     "contrast_limits": percentile_limits(data)}, "image")]
 
 
+TAP_FILENAME_PATTERNS = ("*tap*.json", "*_s*_f*.json")  # as in napari.yaml
+
+
+def is_tap_filename(name: str) -> bool:
+    from fnmatch import fnmatch
+
+    return any(fnmatch(name.lower(), pat) for pat in TAP_FILENAME_PATTERNS)
+
+
 def get_tap_reader(path):
     p = _single(path)
-    if p is None or Path(p).suffix.lower() != ".json":
+    if p is None or not is_tap_filename(Path(p).name):
         return None
     try:
         load_tap_documents(p)
@@ -66,8 +67,9 @@ def read_tap_layers(path) -> list[tuple[Any, dict, str]]:
     p = _single(path) or str(path)
     docs = load_tap_documents(p)
     pts, kwargs = taps_to_points(docs)
-    kwargs.update(name=f"taps {Path(p).stem}", symbol="ring", size=9, face_color="yellow",
-                  border_width=0, canvas_size_limits=(14, 60))
+    kwargs.update(name=f"taps {Path(p).stem}", symbol="disc", size=1.0, face_color="transparent",
+                  border_color="yellow", border_width=0.16, border_width_is_relative=True,
+                  canvas_size_limits=(22, 22))
     return [(pts, kwargs, "points")]
 
 
@@ -76,8 +78,10 @@ def write_taps(path: str, data: Any, meta: dict) -> list[str]:
     """Save the tapped pixels of a points layer as tap JSON.
 
     The layer must come from the inspector (``metadata['tap_records']``) or from
-    a tap JSON file (``metadata['tap_documents']``).  One tap → ``path``; several
-    → ``<stem>_s<slow>_f<fast>.json`` next to it.  Never overwrites."""
+    a tap JSON file (``metadata['tap_documents']``).  One tap → ``path`` (as
+    ``<stem>.tap.json`` when its name does not say it holds a tap, so that the
+    reader, which opens tap JSON by name, opens it again); several →
+    ``<stem>_s<slow>_f<fast>.json`` next to it.  Never overwrites."""
     from .io import exclusive_write_json
 
     md = meta.get("metadata") or {}
@@ -92,6 +96,9 @@ def write_taps(path: str, data: Any, meta: dict) -> list[str]:
     target = Path(path)
     if target.suffix.lower() != ".json":
         target = target.with_suffix(".json")
+    if len(docs) == 1 and not is_tap_filename(target.name):
+        # the reader opens tap JSON by name (*tap*.json, *_s<slow>_f<fast>*.json), not every JSON
+        target = target.with_name(f"{target.stem}.tap.json")
     if len(docs) == 1:
         return [str(exclusive_write_json(target, docs[0]))]
     from .io import tap_pixel
@@ -105,12 +112,37 @@ def write_taps(path: str, data: Any, meta: dict) -> list[str]:
 
 # ------------------------------------------------------------------ sample data
 def tap_config_sample() -> list[tuple[Any, dict, str]]:
-    """The 4096² tap configuration, rendered by the engine (takes a while on a CPU)."""
+    """The 4096² tap configuration, rendered by the engine.
+
+    In a viewer the render runs in the inspector's worker thread (the window
+    stays responsive, the progress shows in the simulation panel, which is
+    docked with the tap panel): this returns the inspector's ``simulated``
+    layer at once, blank, and the render fills it; a click taps it like any
+    render of the panel.  Without a viewer it renders here."""
     from . import _engine
+
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:  # pragma: no cover - napari without Qt
+        viewer = None
+    if viewer is not None and getattr(viewer, "window", None) is not None:
+        from .controller import SIM_LAYER
+        from .inspector import Inspector
+
+        args = _engine.tap_config_args()
+        shape = _engine.make_simulation(args).shape
+        insp = Inspector(viewer)
+        if SIM_LAYER in viewer.layers:  # the sample replaces the image on screen
+            viewer.layers.remove(SIM_LAYER)
+        insp.simulate(args, wait=False)
+        return [(np.zeros(shape, dtype=np.float32),
+                 {"name": SIM_LAYER, "colormap": "gray_r", "interpolation2d": "nearest",
+                  "metadata": {"args": list(args), "placeholder": True}}, "image")]
     from .model import percentile_limits
 
     args = _engine.tap_config_args()
-    sim = _engine.make_simulation(args)
-    img, _fb = _engine.render(sim)
+    img, _fb = _engine.render(_engine.make_simulation(args))
     return [(img, {"name": "tap configuration 4096²", "colormap": "gray_r",
                    "contrast_limits": percentile_limits(img), "metadata": {"args": args}}, "image")]

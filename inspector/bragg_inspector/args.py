@@ -5,12 +5,6 @@ from __future__ import annotations
 import shlex
 from collections.abc import Sequence
 
-# Used only when the engine does not (yet) export ``torchbragg.TAP_CONFIG_ARGS``.
-FALLBACK_TAP_CONFIG_ARGS: list[str] = (
-    "-cell 100 100 100 90 90 90 -N 5 -default_F 100 -lambda 0.5 -distance 500 "
-    "-pixel 0.05 -detpixels 4096 -oversample 2"
-).split()
-
 
 def split_args(text: str | Sequence[str]) -> list[str]:
     """Split an argument line the way a POSIX shell would ("" keeps spaces)."""

@@ -1,9 +1,11 @@
 """Connects the Qt-free :class:`~bragg_inspector.model.InspectorModel` to a
-napari viewer: layers, the click callback, the flip key and the render job.
+napari viewer: layers, the click callback, the hover readout, key bindings and
+the render job.
 
-No widgets here: panels subscribe to the psygnal signals below and call the
-public methods.  Qt is touched only to run the render in a worker thread
-(``napari.qt.threading``) when a Qt application exists.
+No widgets and no Qt here: panels subscribe to the psygnal signals below and
+call the public methods; the render runs through a *runner*
+(:mod:`bragg_inspector._qt.worker` in a Qt application, in the caller's thread
+otherwise).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from psygnal import Signal
 
 from . import _engine
 from .args import get_flag_value, join_args, set_flag_value, split_args
+from .io import header_geometry_args
 from .model import REASON_STYLE, Comparison, InspectorModel, TapRecord, percentile_limits
+from .readout import spread_labels
 
 SIM_LAYER = "simulated"
 TAP_LAYER = "tap"
@@ -30,14 +34,45 @@ FALLBACK_LAYER = "default_F regions"
 REF_LAYER = "reference"
 DIFF_LAYER = "difference (sim − ref)"
 RATIO_LAYER = "ratio (sim / ref)"
-FLIP_KEY = "Shift-F"
+BEAM_LAYER = "beam centre"
+RINGS_LAYER = "resolution rings"
+RING_LABELS_LAYER = "ring labels"
+BOX_LAYER = "HKL table box"
+#: layers that stay above every image
+MARKER_LAYERS = (BOX_LAYER, RINGS_LAYER, RING_LABELS_LAYER, BEAM_LAYER, SEL_LAYER, TAP_LAYER)
+
+#: key bindings of the viewer (napari's key names)
+KEYS = {"flip": "Shift-F", "overlay": "Shift-D", "rings": "Shift-R", "clear": "Shift-X", "export": "Shift-E"}
+KEY_HELP = (f"{KEYS['overlay']}: default_F regions on/off · {KEYS['rings']}: resolution rings on/off · "
+            f"{KEYS['flip']}: flip simulated/reference · {KEYS['clear']}: clear the selection · "
+            f"{KEYS['export']}: export the selection as a new evidence bundle")
 TAP_COLOUR = "#00c853"        # green: readable on the white background, the pink and the blue overlay
 SELECTION_COLOUR = "#aa00ff"  # purple
-DRAG_TOLERANCE_PX = 4.0  # press→release movement (screen px) that still counts as a click
+BEAM_COLOUR = "#00b8d4"
+RING_COLOUR = "#2962ff"
+BOX_COLOUR = "#d50000"
+MARKER_SCREEN_PX = 22     # tap/selection rings: this many screen pixels at any zoom
+LABEL_SEPARATION_PX = 70  # selection labels closer than this on screen are hidden (earlier ones win)
+DRAG_TOLERANCE_PX = 4.0   # press→release movement (screen px) that still counts as a click
 
 
 def _has_shift(modifiers) -> bool:
     return any(getattr(m, "name", m) == "Shift" for m in (modifiers or ()))
+
+
+class SyncRunner:
+    """Runs a render job in the caller's thread (no Qt application)."""
+
+    def start(self, job, on_progress, on_done, on_error) -> None:
+        try:
+            res = job(on_progress)
+        except BaseException as exc:  # noqa: BLE001 - handed to the controller
+            on_error(exc)
+        else:
+            on_done(res)
+
+    def wait(self, timeout, cancel) -> None:  # the job has finished when start returns
+        return None
 
 
 class InspectorController:
@@ -52,26 +87,33 @@ class InspectorController:
     tapped = Signal(object)              # TapRecord
     selection_changed = Signal()
     overlay_changed = Signal()
+    rings_changed = Signal()
     compared = Signal(object)            # Comparison
 
-    def __init__(self, viewer, cwd: str | None = None):
+    def __init__(self, viewer, cwd: str | None = None, runner=None):
         self._viewer_ref = weakref.ref(viewer)
         self.model = InspectorModel(cwd=cwd)
+        self.runner = runner or SyncRunner()
         self.overlay_enabled = False
+        self.rings_enabled = False
+        self.ring_spacings: list[float] | None = None  # None: the detector's defaults
         self.upper_percentile = 99.9
         self.gamma = 1.0
         self.last_error: str | None = None
         self.timings: dict[str, float] = {}
-        self.last_click_ms: dict[str, float] = {}  # tap / table (click → table filled) / total  # setup_s, render_s, show_s of the last render
+        self.last_click_ms: dict[str, float] = {}  # tap / table (click → table filled) / total
         self.last_message: str = ""
-        self._worker = None
-        self._workers: set = set()  # kept alive until their thread has finished
+        self.last_export: list[Path] = []
         self._cancel = threading.Event()
         self._running = False
-        self._pbar = None
-        self._bridge = None
+        self._result: tuple[bool, Any] | None = None
+        self._header_sim = None  # geometry of an opened SMV image when nothing is rendered
         viewer.mouse_drag_callbacks.append(self._on_mouse_drag)
-        viewer.bind_key(FLIP_KEY, self._on_flip_key, overwrite=True)
+        for name, fn in (("flip", self.flip), ("overlay", self.toggle_overlay), ("rings", self.toggle_rings),
+                         ("clear", self.clear_selection), ("export", self._export_key)):
+            viewer.bind_key(KEYS[name], lambda _v=None, fn=fn: fn(), overwrite=True)
+        viewer.scene.camera.events.zoom.connect(self._on_zoom)
+        viewer.layers.events.inserted.connect(self._on_layer_inserted)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -96,7 +138,7 @@ class InspectorController:
         self.status.emit(msg, level)
 
     def report_error(self, exc: BaseException | str, context: str = "") -> str:
-        """A clear message in the panel's status label and as a napari notification."""
+        """A clear message in the panel's status line and as a napari notification."""
         if isinstance(exc, BaseException):
             text = str(exc) or type(exc).__name__
             if not isinstance(exc, _engine.user_error_types()):
@@ -133,7 +175,7 @@ class InspectorController:
     # ------------------------------------------------------------------ rendering
     def simulate(self, args: str | Sequence[str] | None = None, *, device: str | None = None,
                  dtype: str | None = None, wait: bool = False, timeout: float | None = None) -> bool:
-        """Render in a worker thread; the layers are replaced only when it succeeds.
+        """Render in the runner; the layers are replaced only when it succeeds.
 
         Returns True once started (``wait=False``) or when a new image is shown
         (``wait=True``); False on bad input (shown as a message)."""
@@ -147,17 +189,14 @@ class InspectorController:
             return False
         device = device or self.model.device
         dtype = dtype or self.model.dtype
-        self.model.args = list(argv)
         self.args_changed.emit(list(argv))
 
-        self._cancel = threading.Event()
+        cancel = self._cancel = threading.Event()
         self._running = True
-        self._result: tuple[bool, Any] | None = None
+        self._result = None
         self.render_started.emit()
         self._info(f"rendering on {device} ({dtype})…", "busy")
-        cancel = self._cancel
         model = self.model
-
         timings = self.timings = {}
 
         def job(progress=None):
@@ -168,120 +207,21 @@ class InspectorController:
             timings.update(setup_s=t1 - t0, render_s=time.perf_counter() - t1)
             return sim, img, fb
 
-        try:
-            from qtpy.QtWidgets import QApplication
-
-            has_qt = QApplication.instance() is not None
-        except Exception:  # pragma: no cover
-            has_qt = False
-
-        if not has_qt:  # headless ViewerModel: run here, same result handling
-            try:
-                res = job(progress=lambda d, t: self.render_progress.emit(int(d), int(t)))
-            except BaseException as exc:  # noqa: BLE001 - shown to the user
-                self._render_failed(exc)
-            else:
-                self._render_done(res, argv, device, dtype)
+        self.runner.start(job, self._progress,
+                          lambda res: self._render_done(res, argv, device, dtype), self._render_failed)
+        if wait:
+            self.runner.wait(timeout, self.cancel)
             return bool(self._result and self._result[0])
-
-        self._start_worker(job, argv, device, dtype)
-        if not wait:
-            return True
-        self.wait(timeout)
-        return bool(self._result and self._result[0])
+        return True
 
     def wait(self, timeout: float | None = None) -> None:
-        """Block (running the Qt event loop, not polling) until the render ends;
-        after ``timeout`` seconds the render is cancelled."""
-        if not self._running:
-            return
-        from qtpy.QtCore import QEventLoop, QTimer
+        """Block until the render ends (the event loop keeps running); after
+        ``timeout`` seconds the render is cancelled."""
+        if self._running:
+            self.runner.wait(timeout, self.cancel)
 
-        loop = QEventLoop()
-
-        def quit_(*_):
-            loop.quit()
-
-        self.render_finished.connect(quit_)
-        timer = None
-        if timeout is not None:
-            timer = QTimer()
-            timer.setSingleShot(True)
-            timer.timeout.connect(self.cancel)
-            timer.start(int(timeout * 1000))
-        try:
-            if self._running:
-                loop.exec()
-        finally:
-            self.render_finished.disconnect(quit_)
-            if timer is not None:
-                timer.stop()
-
-    def _start_worker(self, job, argv, device, dtype) -> None:
-        from napari.qt.threading import create_worker
-        from napari.utils import progress as napari_progress
-        from qtpy.QtCore import QObject, Signal as QtSignal
-
-        class _Bridge(QObject):
-            progressed = QtSignal(int, int)
-
-        bridge = _Bridge()
-        self._bridge = bridge
-        pbar_box: dict[str, Any] = {}
-        last = {"t": 0.0}
-
-        def on_progress(done: int, total: int) -> None:  # main thread (queued)
-            pbar = pbar_box.get("pbar")
-            if pbar is None and total > 0:
-                pbar = pbar_box["pbar"] = napari_progress(total=int(total), desc="Rendering (bragg_inspector)")
-                self._pbar = pbar
-                self._calm_activity_indicator()
-            if pbar is not None:
-                pbar.update(max(0, int(done) - pbar.n))
-            self.render_progress.emit(int(done), int(total))
-
-        bridge.progressed.connect(on_progress)
-
-        def progress_cb(done, total):  # worker thread: throttle, then queue to main
-            now = time.monotonic()
-            if done >= total or now - last["t"] > 0.05:
-                last["t"] = now
-                bridge.progressed.emit(int(done), int(total))
-
-        worker = create_worker(job, progress=progress_cb, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(lambda res: self._render_done(res, argv, device, dtype))
-        worker.errored.connect(self._render_failed)
-
-        def finished():
-            pbar = pbar_box.pop("pbar", None)
-            if pbar is not None:
-                pbar.close()
-            self._pbar = None
-            # drop our reference only now: the worker's thread is done with its signals
-            self._workers.discard(worker)
-            if self._worker is worker:
-                self._worker = None
-            if self._running and self._worker is None:  # neither returned nor errored fired
-                self._running = False
-                self.render_finished.emit(False)
-
-        worker.finished.connect(finished)
-        self._worker = worker
-        self._workers.add(worker)
-        worker.start()
-
-    def _calm_activity_indicator(self) -> None:
-        """Under software OpenGL (Xvfb/llvmpipe) every frame of napari's animated
-        "in progress" GIF recomposites the whole GL window, which made renders
-        about 3x slower; there the GIF is held on its first frame (the activity
-        dock's progress bar still moves).  Real GPUs keep the animation."""
-        try:
-            if not _software_gl(self.viewer):
-                return
-            btn = self.viewer.window._qt_window._activity_dialog._toggleButton
-            btn._inProgressIndicator.movie().setPaused(True)
-        except Exception:  # private napari API: best effort only
-            pass
+    def _progress(self, done: int, total: int) -> None:
+        self.render_progress.emit(int(done), int(total))
 
     def cancel(self) -> None:
         """Ask the engine to stop (its should_cancel); the old image stays."""
@@ -291,8 +231,7 @@ class InspectorController:
 
     def _render_failed(self, exc: BaseException) -> None:
         self._running = False
-        cancelled = _engine.render_cancelled_type()
-        if cancelled is not None and isinstance(exc, cancelled) or self._cancel.is_set():
+        if isinstance(exc, _engine.render_cancelled_type()) or self._cancel.is_set():
             self._result = (False, "cancelled")
             self._info("render cancelled; the previous image is kept", "info")
         else:
@@ -305,10 +244,12 @@ class InspectorController:
     def _render_done(self, res, argv, device, dtype) -> None:
         sim, img, fb = res
         t0 = time.perf_counter()
+        old_shape = self.model.shape
         try:
             self.model.set_rendered(sim, argv, img, fb, device, dtype)
-            self._show_render()
-            getattr(self, "timings", {})["show_s"] = time.perf_counter() - t0
+            kept, dropped = self.model.retap_selection()
+            self._show_render(refit=old_shape != self.model.shape)
+            self.timings["show_s"] = time.perf_counter() - t0
         except BaseException as exc:  # noqa: BLE001
             self._running = False
             self._result = (False, exc)
@@ -318,19 +259,24 @@ class InspectorController:
         self._running = False
         self._result = (True, None)
         shape = self.model.image.shape
-        kernel = getattr(self.model.sim, "last_kernel", None)
-        self._info(f"rendered {shape[0]}×{shape[1]} on {device} ({dtype}"
-                   + (f", {kernel}" if kernel else "") + "); click a pixel to tap it", "info")
+        msg = (f"rendered {shape[0]}×{shape[1]} on {device} ({dtype}, {sim.last_kernel}); "
+               "click a pixel to tap it")
+        if kept or dropped:
+            msg += f"; selection re-tapped on the new image: {kept} pixel(s)"
+            if dropped:
+                msg += f", {dropped} dropped (outside the new detector)"
+        if self.model.uses_default_F_everywhere:
+            msg += f"; no HKL table: every evaluation uses default_F = {self.model.hkl_info.get('default_F')}"
+        self._info(msg, "info")
         self.rendered.emit()
         self.render_finished.emit(True)
         self.selection_changed.emit()
 
-    def _show_render(self) -> None:
+    def _show_render(self, refit: bool) -> None:
         viewer = self.viewer
         img = self.model.image
         limits = percentile_limits(img, 0.0, self.upper_percentile)
         layer = self._layer(SIM_LAYER)
-        first = layer is None
         if layer is not None and layer.data.shape != img.shape:
             viewer.layers.remove(layer)
             layer = None
@@ -338,20 +284,28 @@ class InspectorController:
             layer = viewer.add_image(img, name=SIM_LAYER, colormap="gray_r", contrast_limits=limits,
                                      gamma=self.gamma, interpolation2d="nearest",
                                      metadata={"args": list(self.model.args)})
+            self._install_hover(layer)
+            refit = True
         else:
             layer.data = img
             layer.contrast_limits_range = (float(np.nanmin(img)), float(max(np.nanmax(img), limits[1])))
             layer.contrast_limits = limits
             layer.gamma = self.gamma
             layer.metadata["args"] = list(self.model.args)
+            layer.metadata.pop("placeholder", None)
+            self._install_hover(layer)  # a layer made elsewhere (the sample's placeholder)
         layer.visible = True
         for name in (REF_LAYER, DIFF_LAYER, RATIO_LAYER):  # stale after a new render
             if name in viewer.layers:
                 viewer.layers.remove(name)
+        self._header_sim = None
         self._refresh_points()
         self._refresh_overlay()
-        if first:
+        self._refresh_geometry()
+        self._raise_markers()
+        if refit:
             viewer.reset_view()
+        self._on_zoom()
         viewer.layers.selection.active = layer
 
     def set_contrast(self, upper_percentile: float | None = None, gamma: float | None = None) -> None:
@@ -364,17 +318,55 @@ class InspectorController:
             layer.contrast_limits = percentile_limits(self.model.image, 0.0, self.upper_percentile)
             layer.gamma = self.gamma
 
+    # ------------------------------------------------------------------ hover
+    def hover(self, slow: int, fast: int) -> str:
+        """The status-bar text for pixel (slow, fast): what a mouse move shows."""
+        if self.model.sim is not None:
+            return self.model.hover(slow, fast)
+        if self._header_sim is not None:
+            sim, layer = self._header_sim
+            ny, nx = layer.data.shape[-2:]
+            if 0 <= slow < ny and 0 <= fast < nx:
+                from .readout import hover_text
+
+                geo = _engine.pixel_geometry(sim, slow, fast)
+                return hover_text(slow, fast, value=float(layer.data[slow, fast]), geometry=geo,
+                                  f_value=None, f_reason=None, with_hkl=False)
+        raise ValueError("nothing rendered yet: run a simulation first")
+
+    def _install_hover(self, layer) -> None:
+        """Make the layer's status (napari's status bar on mouse moves) the hover readout."""
+        if getattr(layer, "_bragg_hover", False):
+            return
+        original = layer.get_status
+
+        def get_status(position=None, *args, **kwargs):
+            status = original(position, *args, **kwargs)
+            if position is not None:
+                px = self.world_to_pixel(position, clip=False)
+                if px is not None:
+                    try:
+                        status["coordinates"] = self.hover(*px)
+                    except ValueError:
+                        pass
+            return status
+
+        layer.get_status = get_status
+        layer._bragg_hover = True
+
     # ------------------------------------------------------------------ clicks
-    def world_to_pixel(self, position) -> tuple[int, int] | None:
+    def world_to_pixel(self, position, clip: bool = True) -> tuple[int, int] | None:
         layer = self._layer(SIM_LAYER)
         pos = np.asarray(position, dtype=float)
-        if layer is not None:
-            data = np.asarray(layer.world_to_data(pos), dtype=float)
-        else:
-            data = pos
+        data = np.asarray(layer.world_to_data(pos), dtype=float) if layer is not None else pos
         s, f = (int(np.floor(x + 0.5)) for x in data[-2:])
         shape = self.model.shape
-        if shape is None or not (0 <= s < shape[0] and 0 <= f < shape[1]):
+        if shape is None:
+            if self._header_sim is not None:
+                shape = self._header_sim[1].data.shape[-2:]
+            else:
+                return None
+        if not (0 <= s < shape[0] and 0 <= f < shape[1]):
             return None
         return s, f
 
@@ -391,12 +383,44 @@ class InspectorController:
             yield
         if moved or event.type != "mouse_release":
             return
+        stored = self._stored_tap_at(event.position)
+        if stored is not None:
+            self.show_record(stored)
+            return
         if self.model.sim is None or self._layer(SIM_LAYER) is None:
             return
         pixel = self.world_to_pixel(event.position)
         if pixel is None:
             return
         self.click(*pixel, shift=_has_shift(event.modifiers))
+
+    def _stored_tap_at(self, position) -> TapRecord | None:
+        """A tap read from a tap JSON file at this position: shown when nothing is
+        rendered, or when its layer is the active one."""
+        viewer = self.viewer
+        active = viewer.layers.selection.active
+        for layer in list(viewer.layers)[::-1]:
+            docs = (getattr(layer, "metadata", None) or {}).get("tap_documents")
+            if not docs or not layer.visible:
+                continue
+            if self.model.sim is not None and layer is not active:
+                continue
+            data = np.asarray(layer.world_to_data(np.asarray(position, dtype=float)), dtype=float)[-2:]
+            s, f = (int(np.floor(x + 0.5)) for x in data)
+            for doc in docs:
+                rec = TapRecord.from_document(doc, source=f"tap JSON ({layer.name})")
+                if rec.pixel == (s, f):
+                    return rec
+        return None
+
+    def show_record(self, rec: TapRecord) -> None:
+        """Show a record's table (a stored tap or a selected pixel) and mark it."""
+        self.model.current = rec
+        self.tapped.emit(rec)
+        where = "stored in a tap JSON file" if rec.source != "engine" else "tapped"
+        self._info(f"pixel ({rec.slow}, {rec.fast}): table {where}")
+        if self.model.sim is not None:
+            self._set_points(TAP_LAYER, [rec], colour=TAP_COLOUR)
 
     def click(self, slow: int, fast: int, *, shift: bool = False) -> TapRecord | None:
         """What a mouse click does: tap the pixel, fill the table, mark the
@@ -431,56 +455,250 @@ class InspectorController:
         rec = self.model.current
         return rec.table() if rec is not None else []
 
-    # ------------------------------------------------------------------ points layers
+    def jump_to(self, pixel: tuple[int, int], visible_pixels: int = 48) -> TapRecord | None:
+        """Centre the view on a selected pixel, zoom so that about
+        ``visible_pixels`` image pixels span the canvas, and show its table."""
+        viewer = self.viewer
+        s, f = (int(x) for x in pixel)
+        c = list(viewer.scene.camera.center)
+        c[-2:] = [float(s), float(f)]
+        viewer.scene.camera.center = tuple(c)
+        width = min(viewer.canvas.size)
+        viewer.scene.camera.zoom = max(1.0, float(width) / visible_pixels)
+        rec = self.model.selection.get((s, f))
+        if rec is not None:
+            self.show_record(rec)
+        return rec
+
+    # ------------------------------------------------------------------ markers
     def _set_points(self, name: str, recs: Sequence[TapRecord], colour: str) -> None:
         viewer = self.viewer
         pts = np.array([[r.slow, r.fast] for r in recs], dtype=float).reshape(-1, 2)
-        feats = {"hkl": [r.label for r in recs],
+        # the tap marker of a selected pixel leaves the label to the selection's marker
+        labels = [("" if name == TAP_LAYER and r.pixel in self.model.selection else r.label) for r in recs]
+        feats = {"hkl": labels, "label": labels,
                  "slow": np.array([r.slow for r in recs], dtype=int),
                  "fast": np.array([r.fast for r in recs], dtype=int)}
         layer = self._layer(name)
         if layer is None:
             active = viewer.layers.selection.active
             layer = viewer.add_points(
-                pts, name=name, features=feats, symbol="ring", size=self._marker_size(), face_color=colour,
-                border_color=colour, border_width=0, canvas_size_limits=(14, 60), opacity=0.9,
-                text={"string": "{hkl}", "color": colour, "size": 11, "anchor": "upper_left",
-                      "translation": [-2, 6]},
+                pts, name=name, features=feats, symbol="disc", size=1.0,
+                canvas_size_limits=(MARKER_SCREEN_PX, MARKER_SCREEN_PX),
+                face_color="transparent", border_color=colour, border_width=0.12,
+                border_width_is_relative=True, opacity=1.0,
+                text={"string": "{label}", "color": colour, "size": 11, "anchor": "upper_left",
+                      "translation": [0, 0]},
                 metadata={"tap_records": list(recs)},
             )
+            layer.editable = False
             if active is not None:
                 viewer.layers.selection.active = active
-            return
-        layer.data = pts
-        layer.features = feats
-        layer.metadata["tap_records"] = list(recs)
-        layer.refresh_text()
+            self._raise_markers()
+        else:
+            layer.data = pts
+            layer.features = feats
+            layer.metadata["tap_records"] = list(recs)
+            layer.editable = False  # napari re-enables editing when data change
+        self._spread_labels(layer)
 
-    def _marker_size(self) -> float:
-        shape = self.model.shape or (64, 64)
-        return float(max(3.0, max(shape) / 150.0))
+    def _spread_labels(self, layer=None) -> None:
+        """Hide selection labels that would overlap another on screen at this zoom."""
+        layers = [layer] if layer is not None else [self._layer(n) for n in (SEL_LAYER, TAP_LAYER)]
+        zoom = float(self.viewer.scene.camera.zoom) or 1.0
+        for lay in layers:
+            if lay is None or "hkl" not in lay.features or len(lay.data) == 0:
+                continue
+            keep = spread_labels(np.asarray(lay.data)[:, -2:] * zoom, LABEL_SEPARATION_PX)
+            labels = [h if k else "" for h, k in zip(lay.features["hkl"], keep)]
+            if list(lay.features["label"]) != labels:
+                feats = lay.features.copy()
+                feats["label"] = labels
+                lay.features = feats
+            lay.refresh_text()
+
+    def _on_zoom(self, event=None) -> None:
+        self._spread_labels()
+        layer = self._layer(RINGS_LAYER)
+        zoom = float(self.viewer.scene.camera.zoom) or 1.0
+        for name in (RINGS_LAYER, BOX_LAYER):
+            layer = self._layer(name)
+            if layer is not None and len(layer.data):
+                layer.edge_width = 1.6 / zoom  # lines about 1.6 screen pixels wide
 
     def _refresh_selection_layer(self) -> None:
         self._set_points(SEL_LAYER, list(self.model.selection.values()), colour=SELECTION_COLOUR)
 
     def _refresh_points(self) -> None:
-        """Empty marker layers after a render (made now, so a click only updates them)."""
-        for name, colour in ((TAP_LAYER, TAP_COLOUR), (SEL_LAYER, SELECTION_COLOUR)):
-            layer = self._layer(name)
-            if layer is not None:
-                layer.size = self._marker_size()
-            self._set_points(name, [], colour=colour)
+        """Marker layers after a render: the tap cleared, the selection as re-tapped."""
+        self._set_points(TAP_LAYER, [], colour=TAP_COLOUR)
+        self._refresh_selection_layer()
+
+    def _raise_markers(self) -> None:
+        """Marker layers above every image (in MARKER_LAYERS order, the tap on top)."""
+        layers = self.viewer.layers
+        names = [n for n in MARKER_LAYERS if n in layers]
+        if not names:
+            return
+        n = len(layers)
+        want = [layers[i].name for i in range(n - len(names), n)]
+        if want == names:
+            return
+        for name in names:
+            layers.move(layers.index(name), len(layers))
+
+    def _on_layer_inserted(self, event) -> None:
+        layer = event.value
+        if layer.name in MARKER_LAYERS:
+            return
+        self._raise_markers()
+        header = ((getattr(layer, "metadata", None) or {}).get("header"))
+        if header and self.model.sim is None and getattr(layer, "ndim", 0) == 2:
+            self._use_header_geometry(layer, header)
+
+    def _use_header_geometry(self, layer, header: dict) -> None:
+        """An opened SMV image: beam centre, rings and hover from its header."""
+        try:
+            args = header_geometry_args(header)
+            sim = _engine.make_simulation(args)
+        except Exception as exc:  # noqa: BLE001 - a header without usable geometry
+            self._info(f"{layer.name}: no detector geometry in its header ({exc})")
+            return
+        self._header_sim = (sim, layer)
+        self._install_hover(layer)
+        self._refresh_geometry()
+        self._info(f"{layer.name}: beam centre, rings and d from its SMV header")
+
+    # ------------------------------------------------------------------ geometry
+    def _geometry_sim(self):
+        if self.model.sim is not None:
+            return self.model.sim
+        return self._header_sim[0] if self._header_sim is not None else None
+
+    def _refresh_geometry(self) -> None:
+        """Beam-centre marker, resolution rings and the HKL table's box outline."""
+        sim = self._geometry_sim()
+        viewer = self.viewer
+        if sim is None:
+            return
+        centre = _engine.beam_centre(sim)
+        pts = np.array([centre], dtype=float) if centre is not None else np.zeros((0, 2))
+        layer = self._layer(BEAM_LAYER)
+        if layer is None:
+            layer = viewer.add_points(pts, name=BEAM_LAYER, symbol="cross", size=1.0, face_color=BEAM_COLOUR,
+                                      border_width=0, canvas_size_limits=(26, 26), opacity=0.9)
+            layer.editable = False
+        else:
+            layer.data = pts
+            layer.editable = False
+        self._refresh_rings()
+        self._refresh_table_box()
+        self._raise_markers()
+        self._keep_active()
+
+    def _keep_active(self) -> None:
+        sim_layer = self._layer(SIM_LAYER)
+        if sim_layer is not None:
+            self.viewer.layers.selection.active = sim_layer
+
+    def ring_d_spacings(self) -> list[float]:
+        sim = self._geometry_sim()
+        if self.ring_spacings:
+            return list(self.ring_spacings)
+        return _engine.default_ring_spacings(sim) if sim is not None else []
+
+    def rings(self, on: bool = True, d_spacings: Sequence[float] | None = None):
+        """Show (or hide) resolution rings labelled in Å; ``d_spacings`` None: the
+        detector's defaults.  Returns the rings layer (None when hidden)."""
+        if d_spacings is not None:
+            ds = [float(d) for d in d_spacings]
+            if any(not d > 0 for d in ds):
+                raise ValueError(f"resolution rings need positive d-spacings in Å, got {list(d_spacings)}")
+            self.ring_spacings = ds or None
+        self.rings_enabled = bool(on)
+        self._refresh_rings()
+        self._raise_markers()
+        self._keep_active()
+        self.rings_changed.emit()
+        return self._layer(RINGS_LAYER)
+
+    def toggle_rings(self) -> None:
+        self.rings(not self.rings_enabled)
+
+    def _refresh_rings(self) -> None:
+        viewer = self.viewer
+        sim = self._geometry_sim()
+        for name in (RINGS_LAYER, RING_LABELS_LAYER):
+            if name in viewer.layers and (not self.rings_enabled or sim is None):
+                viewer.layers.remove(name)
+        if not self.rings_enabled or sim is None:
+            return
+        paths, label_pts, labels = [], [], []
+        centre = _engine.beam_centre(sim)
+        for d in self.ring_d_spacings():
+            ring = _engine.resolution_ring(sim, d)
+            if len(ring) < 2:
+                continue
+            paths.append(ring)
+            # label where the ring is highest on screen and left of centre: away from the spots' labels
+            key = ring[:, 0] + (0.25 * ring[:, 1] if centre is None else 0.25 * np.abs(ring[:, 1] - centre[1]))
+            ny, nx = sim.shape
+            inside = (ring[:, 0] >= 0) & (ring[:, 0] < ny) & (ring[:, 1] >= 0) & (ring[:, 1] < nx)
+            cand = np.where(inside)[0] if inside.any() else np.arange(len(ring))
+            i = cand[np.argmin(key[cand])]
+            label_pts.append(ring[i])
+            labels.append(f"{d:g} Å")
+        zoom = float(viewer.scene.camera.zoom) or 1.0
+        for name in (RINGS_LAYER, RING_LABELS_LAYER):
+            if name in viewer.layers:
+                viewer.layers.remove(name)
+        if not paths:
+            self._info("no resolution ring of those d-spacings crosses the detector plane")
+            return
+        layer = viewer.add_shapes(paths, shape_type="path", name=RINGS_LAYER, edge_color=RING_COLOUR,
+                                  edge_width=1.6 / zoom, opacity=0.8)
+        layer.editable = False
+        lab = viewer.add_points(np.array(label_pts), name=RING_LABELS_LAYER, size=1.0,
+                                face_color="transparent", border_width=0, canvas_size_limits=(1, 1),
+                                features={"d": labels},
+                                text={"string": "{d}", "color": RING_COLOUR, "size": 11, "anchor": "center"})
+        lab.editable = False
+
+    def _refresh_table_box(self) -> None:
+        """Where the nearest reflection of a pixel centre leaves the HKL table's box."""
+        viewer = self.viewer
+        if BOX_LAYER in viewer.layers:
+            viewer.layers.remove(BOX_LAYER)
+        sim = self.model.sim
+        if sim is None or sim.setup.hkl is None:
+            return
+        step = max(1, max(sim.shape) // 512)
+        mask = _engine.table_box_mask(sim, step)
+        if mask is None or mask.all() or not mask.any():
+            return
+        from skimage.measure import find_contours
+
+        padded = np.pad(mask.astype(float), 1)  # closed outlines at the detector's edge
+        paths = [(c - 1) * step for c in find_contours(padded, 0.5) if len(c) > 2]
+        if not paths:
+            return
+        zoom = float(viewer.scene.camera.zoom) or 1.0
+        layer = viewer.add_shapes(paths, shape_type="path", name=BOX_LAYER, edge_color=BOX_COLOUR,
+                                  edge_width=1.6 / zoom, opacity=0.9)
+        layer.editable = False
 
     # ------------------------------------------------------------------ selection
     def deselect(self, pixel: tuple[int, int]) -> None:
         self.model.deselect(pixel)
         self._refresh_selection_layer()
         self.selection_changed.emit()
+        self._info(f"pixel {tuple(pixel)} removed from the selection; {len(self.model.selection)} selected")
 
     def clear_selection(self) -> None:
         self.model.clear_selection()
         self._refresh_selection_layer()
         self.selection_changed.emit()
+        self._info("selection cleared")
 
     def export(self, folder: str | Path | None = None, *, bundle_root: str | Path | None = None) -> list[Path]:
         """Write the selection (one tap JSON per pixel); [] and a message on failure."""
@@ -493,28 +711,36 @@ class InspectorController:
         self.last_export = paths
         return paths
 
+    def _export_key(self) -> None:
+        self.export(None)
+
     # ------------------------------------------------------------------ default_F overlay
     def set_overlay(self, enabled: bool) -> None:
         self.overlay_enabled = bool(enabled)
         self._refresh_overlay()
 
+    def toggle_overlay(self) -> None:
+        self.set_overlay(not self.overlay_enabled)
+
     def _refresh_overlay(self) -> None:
         viewer = self.viewer
         layer = self._layer(FALLBACK_LAYER)
         fb = self.model.fallback
-        if not self.overlay_enabled or fb is None:
+        everywhere = self.model.uses_default_F_everywhere
+        if not self.overlay_enabled or fb is None or everywhere:
             if layer is not None:
                 viewer.layers.remove(layer)
-            if self.overlay_enabled and fb is None and self.model.sim is not None:
-                self._info("the engine gave no fallback map for this render", "error")
+            if self.overlay_enabled and everywhere:
+                self._info(f"no HKL table: every evaluation uses default_F = "
+                           f"{self.model.hkl_info.get('default_F')} (no regions to show)")
             self.overlay_changed.emit()
             return
         from napari.utils.colormaps import DirectLabelColormap
 
         colours = {None: (0, 0, 0, 0), 0: (0, 0, 0, 0)}
-        for code in fb.reasons:
-            if code:
-                colours[code] = REASON_STYLE.get(code, ("", "#ffffff"))[1]
+        for code, name in fb.reasons.items():
+            if name in REASON_STYLE:
+                colours[code] = REASON_STYLE[name][1]
         cmap = DirectLabelColormap(color_dict=colours)
         if layer is not None and layer.data.shape != fb.reason.shape:
             viewer.layers.remove(layer)
@@ -523,15 +749,15 @@ class InspectorController:
             active = viewer.layers.selection.active
             layer = viewer.add_labels(fb.reason, name=FALLBACK_LAYER, opacity=0.45, colormap=cmap,
                                       metadata={"reasons": dict(fb.reasons)})
+            layer.editable = False  # evidence: no paint or erase
+            self._install_hover(layer)
             if active is not None:
                 viewer.layers.selection.active = active
-            # keep the tap / selection markers on top
-            for name in (TAP_LAYER, SEL_LAYER):
-                if name in viewer.layers:
-                    viewer.layers.move(viewer.layers.index(name), len(viewer.layers))
         else:
             layer.data = fb.reason
             layer.colormap = cmap
+            layer.editable = False  # napari re-enables editing when data change
+        self._raise_markers()
         self.overlay_changed.emit()
 
     # ------------------------------------------------------------------ compare
@@ -557,10 +783,11 @@ class InspectorController:
         for name, data, kw in specs:
             if name in viewer.layers:
                 viewer.layers.remove(name)
-            viewer.add_image(data, name=name, interpolation2d="nearest", metadata={"path": str(path)}, **kw)
-        for name in (FALLBACK_LAYER, TAP_LAYER, SEL_LAYER):  # overlays stay on top
-            if name in viewer.layers:
-                viewer.layers.move(viewer.layers.index(name), len(viewer.layers))
+            new = viewer.add_image(data, name=name, interpolation2d="nearest", metadata={"path": str(path)}, **kw)
+            self._install_hover(new)
+        if FALLBACK_LAYER in viewer.layers:  # the overlay above the new images, markers above it
+            viewer.layers.move(viewer.layers.index(FALLBACK_LAYER), len(viewer.layers))
+        self._raise_markers()
         if active is not None and active in viewer.layers:
             viewer.layers.selection.active = active
         m = cmp.metrics
@@ -577,52 +804,38 @@ class InspectorController:
         show_ref = sim.visible
         sim.visible, ref.visible = (not show_ref), show_ref
         shown = REF_LAYER if show_ref else SIM_LAYER
-        self._info(f"showing the {shown} image ({FLIP_KEY} flips)")
+        self._info(f"showing the {shown} image ({KEYS['flip']} flips)")
         return shown
-
-    def _on_flip_key(self, viewer=None):
-        self.flip()
 
     def describe_args(self) -> str:
         return join_args(self.model.args)
 
 
 def tap_doc(rec: TapRecord) -> dict:
-    try:
-        return rec.tap.to_json()
-    except Exception:  # pragma: no cover - engine without to_json
-        return {"pixel": {"slow": rec.slow, "fast": rec.fast}, "rows": rec.rows, "summary": rec.summary}
-
-
-_SOFTWARE_GL: dict[int, bool] = {}
-
-
-def _software_gl(viewer) -> bool:
-    """True when the viewer's canvas renders with a software OpenGL (llvmpipe…)."""
-    key = id(viewer)
-    if key not in _SOFTWARE_GL:
-        renderer = ""
-        try:
-            canvas = viewer.window._qt_viewer.canvas._scene_canvas
-            canvas.set_current()
-            from vispy.gloo import gl
-
-            renderer = str(gl.glGetParameter(gl.GL_RENDERER)).lower()
-        except Exception:
-            pass
-        _SOFTWARE_GL[key] = any(w in renderer for w in ("llvmpipe", "softpipe", "swrast", "software"))
-    return _SOFTWARE_GL[key]
+    """The tap JSON document of a record (engine taps; stored documents as read)."""
+    if rec.source != "engine":
+        return dict(rec.tap)
+    return rec.tap.to_json()
 
 
 _CONTROLLERS: dict[int, tuple[weakref.ref, InspectorController]] = {}
 
 
 def controller_for(viewer, cwd: str | None = None) -> InspectorController:
-    """The controller of this viewer (made on first use), shared by all panels."""
+    """The controller of this viewer (made on first use), shared by all panels.
+
+    In a Qt application renders run in a worker thread
+    (:class:`bragg_inspector._qt.worker.QtRunner`), otherwise in the caller's thread."""
+    viewer = getattr(viewer, "__wrapped__", viewer)  # napari hands panels a PublicOnlyProxy
     key = id(viewer)
     entry = _CONTROLLERS.get(key)
     if entry is not None and entry[0]() is viewer:
         return entry[1]
-    ctrl = InspectorController(viewer, cwd=cwd)
+    runner = None
+    if getattr(viewer, "window", None) is not None:
+        from ._qt.worker import QtRunner
+
+        runner = QtRunner()
+    ctrl = InspectorController(viewer, cwd=cwd, runner=runner)
     _CONTROLLERS[key] = (weakref.ref(viewer, lambda _r, k=key: _CONTROLLERS.pop(k, None)), ctrl)
     return ctrl

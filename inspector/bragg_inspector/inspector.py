@@ -1,22 +1,39 @@
-"""Scripting API: ``Inspector(viewer)`` docks the panels and drives them with
-the same code paths as the mouse and the buttons."""
+"""Scripting API: ``Inspector(viewer)`` docks the panels through napari's plugin
+machinery and drives them with the same code paths as the mouse and the buttons."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._npe2 import SIM_DOCK_NAME, TAP_DOCK_NAME
 from .controller import InspectorController, controller_for
 from .model import TapRecord
 
-SIM_DOCK_NAME = "Bragg simulation"
-TAP_DOCK_NAME = "Bragg pixel tap"
+PLUGIN = "bragg-inspector"
 
 
 class Inspector:
-    """``insp = Inspector(viewer)``; ``insp.simulate(args, wait=True)``;
-    ``insp.click(slow, fast, shift=False)``; ``insp.tap_table()``;
-    ``insp.export(folder)``."""
+    """Drive the inspector of a napari viewer from Python.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+    dock : bool
+        Dock both panels (through ``viewer.window.add_plugin_dock_widget``, as
+        the Plugins menu does); an already docked panel is reused.
+    cwd : str or Path, optional
+        Folder that relative paths in the arguments (and default exports) use.
+
+    Examples
+    --------
+    >>> insp = Inspector(viewer)
+    >>> insp.simulate(args, wait=True)
+    >>> insp.click(2048, 2048); insp.tap_table()
+    >>> insp.hover(2048, 2048)
+    >>> insp.rings(True)
+    >>> insp.export("evidence/")
+    """
 
     def __init__(self, viewer, *, dock: bool = True, cwd: str | Path | None = None):
         self.viewer = viewer
@@ -29,20 +46,14 @@ class Inspector:
             self._dock()
 
     def _dock(self) -> None:
-        from .widgets import SimulationWidget, TapWidget
-
+        """Both panels through napari's plugin machinery (what the Plugins menu
+        calls; a docked panel is returned as it is), the wide tap table below."""
         window = self.viewer.window
-        existing = getattr(window, "dock_widgets", {}) or {}
-        if SIM_DOCK_NAME not in existing:
-            self.simulation_widget = SimulationWidget(self.controller)
-            window.add_dock_widget(self.simulation_widget, name=SIM_DOCK_NAME, area="right")
-        else:
-            self.simulation_widget = _inner(existing[SIM_DOCK_NAME])
-        if TAP_DOCK_NAME not in existing:
-            self.tap_widget = TapWidget(self.controller)
-            window.add_dock_widget(self.tap_widget, name=TAP_DOCK_NAME, area="bottom")
-        else:
-            self.tap_widget = _inner(existing[TAP_DOCK_NAME])
+        _, self.simulation_widget = window.add_plugin_dock_widget(PLUGIN, SIM_DOCK_NAME)
+        dock, self.tap_widget = window.add_plugin_dock_widget(PLUGIN, TAP_DOCK_NAME)
+        main = dock.parent()
+        if hasattr(main, "addDockWidget") and main.dockWidgetArea(dock) != _bottom():
+            main.addDockWidget(_bottom(), dock)
 
     @property
     def model(self):
@@ -62,6 +73,14 @@ class Inspector:
         """Same code path as a mouse click on pixel (slow, fast)."""
         return self.controller.click(slow, fast, shift=shift)
 
+    def hover(self, slow: int, fast: int) -> str:
+        """The status-bar text a mouse move over pixel (slow, fast) shows."""
+        return self.controller.hover(slow, fast)
+
+    def rings(self, on: bool = True, d_spacings: Sequence[float] | None = None):
+        """Resolution rings labelled in Å (``d_spacings`` None: the detector's defaults)."""
+        return self.controller.rings(on, d_spacings=d_spacings)
+
     def tap_table(self) -> list[dict]:
         """Rows of the tap table as shown (displayed columns + ``default_F``)."""
         return self.controller.tap_table()
@@ -74,8 +93,6 @@ class Inspector:
         return self.controller.export(folder)
 
     def set_overlay(self, enabled: bool = True) -> None:
-        if self.simulation_widget is not None:
-            self.simulation_widget.overlay_check.setChecked(bool(enabled))
         self.controller.set_overlay(enabled)
 
     def open_reference(self, path: str | Path):
@@ -85,6 +102,7 @@ class Inspector:
         return self.controller.flip()
 
 
-def _inner(dock):
-    w = getattr(dock, "widget", None)
-    return w() if callable(w) else w
+def _bottom():
+    from qtpy.QtCore import Qt
+
+    return Qt.DockWidgetArea.BottomDockWidgetArea

@@ -18,8 +18,11 @@ import numpy as np
 
 from . import _engine
 
-SMV_SUFFIXES = (".img", ".smv")
-RAW_SUFFIXES = (".bin", ".f32")
+
+def image_suffixes() -> tuple[str, ...]:
+    """Suffixes of the images the engine reads (SMV, then raw float)."""
+    smv, raw = _engine.image_suffixes()
+    return smv + raw
 
 
 class ImageFormatError(ValueError):
@@ -38,14 +41,15 @@ def read_image(path: str | Path, shape: tuple[int, int] | None = None,
     path = Path(path)
     if not path.is_file():
         raise ImageFormatError(f"{path}: no such file")
-    if path.suffix.lower() not in SMV_SUFFIXES + RAW_SUFFIXES:
-        raise ImageFormatError(f"{path.name}: not a diffraction image (expected .img, .smv, .bin or .f32)")
+    smv, raw = _engine.image_suffixes()
+    if path.suffix.lower() not in smv + raw:
+        raise ImageFormatError(f"{path.name}: not a diffraction image (expected {', '.join(smv + raw)})")
     try:
         data, note = _engine.load_image_info(path, shape, fallback_shape)
     except (ValueError, OSError) as exc:
         raise ImageFormatError(str(exc)) from None
     meta: dict[str, Any] = {"path": str(path), "shape_from": note}
-    if path.suffix.lower() in SMV_SUFFIXES:
+    if path.suffix.lower() in smv:
         try:
             header, _ = _engine.read_smv(path)
             meta["header"] = {str(k): str(v) for k, v in header.items()}
@@ -178,3 +182,43 @@ def unique_path(path: Path) -> Path:
         if not cand.exists():
             return cand
         i += 1
+
+
+# --------------------------------------------------------------------------- SMV geometry
+def header_geometry_args(header: Mapping[str, Any]) -> list[str]:
+    """nanoBragg flags that rebuild an SMV image's detector geometry from its header.
+
+    Uses ``SIZE1``/``SIZE2``, ``PIXEL_SIZE``, ``DISTANCE``, ``WAVELENGTH`` and the
+    direct-beam point ``DENZO_X_BEAM``/``DENZO_Y_BEAM`` (slow/fast mm from the
+    first pixel's corner; ``MOSFLM_CENTER_X``/``_Y`` or ``BEAM_CENTER_X``/``_Y``
+    when absent).  The crystal is a placeholder: only d, 2θ and the beam centre
+    mean anything.  A ``TWOTHETA`` other than 0 is refused (the header does not
+    say about which axis the detector swung).
+
+    Raises
+    ------
+    ValueError
+        A key missing or not a number, naming it.
+    """
+    def num(*keys: str) -> float:
+        for k in keys:
+            if k in header:
+                try:
+                    return float(str(header[k]).strip().rstrip(";"))
+                except ValueError:
+                    raise ValueError(f"header {k}={header[k]!r} is not a number") from None
+        raise ValueError(f"the header has no {keys[0]}")
+
+    if abs(num("TWOTHETA") if "TWOTHETA" in header else 0.0) > 1e-9:
+        raise ValueError("a detector two-theta in the header is not supported")
+    pixel = num("PIXEL_SIZE")
+    if "DENZO_X_BEAM" in header:  # where the beam meets the detector: MOSFLM's Xbeam = Sbeam - pixel/2
+        xbeam, ybeam = num("DENZO_X_BEAM") - pixel / 2, num("DENZO_Y_BEAM") - pixel / 2
+    elif "MOSFLM_CENTER_X" in header:
+        xbeam, ybeam = num("MOSFLM_CENTER_X"), num("MOSFLM_CENTER_Y")
+    else:
+        xbeam, ybeam = num("BEAM_CENTER_X"), num("BEAM_CENTER_Y")
+    return ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "1", "-N", "1", "-mosflm",
+            "-detpixels_f", str(int(num("SIZE1"))), "-detpixels_s", str(int(num("SIZE2"))),
+            "-pixel", repr(pixel), "-distance", repr(num("DISTANCE")), "-lambda", repr(num("WAVELENGTH")),
+            "-Xbeam", repr(xbeam), "-Ybeam", repr(ybeam), "-oversample", "1"]

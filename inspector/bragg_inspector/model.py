@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from . import _engine
-from .io import ImageFormatError, hkl_label, read_image
+from .io import ImageFormatError, hkl_label, read_image, tap_pixel, tap_rows
+from .readout import group_by_reflection, hover_text
 
 # Columns of the tap table, in display order.  The loop-index columns other than
 # subS/subF are shown only when they take more than one value in the tap.
@@ -22,11 +23,11 @@ LOOP_COLUMNS = ("thick", "subS", "subF", "source", "phi", "mosaic")
 ALWAYS_SHOWN = ("subS", "subF")
 VALUE_COLUMNS = ("h", "k", "l", "h0", "k0", "l0", "F_cell", "F_latt", "lookup")
 
-# default_F reason code -> (legend text, colour).  Code 0 ("table") is transparent.
-REASON_STYLE: dict[int, tuple[str, str]] = {
-    1: ("no HKL table loaded", "#ff8c00"),
-    2: ("outside the table", "#e6194b"),
-    3: ("in the table's box, not listed", "#3cb4ff"),
+# default_F reason name (the engine's FallbackMap.REASONS) -> (legend text, colour).
+REASON_STYLE: dict[str, tuple[str, str]] = {
+    "default_F:no_table": ("no HKL table loaded", "#ff8c00"),
+    "default_F:outside_table": ("outside the table", "#e6194b"),
+    "default_F:unlisted": ("in the table's box, not listed", "#3cb4ff"),
 }
 
 
@@ -34,10 +35,7 @@ def row_uses_default_F(row: Mapping[str, Any]) -> bool:
     """True when this evaluation's F_cell came from default_F, not the table."""
     lk = row.get("lookup")
     if isinstance(lk, str) and lk:
-        low = lk.lower()
-        if low == "table" or low.startswith("table"):
-            return False
-        return "default" in low or "no_table" in low or "outside" in low or "unlisted" in low
+        return lk.startswith("default_F")
     return bool(row.get("out_of_bounds", False))
 
 
@@ -89,9 +87,26 @@ class TapRecord:
     label: str
     n_default_F: int
 
+    #: where the rows came from: "engine" (tapped now) or the tap JSON file it was read from
+    source: str = "engine"
+
     @property
     def pixel(self) -> tuple[int, int]:
         return (self.slow, self.fast)
+
+    @classmethod
+    def from_document(cls, doc: Mapping[str, Any], source: str = "tap JSON") -> "TapRecord":
+        """The stored table of a tap JSON document (specs/tap_schema.json)."""
+        s, f = tap_pixel(doc)
+        rows = tap_rows(doc)
+        values = doc.get("values") if isinstance(doc.get("values"), Mapping) else {}
+        geo = values.get("geometry") if isinstance(values.get("geometry"), Mapping) else {}
+        value = doc.get("final_intensity")
+        return cls(slow=s, fast=f, tap=doc, rows=rows, columns=table_columns(rows),
+                   value=_opt_float(value), d_angstrom=_opt_float(geo.get("d_angstrom")),
+                   two_theta_deg=_opt_float(geo.get("two_theta_deg")),
+                   summary=str(doc.get("summary", "") or ""), label=hkl_label(rows),
+                   n_default_F=sum(row_uses_default_F(r) for r in rows), source=source)
 
     def table(self) -> list[dict]:
         """Rows as shown: the displayed columns plus ``default_F`` (highlighted)."""
@@ -113,6 +128,26 @@ class TapRecord:
         if self.two_theta_deg is not None:
             parts.append(f"2θ = {self.two_theta_deg:.4g}°")
         return ", ".join(parts)
+
+
+def tap_view(rec: TapRecord, group: bool = False, default_F_only: bool = False) -> tuple[list[str], list[dict], str]:
+    """What the tap table shows: (columns, rows, caption).
+
+    ``group`` collapses the evaluations into one row per nearest reflection
+    (h0, k0, l0); ``default_F_only`` keeps the rows that used default_F.  Each
+    row carries ``default_F`` (highlighted)."""
+    if group:
+        cols, rows = group_by_reflection(rec.rows, row_uses_default_F)
+    else:
+        cols, rows = list(rec.columns), rec.table()
+    if default_F_only:
+        rows = [r for r in rows if r["default_F"]]
+    n_all = len(rec.rows)
+    caption = (f"{len(rows)} reflection group(s) of {n_all} evaluations" if group
+               else f"{len(rows)} of {n_all} evaluations")
+    if default_F_only:
+        caption += " (default_F only)"
+    return cols, rows, caption
 
 
 @dataclass
@@ -159,10 +194,45 @@ class InspectorModel:
         self.device, self.dtype = device, dtype
         self.image = image
         self.fallback = fallback
-        self.hkl_info = dict(getattr(sim, "hkl_info", {}) or {})
+        self.hkl_info = dict(sim.hkl_info)
         self.current = None
-        self.selection = {}
         self.comparison = None
+
+    def retap_selection(self) -> tuple[int, int]:
+        """Tap the selected pixels again on the current simulation (after a re-run).
+
+        Returns (re-tapped, dropped: outside the new detector)."""
+        old = list(self.selection)
+        self.selection = {}
+        dropped = 0
+        for s, f in old:
+            try:
+                self.check_pixel(s, f)
+            except ValueError:
+                dropped += 1
+                continue
+            rec = self._tap_record(s, f)
+            self.selection[rec.pixel] = rec
+        return len(self.selection), dropped
+
+    # ------------------------------------------------------------ hover
+    def hover(self, slow: int, fast: int) -> str:
+        """The status-bar readout of a pixel (value, h,k,l, d, 2θ, F source)."""
+        s, f = self.check_pixel(slow, fast)
+        geo = _engine.pixel_geometry(self.sim, s, f)
+        h0, k0, l0 = (int(v) for v in np.asarray(geo["hkl0"]).reshape(3))
+        F, reason = _engine.structure_factor_source(self.sim, h0, k0, l0)
+        fb = self.fallback
+        return hover_text(
+            s, f, value=None if self.image is None else float(self.image[s, f]), geometry=geo,
+            f_value=F, f_reason=reason,
+            default_F_count=None if fb is None else int(fb.counts[s, f]),
+            evaluations=None if fb is None else fb.evaluations_per_pixel)
+
+    @property
+    def uses_default_F_everywhere(self) -> bool:
+        """True when no HKL table is loaded: every evaluation used default_F."""
+        return self.sim is not None and self.sim.setup.hkl is None
 
     def hkl_lines(self) -> list[str]:
         """Where F came from (``sim.hkl_info``), for the panel."""
@@ -199,6 +269,11 @@ class InspectorModel:
 
     def tap(self, slow: int, fast: int) -> TapRecord:
         s, f = self.check_pixel(slow, fast)
+        rec = self._tap_record(s, f)
+        self.current = rec
+        return rec
+
+    def _tap_record(self, s: int, f: int) -> TapRecord:
         t = _engine.tap(self.sim, s, f)
         rows = [dict(r) for r in t.rows]
         geo = dict(getattr(t, "geometry", None) or {})
@@ -212,7 +287,6 @@ class InspectorModel:
             label=hkl_label(rows),
             n_default_F=sum(row_uses_default_F(r) for r in rows),
         )
-        self.current = rec
         return rec
 
     # ------------------------------------------------------------ selection
@@ -276,9 +350,9 @@ class InspectorModel:
         counts = np.bincount(self.fallback.reason.ravel(), minlength=max(4, len(self.fallback.reasons)))
         out = []
         for code, name in sorted(self.fallback.reasons.items()):
-            if code == 0:
+            if name not in REASON_STYLE:
                 continue
-            text, colour = REASON_STYLE.get(code, (name, "#ffffff"))
+            text, colour = REASON_STYLE[name]
             out.append({"code": code, "name": name, "text": text, "colour": colour, "pixels": int(counts[code])})
         return out
 

@@ -57,10 +57,10 @@ def pixel_to_canvas(viewer, slow, fast):
 
 def zoom_to(viewer, slow, fast, zoom):
     """Centre the camera on a pixel at ``zoom`` screen pixels per image pixel."""
-    c = list(viewer.camera.center)
+    c = list(viewer.scene.camera.center)
     c[-2:] = [float(slow), float(fast)]
-    viewer.camera.center = tuple(c)
-    viewer.camera.zoom = float(zoom)
+    viewer.scene.camera.center = tuple(c)
+    viewer.scene.camera.zoom = float(zoom)
 
 
 def real_click(qtbot, viewer, slow, fast, shift=False):

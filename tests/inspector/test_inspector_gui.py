@@ -32,7 +32,7 @@ def _set(args, flag, value):
 
 
 def status_text(insp) -> str:
-    return insp.simulation_widget.status_label.text()
+    return insp.simulation_widget.status_label.value
 
 
 # --------------------------------------------------------------------------- render
@@ -48,12 +48,12 @@ def test_render_small_config_with_hkl_table(insp, viewer, small_hkl, tmp_path):
     assert lo == pytest.approx(float(ref.min())) and hi <= float(ref.max())
     # where F came from, straight from sim.hkl_info
     info = insp.model.hkl_info
-    text = insp.simulation_widget.hkl_info_label.text()
+    text = insp.simulation_widget.hkl_info_label.value
     assert info["kind"] == "hkl" and info["count"] == 125
     assert info["describe"] in text and f"file: {small_hkl}" in text
     assert "125 reflections" in text and "default_F 50" in text
     assert "rendered 64×64" in status_text(insp)
-    assert insp.simulation_widget.run_button.isEnabled()
+    assert insp.simulation_widget.run_button.enabled
 
 
 @needs_engine
@@ -62,7 +62,7 @@ def test_unused_fdump_warning_is_shown(insp, tmp_path):
         if (GOLDEN / "cases" / "hkl_partial_defaultF" / "Fdump.bin").is_file() else \
         (tmp_path / "Fdump.bin").write_bytes(b"x")
     assert insp.simulate(small_args(None, detpixels=16), wait=True), insp.controller.last_error
-    label = insp.simulation_widget.hkl_info_label
+    label = insp.simulation_widget.hkl_info_label.native
     text = label.text()
     assert "Fdump.bin" in text and "unused" in text
     assert "no HKL table" in text
@@ -79,12 +79,12 @@ def test_unused_fdump_warning_is_shown(insp, tmp_path):
 @needs_engine
 def test_hkl_chooser_adds_and_replaces_flag(insp, small_hkl):
     w = insp.simulation_widget
-    w.args_edit.setPlainText("-N 3 -default_F 50 -hkl old.hkl -detpixels 16")
-    w._set_hkl(str(small_hkl))
+    w.args_edit.value = "-N 3 -default_F 50 -hkl old.hkl -detpixels 16"
+    w.hkl_file.value = str(small_hkl)  # as the file chooser sets it
     assert w.args_text().split() == ["-N", "3", "-default_F", "50", "-hkl", str(small_hkl), "-detpixels", "16"]
-    assert w.hkl_edit.text() == str(small_hkl)
-    w._set_hkl(None)
-    assert "-hkl" not in w.args_text()
+    assert str(w.hkl_file.value) == str(small_hkl)
+    w.hkl_clear.native.click()
+    assert "-hkl" not in w.args_text() and w.hkl_file.value is None
 
 
 # --------------------------------------------------------------------------- click → tap
@@ -112,8 +112,8 @@ def _check_table_against_engine(insp, args, cwd, slow, fast):
         assert float(cells["h"]) == pytest.approx(shown["h"], abs=6e-5)
         assert cells["lookup"] == shown["lookup"]
         assert tw.row_highlighted(i) == shown["default_F"]
-    assert tap.summary and tw.summary_label.text() == tap.summary
-    info = tw.pixel_label.text()
+    assert tap.summary and tw.summary_label.value == tap.summary
+    info = tw.pixel_label.value
     assert f"slow {slow}, fast {fast}" in info and "Å" in info and "2θ" in info
     assert f"{tap.final_intensity:.6g}" in info
     return tap
@@ -178,8 +178,8 @@ def test_loop_columns_appear_when_there_are_several(insp, small_hkl):
     rows = insp.tap_table()
     assert len(rows) == 3 and [r["phi"] for r in rows] == [0, 1, 2]
     assert "mosaic" not in rows[0] and "source" not in rows[0] and "thick" not in rows[0]
-    header = [insp.tap_widget.table.horizontalHeaderItem(j).text()
-              for j in range(insp.tap_widget.table.columnCount())]
+    t = insp.tap_widget.table.native
+    header = [t.horizontalHeaderItem(j).text() for j in range(t.columnCount())]
     assert header[:3] == ["subS", "subF", "phi"]
 
 
@@ -195,13 +195,13 @@ def test_shift_click_selection_and_export_roundtrip(insp, viewer, small_hkl, tmp
     napari_click(viewer, 10, 50, shift=True)  # already selected: not twice
     insp.click(5, 5)  # plain click: not selected
     assert list(insp.model.selection) == [(10, 50), (32, 32)]
-    assert insp.tap_widget.selection_list.count() == 2
+    assert insp.tap_widget.selection_list.native.count() == 2
     np.testing.assert_array_equal(viewer.layers[ctl.SEL_LAYER].data, [[10, 50], [32, 32]])
 
     out = tmp_path / "export"
     paths = insp.export(out)
     assert len(paths) == 2 and all(p.parent == out and p.suffix == ".json" for p in paths)
-    assert all(str(p) in insp.tap_widget.export_label.text() for p in paths)
+    assert all(str(p) in insp.tap_widget.export_label.value for p in paths)
     sim = engine_sim(args, tmp_path)
     for p, (s, f) in zip(paths, [(10, 50), (32, 32)]):
         doc = load_json(p)
@@ -261,7 +261,7 @@ def test_default_F_overlay_counts_equal_fallback_map(insp, viewer, small_hkl, tm
     assert legend == expect
     if hasattr(fmap, "pixel_counts"):
         assert all(fmap.pixel_counts()[k] == v for k, v in legend.items())
-    text = insp.simulation_widget.legend_label.text()
+    text = insp.simulation_widget.legend_label.value
     for n in expect.values():
         assert f"{n:,} px" in text
     assert f"{int(fmap.counts.sum()):,} of" in text
@@ -297,7 +297,7 @@ def test_compare_with_golden_case(insp, viewer, tmp_path, qtbot):
     for k in ("correlation", "rmse", "sum_ratio", "max_abs_diff"):
         assert cmp.metrics[k] == pytest.approx(expect[k])
     assert cmp.metrics["correlation"] >= 0.9999
-    text = insp.simulation_widget.metrics_label.text()
+    text = insp.simulation_widget.metrics_label.value
     assert f"correlation: {expect['correlation']:.6f}" in text and "RMSE" in text and "sum ratio" in text
     for name in (ctl.REF_LAYER, ctl.DIFF_LAYER, ctl.RATIO_LAYER):
         assert name in viewer.layers
@@ -339,7 +339,7 @@ def test_compare_with_an_smv_reference(insp, viewer, tmp_path):
     np.testing.assert_array_equal(viewer.layers[ctl.REF_LAYER].data, ref.astype(np.float32))
     expect = tbc.compare_images(ref, viewer.layers[ctl.SIM_LAYER].data).to_dict()
     assert cmp.metrics["correlation"] == pytest.approx(expect["correlation"])
-    assert "img.smv" in insp.simulation_widget.metrics_label.text()
+    assert "img.smv" in insp.simulation_widget.metrics_label.value
 
 
 # --------------------------------------------------------------------------- cancel
@@ -356,24 +356,24 @@ def test_cancel_render_keeps_previous_image_and_ui_responsive(insp, viewer, smal
     args = _set(_engine.tap_config_args(), "-oversample", "5")
     assert insp.simulate(args, wait=False)
     w = insp.simulation_widget
-    assert insp.controller.running and not w.run_button.isEnabled() and w.cancel_button.isEnabled()
+    assert insp.controller.running and not w.run_button.enabled and w.cancel_button.enabled
     qtbot.waitUntil(lambda: len(progress) > 0, timeout=120000)
-    # progress shows in napari's activity dock
-    from napari._qt.widgets.qt_progress_bar import QtLabeledProgressBar
-
-    pbar = insp.controller._pbar
-    assert pbar is not None and pbar.total == 4096 and pbar.n > 0
-    assert viewer.window._qt_window._activity_dialog.findChildren(QtLabeledProgressBar)
+    # progress with percent in the panel
+    qtbot.waitUntil(lambda: 0 < w.progress.value < 100, timeout=120000)
+    assert w.progress.native.text().endswith("%")
     # the UI stays usable while rendering: a tap on the old image still works
     t0 = time.perf_counter()
     insp.click(5, 6)
     assert time.perf_counter() - t0 < 2.0 and insp.model.current.pixel == (5, 6)
-    w.cancel_button.click()
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+
+    QTest.mouseClick(w.cancel_button.native, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: not insp.controller.running, timeout=300000)
     assert progress[-1][0] < progress[-1][1]  # stopped before the end
     assert "cancelled" in status_text(insp)
     np.testing.assert_array_equal(viewer.layers[ctl.SIM_LAYER].data, old)
-    assert w.run_button.isEnabled() and not w.cancel_button.isEnabled()
+    assert w.run_button.enabled and not w.cancel_button.enabled
 
 
 # --------------------------------------------------------------------------- bad input
@@ -387,7 +387,7 @@ def test_bad_input_is_a_message_and_the_viewer_keeps_working(insp, viewer, small
     assert not insp.simulate(args + ["-tophat_xtal"], wait=True)
     msg = status_text(insp)
     assert "-tophat_xtal" in msg and "Simulation failed" in msg
-    assert "color" in insp.simulation_widget.status_label.styleSheet()
+    assert "color" in insp.simulation_widget.status_label.native.styleSheet()
     assert any("-tophat_xtal" in n for n in notes)
 
     bad = tmp_path / "bad_line.hkl"

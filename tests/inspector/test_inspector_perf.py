@@ -32,7 +32,7 @@ def test_clicks_fill_the_table_on_4096_tap_configuration(insp, viewer, qtbot):
     for s, f in [(100, 200), (4000, 17), (1234, 3210), (2048, 2049), (0, 0), (4095, 4095), (3000, 1000)]:
         napari_click(viewer, s, f)  # the viewer's mouse-callback path
         assert insp.model.current.pixel == (s, f)
-        assert insp.tap_widget.table.rowCount() == 4
+        assert insp.tap_widget.table.native.rowCount() == 4
         table_ms.append(insp.controller.last_click_ms["table"])
         total_ms.append(insp.controller.last_click_ms["total"])
         qtbot.wait(5)

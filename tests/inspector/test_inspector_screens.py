@@ -45,9 +45,9 @@ def test_readme_screenshot_table_and_default_F_overlay(insp, viewer, tmp_path, s
     args = ["-cell", "100", "100", "100", "90", "90", "90", "-hkl", hkl.name, "-default_F", "50", "-N", "5",
             "-lambda", "1", "-distance", "290", "-detpixels", "256", "-pixel", "0.1", "-oversample", "2"]
     assert insp.simulate(args, wait=True), insp.controller.last_error
-    insp.simulation_widget.gamma_spin.setValue(0.6)
+    insp.simulation_widget.gamma_spin.value = 0.6
     insp.set_overlay(True)
-    assert insp.simulation_widget.overlay_check.isChecked()
+    assert insp.simulation_widget.overlay_check.value
     fb = insp.model.fallback
     e = fb.evaluations_per_pixel
     # a bright pixel whose evaluations are partly from the table, partly default_F

@@ -1,0 +1,249 @@
+"""The "Bragg simulation" dock panel (magicgui): arguments, HKL file, device,
+Run/Cancel with progress, contrast, structure-factor source, rings, default_F
+regions and the comparison with a reference image."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QSizePolicy
+from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit,
+                              ProgressBar, PushButton, TextEdit)
+
+from ..args import join_args, split_args
+from ..controller import KEY_HELP, KEYS, controller_for
+
+if TYPE_CHECKING:
+    import napari
+
+STATUS_STYLE = {"error": "color: #ff6b6b;", "busy": "color: #ffd166;", "info": ""}
+
+
+def _devices() -> list[str]:
+    import torch
+
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    return out
+
+
+def wrapped_label(value: str = "", name: str = "") -> Label:
+    """A selectable, word-wrapped label that grows with its text."""
+    lab = Label(value=value, name=name)
+    q = lab.native
+    q.setWordWrap(True)
+    q.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    q.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
+    return lab
+
+
+def fit_label(lab: Label) -> None:
+    """Qt sizes a wrapped label from its first text: ask for the wrapped height again."""
+    q = lab.native
+    h = q.heightForWidth(max(1, q.width()))
+    if h > 0:
+        q.setMinimumHeight(h)
+
+
+def heading(text: str) -> Label:
+    return Label(value=f"<b>{html.escape(text)}</b>")
+
+
+def row(*widgets) -> Container:
+    return Container(widgets=list(widgets), layout="horizontal", labels=False)
+
+
+class SimulationPanel(Container):
+    """nanoBragg arguments → Run; where F came from; rings; default_F regions; compare."""
+
+    def __init__(self, viewer: napari.viewer.Viewer):
+        self.controller = c = controller_for(viewer)
+        m = c.model
+        self.args_edit = TextEdit(value=join_args(m.args), name="args_edit",
+                                  tooltip="The nanoBragg command line (without the program name)")
+        self.args_edit.native.setFixedHeight(84)
+        self.hkl_file = FileEdit(mode="r", filter="HKL files (*.hkl *.txt);;All files (*)", nullable=True,
+                                 name="hkl_file", tooltip="adds or replaces -hkl in the arguments")
+        self.hkl_clear = PushButton(text="×", tooltip="remove -hkl")
+        self.hkl_clear.native.setMaximumWidth(28)
+        self.device_combo = ComboBox(choices=_devices(), value=m.device, label="device")
+        self.dtype_combo = ComboBox(choices=["float32", "float64"], value=m.dtype, label="dtype")
+        self.run_button = PushButton(text="Run", name="run_button")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(value=0, min=0, max=100, name="progress", tooltip="render progress")
+        self.progress.native.setFormat("%p%")
+        self.percentile_spin = FloatSpinBox(value=c.upper_percentile, min=50.0, max=100.0, step=0.1,
+                                            label="upper %ile",
+                                            tooltip="contrast limits: 0th to this percentile of the image")
+        self.gamma_spin = FloatSpinBox(value=c.gamma, min=0.05, max=3.0, step=0.05, label="gamma",
+                                       tooltip="gamma < 1 brightens weak features (log-like)")
+        self.status_label = wrapped_label(name="status_label")
+        self.hkl_info_label = wrapped_label("(not rendered yet)", name="hkl_info_label")
+        self.rings_check = CheckBox(text=f"resolution rings ({KEYS['rings']})", value=c.rings_enabled)
+        self.rings_edit = LineEdit(value="", name="ring_spacings",
+                                   tooltip="d-spacings in Å, e.g. '10 5 3.5'; blank: chosen from the detector")
+        self.rings_edit.native.setPlaceholderText("d in Å (blank: automatic)")
+        self.overlay_check = CheckBox(text=f"show default_F regions ({KEYS['overlay']})", value=False)
+        self.legend_label = Label(value="", name="legend_label")
+        self.ref_file = FileEdit(mode="r", filter="Images (*.f32 *.bin *.raw *.img *.smv);;All files (*)",
+                                 nullable=True, name="reference_file", label="reference")
+        self.flip_button = PushButton(text=f"Flip sim/ref ({KEYS['flip']})")
+        self.metrics_label = wrapped_label(name="metrics_label")
+        super().__init__(
+            widgets=[
+                heading("Simulation"), Label(value="nanoBragg arguments:"), self.args_edit,
+                row(self.hkl_file, self.hkl_clear), row(self.device_combo, self.dtype_combo),
+                row(self.run_button, self.cancel_button), self.progress,
+                row(self.percentile_spin, self.gamma_spin), self.status_label,
+                heading("Structure factors"), self.hkl_info_label,
+                heading("Geometry"), row(self.rings_check, self.rings_edit),
+                heading("default_F regions"), self.overlay_check, self.legend_label,
+                heading("Compare with a reference image"), self.ref_file, self.flip_button, self.metrics_label,
+            ],
+            labels=False, name="bragg_inspector_simulation",
+        )
+        self.native.setObjectName("bragg_inspector_simulation")
+        self.overlay_check.native.setText(f"show default_F regions ({KEYS['overlay']})")  # magicgui turns "_" into " "
+        self.tooltip = "Shortcuts: " + KEY_HELP
+        self.legend_label.native.setTextFormat(Qt.TextFormat.RichText)
+        self._wire()
+        self._on_args(m.args)
+        self._on_rendered()
+
+    # ------------------------------------------------------------------ wiring
+    def _wire(self) -> None:
+        c = self.controller
+        self.run_button.changed.connect(self._run)
+        self.cancel_button.changed.connect(c.cancel)
+        self.hkl_file.changed.connect(self._on_hkl_chosen)
+        self.hkl_clear.changed.connect(lambda: self.set_hkl(None))
+        self.percentile_spin.changed.connect(lambda v: c.set_contrast(upper_percentile=v))
+        self.gamma_spin.changed.connect(lambda v: c.set_contrast(gamma=v))
+        self.overlay_check.changed.connect(c.set_overlay)
+        self.rings_check.changed.connect(self._on_rings)
+        self.rings_edit.changed.connect(lambda _v: self._on_rings(self.rings_check.value))
+        self.ref_file.changed.connect(self._on_reference_chosen)
+        self.flip_button.changed.connect(c.flip)
+        c.status.connect(self._on_status)
+        c.args_changed.connect(self._on_args)
+        c.render_started.connect(self._on_started)
+        c.render_progress.connect(self._on_progress)
+        c.render_finished.connect(self._on_finished)
+        c.rendered.connect(self._on_rendered)
+        c.overlay_changed.connect(self._on_overlay)
+        c.rings_changed.connect(self._on_rings_changed)
+        c.compared.connect(self._on_compared)
+
+    # ------------------------------------------------------------------ actions
+    def args_text(self) -> str:
+        return self.args_edit.value.strip()
+
+    def _run(self, *_):
+        self.controller.simulate(self.args_text(), device=self.device_combo.value,
+                                 dtype=self.dtype_combo.value, wait=False)
+
+    def set_hkl(self, path) -> None:
+        """Add, replace (a path) or remove (None) ``-hkl`` in the argument line."""
+        try:
+            self.controller.set_hkl(None if path is None else str(path), self.args_text())
+        except ValueError as exc:
+            self.controller.report_error(exc, "Bad argument line")
+
+    def _on_hkl_chosen(self, value):
+        if value is not None and str(value) not in ("", "."):
+            self.set_hkl(value)
+
+    def _on_reference_chosen(self, value):
+        if value is not None and str(value) not in ("", ".") and Path(value).is_file():
+            self.controller.open_reference(value)
+
+    def _on_rings(self, on):
+        text = self.rings_edit.value.replace(",", " ").split()
+        try:
+            ds = [float(x) for x in text] if text else []
+            self.controller.rings(bool(on), d_spacings=ds)
+        except ValueError as exc:
+            self.controller.report_error(exc, "Resolution rings")
+
+    # ------------------------------------------------------------------ views
+    def _on_status(self, msg: str, level: str):
+        self.status_label.value = msg
+        self.status_label.native.setStyleSheet(STATUS_STYLE.get(level, ""))
+        fit_label(self.status_label)
+
+    def _on_args(self, args):
+        try:
+            same = split_args(self.args_text()) == list(args)
+        except ValueError:
+            same = False
+        if not same:
+            self.args_edit.value = join_args(args)
+        hkl = self.controller.hkl_of(args)
+        with self.hkl_file.changed.blocked():
+            self.hkl_file.value = hkl if hkl else None
+
+    def _on_started(self):
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.progress.value = 0
+
+    def _on_progress(self, done: int, total: int):
+        if total > 0:
+            self.progress.value = int(round(100 * done / total))
+
+    def _on_finished(self, ok: bool):
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+        if ok:
+            self.progress.value = 100
+
+    def _on_rendered(self):
+        m = self.controller.model
+        lines = m.hkl_lines()
+        self.hkl_info_label.value = "\n".join(lines) if lines else "(not rendered yet)"
+        fit_label(self.hkl_info_label)
+        self.device_combo.value = m.device
+        self.dtype_combo.value = m.dtype
+        self._on_overlay()
+        self.metrics_label.value = ""
+
+    def _on_rings_changed(self):
+        with self.rings_check.changed.blocked():
+            self.rings_check.value = self.controller.rings_enabled
+        if self.controller.rings_enabled and not self.rings_edit.value.strip():
+            self.rings_edit.native.setPlaceholderText(
+                "automatic: " + " ".join(f"{d:g}" for d in self.controller.ring_d_spacings()) + " Å")
+
+    def _on_overlay(self):
+        c = self.controller
+        with self.overlay_check.changed.blocked():
+            self.overlay_check.value = c.overlay_enabled
+        m = c.model
+        fb = m.fallback
+        if m.uses_default_F_everywhere:
+            self.legend_label.value = (f"no HKL table: every evaluation uses default_F = "
+                                       f"{html.escape(str(m.hkl_info.get('default_F')))}")
+            return
+        legend = m.fallback_legend()
+        if not legend:
+            self.legend_label.value = ""
+            return
+        rows = [f"<tr><td><span style='background-color:{e['colour']};'>&nbsp;&nbsp;&nbsp;&nbsp;</span></td>"
+                f"<td>{html.escape(e['text'])}</td><td align='right'>{e['pixels']:,} px</td></tr>" for e in legend]
+        total = int(fb.counts.sum(dtype="int64"))
+        n_eval = fb.evaluations_per_pixel * fb.counts.size
+        foot = f"{total:,} of {n_eval:,} evaluations used default_F"
+        self.legend_label.value = f"<table cellspacing='3'>{''.join(rows)}</table><small>{foot}</small>"
+
+    def _on_compared(self, cmp):
+        m = cmp.metrics
+        keys = [("correlation", "correlation", "{:.6f}"), ("rmse", "RMSE", "{:.4g}"),
+                ("sum_ratio", "sum ratio (sim/ref)", "{:.6f}"), ("max_abs_diff", "max |difference|", "{:.4g}")]
+        lines = [f"reference: {Path(cmp.path).name}"]
+        lines += [f"{label}: {fmt.format(m[k])}" for k, label, fmt in keys if k in m]
+        self.metrics_label.value = "\n".join(lines)
+        fit_label(self.metrics_label)

@@ -1,0 +1,85 @@
+"""Renders in a worker thread (``napari.qt.threading``), progress and results
+delivered on the main thread."""
+
+from __future__ import annotations
+
+import time
+
+from qtpy.QtCore import QEventLoop, QObject, QTimer, Signal
+
+
+class _Bridge(QObject):
+    progressed = Signal(int, int)
+
+
+class QtRunner:
+    """The controller's runner in a Qt application (see ``SyncRunner``)."""
+
+    #: the fewest seconds between two progress updates sent to the panels
+    progress_interval_s = 0.05
+
+    def __init__(self) -> None:
+        self._workers: set = set()  # kept alive until their thread has finished
+        self._running = False
+        self._finished_callbacks: list = []
+
+    def start(self, job, on_progress, on_done, on_error) -> None:
+        from napari.qt.threading import create_worker
+
+        bridge = _Bridge()
+        bridge.progressed.connect(on_progress)  # queued: runs on the main thread
+        last = {"t": 0.0}
+
+        def progress(done, total):  # worker thread: throttled
+            now = time.monotonic()
+            if done >= total or now - last["t"] > self.progress_interval_s:
+                last["t"] = now
+                bridge.progressed.emit(int(done), int(total))
+
+        worker = create_worker(job, progress=progress, _start_thread=False, _ignore_errors=True)
+        state = {"ended": False}
+
+        def done(res):
+            state["ended"] = True
+            on_done(res)
+
+        def failed(exc):
+            state["ended"] = True
+            on_error(exc)
+
+        def finished():
+            self._workers.discard(worker)
+            self._running = bool(self._workers)
+            if not state["ended"]:  # neither returned nor errored fired
+                on_error(RuntimeError("the render thread ended without a result"))
+            for cb in list(self._finished_callbacks):
+                cb()
+
+        worker.returned.connect(done)
+        worker.errored.connect(failed)
+        worker.finished.connect(finished)
+        worker._bridge = bridge  # lives as long as the worker
+        self._workers.add(worker)
+        self._running = True
+        worker.start()
+
+    def wait(self, timeout, cancel) -> None:
+        """Run the event loop until the render's thread has finished; ``cancel()``
+        after ``timeout`` seconds."""
+        if not self._running:
+            return
+        loop = QEventLoop()
+        self._finished_callbacks.append(loop.quit)
+        timer = None
+        if timeout is not None:
+            timer = QTimer()
+            timer.setSingleShot(True)
+            timer.timeout.connect(cancel)
+            timer.start(int(timeout * 1000))
+        try:
+            if self._running:
+                loop.exec()
+        finally:
+            self._finished_callbacks.remove(loop.quit)
+            if timer is not None:
+                timer.stop()

@@ -1,0 +1,141 @@
+"""Text the inspector shows: the hover readout, the tap table (grouped and
+filtered) and its tab-separated copy.  Qt-free and napari-free.
+
+Every number comes from the engine (``torchbragg.detector_geometry`` for the
+pixel-centre geometry, the fallback map of the render for default_F); this
+module only formats.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["hover_text", "group_by_reflection", "default_F_rows", "table_tsv", "spread_labels",
+           "REASON_TEXT", "reason_text"]
+
+#: display text of the engine's lookup-reason names
+REASON_TEXT = {
+    "table": "table",
+    "default_F:no_table": "default_F: no HKL table",
+    "default_F:outside_table": "default_F: outside the table",
+    "default_F:unlisted": "default_F: not listed in the table",
+    "interpolated": "interpolated",
+}
+
+
+def reason_text(name: str) -> str:
+    return REASON_TEXT.get(name, name)
+
+
+def _sig(x: float, digits: int = 4) -> str:
+    if x is None or not math.isfinite(float(x)):
+        return "∞" if x is not None and float(x) > 0 else "nan"
+    return f"{float(x):.{digits}g}"
+
+
+def hover_text(slow: int, fast: int, *, value: float | None, geometry: Mapping[str, Any],
+               f_value: float | None, f_reason: str | None,
+               default_F_count: int | None = None, evaluations: int | None = None,
+               with_hkl: bool = True) -> str:
+    """The status-bar line for one pixel.
+
+    Parameters
+    ----------
+    slow, fast : int
+        The pixel.
+    value : float or None
+        The image value there (shown with 4 significant figures).
+    geometry : mapping
+        ``torchbragg.detector_geometry.pixel_geometry`` of the pixel (0-d entries).
+    f_value, f_reason : float, str or None
+        F of the nearest reflection and its lookup reason name.
+    default_F_count, evaluations : int, optional
+        The fallback map's count at the pixel and evaluations per pixel.
+    with_hkl : bool
+        False for an image whose crystal is unknown (an opened SMV file).
+    """
+    parts = [f"[{slow}, {fast}]"]
+    if value is not None:
+        parts.append(f"I {_sig(value)}")
+    if with_hkl:
+        hkl = np.asarray(geometry["hkl"], dtype=float).reshape(3)
+        hkl0 = np.asarray(geometry["hkl0"]).reshape(3)
+        parts.append("hkl ({:.2f}, {:.2f}, {:.2f}) → ({},{},{})".format(*hkl, *(int(v) for v in hkl0)))
+    d = float(geometry["d_angstrom"])
+    parts.append(f"d {_sig(d)} Å" if math.isfinite(d) else "d ∞ Å")
+    parts.append(f"2θ {float(geometry['two_theta_deg']):.3f}°")
+    if f_reason is not None:
+        src = reason_text(f_reason)
+        parts.append(f"F {_sig(f_value)} ({src})")
+    if default_F_count is not None and evaluations:
+        parts.append(f"default_F in {int(default_F_count)}/{int(evaluations)} evaluations")
+    return "  ".join(parts)
+
+
+def group_by_reflection(rows: Sequence[Mapping[str, Any]], uses_default_F) -> tuple[list[str], list[dict]]:
+    """One row per nearest reflection (h0, k0, l0), in order of first appearance.
+
+    Returns
+    -------
+    (columns, rows)
+        Columns ``h0 k0 l0 evaluations default_F F_cell lookup h k l`` (h, k, l:
+        the mean fractional indices of the group); each row dict also carries
+        ``default_F`` (bool: any evaluation of the group used default_F).
+    """
+    groups: dict[tuple[int, int, int], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((int(r["h0"]), int(r["k0"]), int(r["l0"])), []).append(r)
+    out = []
+    for (h0, k0, l0), rs in groups.items():
+        n_def = sum(bool(uses_default_F(r)) for r in rs)
+        lookups = sorted({str(r.get("lookup")) for r in rs})
+        out.append({
+            "h0": h0, "k0": k0, "l0": l0, "evaluations": len(rs), "default_F evals": n_def,
+            "F_cell": float(rs[0].get("F_cell", float("nan"))), "lookup": ", ".join(lookups),
+            "h": float(np.mean([r["h"] for r in rs])), "k": float(np.mean([r["k"] for r in rs])),
+            "l": float(np.mean([r["l"] for r in rs])), "default_F": n_def > 0,
+        })
+    return ["h0", "k0", "l0", "evaluations", "default_F evals", "F_cell", "lookup", "h", "k", "l"], out
+
+
+def default_F_rows(rows: Sequence[Mapping[str, Any]], uses_default_F) -> list[int]:
+    """Indices of the rows whose F_cell came from default_F."""
+    return [i for i, r in enumerate(rows) if uses_default_F(r)]
+
+
+def table_tsv(columns: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
+    """The table as tab-separated text with a header line (for the clipboard)."""
+    lines = ["\t".join(columns)]
+    lines += ["\t".join(str(c) for c in row) for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+def spread_labels(xy: np.ndarray, min_separation: float) -> np.ndarray:
+    """Which labels to show so that no two shown are closer than ``min_separation``.
+
+    Greedy in the given order (earlier labels win), on screen positions.
+
+    Parameters
+    ----------
+    xy : numpy.ndarray
+        ``[n, 2]`` screen positions of the labelled points.
+    min_separation : float
+        Screen pixels.
+
+    Returns
+    -------
+    numpy.ndarray
+        bool ``[n]``.
+    """
+    xy = np.asarray(xy, dtype=float).reshape(-1, 2)
+    keep = np.zeros(len(xy), dtype=bool)
+    shown: list[np.ndarray] = []
+    for i, p in enumerate(xy):
+        if not shown or np.min(np.hypot(*(np.asarray(shown) - p).T)) >= min_separation:
+            keep[i] = True
+            shown.append(p)
+    return keep
