@@ -586,7 +586,8 @@ class InspectorController:
         layer = self._layer(BEAM_LAYER)
         if layer is None:
             layer = viewer.add_points(pts, name=BEAM_LAYER, symbol="cross", size=1.0, face_color=BEAM_COLOUR,
-                                      border_width=0, canvas_size_limits=(26, 26), opacity=0.9)
+                                      border_color=BEAM_COLOUR, border_width=0.1, border_width_is_relative=True,
+                                      canvas_size_limits=(26, 26), opacity=0.9)
             layer.editable = False
         else:
             layer.data = pts

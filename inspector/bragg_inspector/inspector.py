@@ -11,6 +11,7 @@ from .controller import InspectorController, controller_for
 from .model import TapRecord
 
 PLUGIN = "bragg-inspector"
+PLUGIN_DISPLAY_NAME = "Bragg Inspector"  # napari.yaml's display_name
 
 
 class Inspector:
@@ -46,12 +47,14 @@ class Inspector:
             self._dock()
 
     def _dock(self) -> None:
-        """Both panels through napari's plugin machinery (what the Plugins menu
-        calls; a docked panel is returned as it is), the wide tap table below."""
+        """Both panels through napari's Plugins menu actions (the same command,
+        the same dock names as a user's click; a docked panel is reused), the
+        wide tap table below the canvas."""
         window = self.viewer.window
-        _, self.simulation_widget = window.add_plugin_dock_widget(PLUGIN, SIM_DOCK_NAME)
-        dock, self.tap_widget = window.add_plugin_dock_widget(PLUGIN, TAP_DOCK_NAME)
-        main = dock.parent()
+        self.simulation_widget = _open_from_plugins_menu(window, SIM_DOCK_NAME)
+        self.tap_widget = _open_from_plugins_menu(window, TAP_DOCK_NAME)
+        dock = self.tap_widget.native.parent()
+        main = dock.parent() if dock is not None else None
         if hasattr(main, "addDockWidget") and main.dockWidgetArea(dock) != _bottom():
             main.addDockWidget(_bottom(), dock)
 
@@ -100,6 +103,36 @@ class Inspector:
 
     def flip(self):
         return self.controller.flip()
+
+
+def dock_name(widget_name: str) -> str:
+    """napari's dock title of a panel opened from the Plugins menu."""
+    return f"{widget_name} ({PLUGIN_DISPLAY_NAME})"
+
+
+def _open_from_plugins_menu(window, widget_name: str):
+    """The docked panel, opening it first with its Plugins-menu action."""
+    name = dock_name(widget_name)
+    docked = window.dock_widgets
+    if name not in docked:
+        action = _plugins_menu_action(window.plugins_menu, name)
+        if action is None:
+            raise RuntimeError(f"no {name!r} in napari's Plugins menu: is the bragg-inspector plugin installed?")
+        action.trigger()
+        docked = window.dock_widgets
+    return docked[name]
+
+
+def _plugins_menu_action(menu, text: str):
+    for action in menu.actions():
+        if action.text().replace("&&", "&") == text:
+            return action
+        sub = action.menu()
+        if sub is not None:
+            found = _plugins_menu_action(sub, text)
+            if found is not None:
+                return found
+    return None
 
 
 def _bottom():

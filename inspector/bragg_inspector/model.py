@@ -121,10 +121,8 @@ class TapRecord:
         parts = [f"pixel (slow {self.slow}, fast {self.fast})"]
         if self.value is not None:
             parts.append(f"value {self.value:.6g}")
-        if self.d_angstrom is not None and math.isfinite(self.d_angstrom):
-            parts.append(f"d = {self.d_angstrom:.4g} Å")
-        else:
-            parts.append("d = ∞ Å")
+        if self.d_angstrom is not None:
+            parts.append(f"d = {self.d_angstrom:.4g} Å" if math.isfinite(self.d_angstrom) else "d = ∞ Å")
         if self.two_theta_deg is not None:
             parts.append(f"2θ = {self.two_theta_deg:.4g}°")
         return ", ".join(parts)

@@ -345,7 +345,7 @@ def test_compare_with_an_smv_reference(insp, viewer, tmp_path):
 # --------------------------------------------------------------------------- cancel
 @needs_engine
 @pytest.mark.slow
-def test_cancel_render_keeps_previous_image_and_ui_responsive(insp, viewer, small_hkl, qtbot):
+def test_cancel_render_keeps_previous_image_and_ui_responsive(insp, viewer, small_hkl, qtbot, screenshot_dir):
     from bragg_inspector import _engine
 
     assert insp.simulate(small_args(small_hkl), wait=True)
@@ -361,6 +361,7 @@ def test_cancel_render_keeps_previous_image_and_ui_responsive(insp, viewer, smal
     # progress with percent in the panel
     qtbot.waitUntil(lambda: 0 < w.progress.value < 100, timeout=120000)
     assert w.progress.native.text().endswith("%")
+    viewer.screenshot(str(screenshot_dir / "progress_mid_render.png"), canvas_only=False, flash=False)
     # the UI stays usable while rendering: a tap on the old image still works
     t0 = time.perf_counter()
     insp.click(5, 6)

@@ -42,11 +42,19 @@ def wrapped_label(value: str = "", name: str = "") -> Label:
 
 
 def fit_label(lab: Label) -> None:
-    """Qt sizes a wrapped label from its first text: ask for the wrapped height again."""
-    q = lab.native
-    h = q.heightForWidth(max(1, q.width()))
-    if h > 0:
-        q.setMinimumHeight(h)
+    """Qt sizes a wrapped label from its first text: ask for the wrapped height again
+    (now, and once the layout has given the label its width)."""
+    from qtpy.QtCore import QTimer
+
+    def fit():
+        q = lab.native
+        h = q.heightForWidth(max(1, q.width()))
+        if h > 0 and h != q.minimumHeight():
+            q.setMinimumHeight(h)
+            q.updateGeometry()
+
+    fit()
+    QTimer.singleShot(0, fit)
 
 
 def heading(text: str) -> Label:
@@ -183,6 +191,9 @@ class SimulationPanel(Container):
         if not same:
             self.args_edit.value = join_args(args)
         hkl = self.controller.hkl_of(args)
+        cwd = self.controller.model.cwd
+        if hkl and cwd and not Path(hkl).is_absolute():
+            hkl = str(Path(cwd) / hkl)  # where the engine reads it (the inspector's folder)
         with self.hkl_file.changed.blocked():
             self.hkl_file.value = hkl if hkl else None
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from magicgui.widgets import CheckBox, Container, FileEdit, Label, PushButton, Select, Table
-from qtpy.QtCore import Qt
-from qtpy.QtGui import QBrush, QColor, QKeySequence, QShortcut
+from qtpy.QtCore import QEvent, QObject, Qt
+from qtpy.QtGui import QBrush, QColor, QKeySequence
 from qtpy.QtWidgets import QAbstractItemView, QApplication, QHeaderView, QTableWidgetItem
 
 from ..controller import KEY_HELP, KEYS, controller_for
@@ -19,6 +19,22 @@ if TYPE_CHECKING:
     import napari
 
 DEFAULT_F_ROW_COLOUR = QColor(255, 140, 0, 90)
+
+
+class _KeyActions(QObject):
+    """Runs an action when a watched widget gets a key press matching a standard key."""
+
+    def __init__(self, actions: dict):
+        super().__init__()
+        self._actions = actions
+
+    def eventFilter(self, obj, event):  # noqa: N802 - Qt's name
+        if event.type() == QEvent.Type.KeyPress:
+            for key, action in self._actions.items():
+                if event.matches(key):
+                    action()
+                    return True
+        return False
 
 
 class TapPanel(Container):
@@ -64,13 +80,13 @@ class TapPanel(Container):
         self._record = None
         self._rows: list[dict] = []
 
-        self._copy = QShortcut(QKeySequence(QKeySequence.StandardKey.Copy), t)
-        self._copy.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
-        self._copy.activated.connect(self.copy_table)
+        # key events of the table and the list themselves (a QShortcut would need the
+        # window to be the active one)
+        self._keys = _KeyActions({QKeySequence.StandardKey.Copy: self.copy_table})
+        t.installEventFilter(self._keys)
         lw = self.selection_list.native
-        self._delete = QShortcut(QKeySequence(QKeySequence.StandardKey.Delete), lw)
-        self._delete.setContext(Qt.ShortcutContext.WidgetWithChildrenShortcut)
-        self._delete.activated.connect(self._remove)
+        self._list_keys = _KeyActions({QKeySequence.StandardKey.Delete: self._remove})
+        lw.installEventFilter(self._list_keys)
         lw.itemDoubleClicked.connect(self._on_double_click)
 
         self.group_check.changed.connect(lambda _v: self._refill())
