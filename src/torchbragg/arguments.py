@@ -22,17 +22,26 @@ class ArgumentError(ValueError):
     """A nanoBragg argument line that cannot be understood."""
 
 
+#: largest magnitude of an integer flag (C reads them into a 32-bit int)
+INT_FLAG_LIMIT = 2 ** 31 - 1
+
+
 def _num(flag: str, text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except (TypeError, ValueError):
         raise ArgumentError(f"{flag}: expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ArgumentError(f"{flag}: expected a finite number, got {text}")
+    return value
 
 
 def _int(flag: str, text: str) -> int:
     value = _num(flag, text)
     if value != int(value):
         raise ArgumentError(f"{flag}: expected an integer, got {text!r}")
+    if abs(value) > INT_FLAG_LIMIT:
+        raise ArgumentError(f"{flag}: {text} is out of range (at most {INT_FLAG_LIMIT} in magnitude)")
     return int(value)
 
 
@@ -162,7 +171,10 @@ _simple("-lambda -wavelength -wave", 1, "beam.wavelength_A", float, "wavelength 
 
 @_flag("-energy", 1, "photon energy (eV)")
 def _energy(cfg, flag, vals):
-    cfg.beam.wavelength_A = 12398.42 / _num(flag, vals[0])
+    energy = _num(flag, vals[0])
+    if energy <= 0.0:
+        raise ArgumentError(f"{flag}: expected a positive photon energy in eV, got {vals[0]}")
+    cfg.beam.wavelength_A = 12398.42 / energy
 
 
 _simple("-fluence", 1, "beam.fluence", float, "photons per m²")

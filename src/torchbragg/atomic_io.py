@@ -14,11 +14,12 @@ overwritten.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import List, Optional, Tuple, Union
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "exclusive_path"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "exclusive_path", "OutputSet"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -68,6 +69,114 @@ def exclusive_path(path: PathLike) -> Path:
     return p
 
 
+def _replace_target(dest: Path) -> Tuple[Path, int]:
+    """Where a replacing write really goes and the mode it keeps.
+
+    Like C's ``fopen(name, "w")``, a destination that is a symbolic link is written
+    through (the link stays, its target gets the new contents), and an existing
+    file keeps its permission bits.
+    """
+    real = Path(os.path.realpath(dest)) if dest.is_symlink() else dest
+    try:
+        mode = stat.S_IMODE(os.stat(real).st_mode)
+    except OSError:
+        mode = _default_file_mode()
+    return real, mode
+
+
+def _blocked_signals():
+    """Block SIGINT/SIGTERM for a short step that must not be split (main thread only)."""
+    import contextlib
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def block():
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    return block()
+
+
+class OutputSet:
+    """Several files written as one transaction.
+
+    While the set is active (``with OutputSet() as out:``), :func:`atomic_write_bytes`
+    with ``overwrite=True`` only stages: it writes a temporary file in the
+    destination's folder.  :meth:`commit` (called when the ``with`` block ends
+    normally) renames every temporary over its destination, with SIGINT/SIGTERM
+    blocked so that no signal splits the set; an exception or a signal before that
+    removes every temporary, so no destination changes.
+    """
+
+    def __init__(self) -> None:
+        self._staged: List[Tuple[Path, Path, str]] = []  # (temporary, destination, name shown)
+        self._previous: Optional["OutputSet"] = None
+
+    def __enter__(self) -> "OutputSet":
+        global _ACTIVE
+        self._previous, _ACTIVE = _ACTIVE, self
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        global _ACTIVE
+        _ACTIVE = self._previous
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+    @property
+    def temporaries(self) -> List[Path]:
+        return [t for t, _, _ in self._staged]
+
+    def stage(self, path: PathLike, data: bytes) -> Path:
+        dest = Path(path)
+        real, mode = _replace_target(dest)
+        folder = real.parent if str(real.parent) else Path(".")
+        try:
+            with _blocked_signals():  # the temporary is recorded the moment it exists
+                fd, tmp_name = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=folder)
+                self._staged.append((Path(tmp_name), real, str(dest)))
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(memoryview(data))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp_name, mode)
+        except OSError as err:
+            raise OSError(f"cannot write {dest}: {err.strerror}") from None
+        return dest
+
+    def commit(self) -> None:
+        with _blocked_signals():
+            try:
+                for tmp, real, shown in self._staged:
+                    try:
+                        os.replace(tmp, real)
+                    except OSError as err:
+                        raise OSError(f"cannot write {shown}: {err.strerror}") from None
+            finally:
+                self.rollback()
+        for folder in {real.parent for _, real, _ in self._staged}:
+            _fsync_directory(folder)
+
+    def rollback(self) -> None:
+        for tmp, _, _ in self._staged:
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+
+
+_ACTIVE: Optional[OutputSet] = None
+
+
 def atomic_write_bytes(path: PathLike, data: bytes, *, overwrite: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically.
 
@@ -94,7 +203,12 @@ def atomic_write_bytes(path: PathLike, data: bytes, *, overwrite: bool = True) -
     OSError
         The folder is missing or not writable.
     """
+    if overwrite and _ACTIVE is not None:
+        return _ACTIVE.stage(path, data)
     dest = Path(path)
+    mode = _default_file_mode()
+    if overwrite:
+        dest, mode = _replace_target(dest)
     folder = dest.parent if str(dest.parent) else Path(".")
     if not overwrite:
         exclusive_path(dest)
@@ -105,7 +219,7 @@ def atomic_write_bytes(path: PathLike, data: bytes, *, overwrite: bool = True) -
             handle.write(memoryview(data))
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, _default_file_mode())
+        os.chmod(tmp, mode)
         if overwrite:
             os.replace(tmp, dest)
         else:

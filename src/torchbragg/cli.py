@@ -10,8 +10,11 @@ Subcommands: ``torchbragg compare REF OUT`` (image metrics) and
 
 from __future__ import annotations
 
+import io
 import math
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence, TextIO
@@ -87,6 +90,8 @@ def split_engine_options(argv: Sequence[str]):
             opts["chunk_rows"] = int(opts["chunk_rows"])
         except ValueError:
             raise ArgumentError(f"-chunk_rows: expected an integer, got {opts['chunk_rows']!r}") from None
+        if not 1 <= opts["chunk_rows"] <= 2 ** 31 - 1:
+            raise ArgumentError(f"-chunk_rows: expected a positive number of rows, got {opts['chunk_rows']}")
     return rest, opts
 
 
@@ -150,6 +155,58 @@ def header_fields(sim) -> dict:
         xds_org_px=(s.orgx, s.orgy), close_distance_mm=s.close_distance * 1000.0,
         phi_deg=s.phi0 * 180 / math.pi, osc_range_deg=s.osc * 180 / math.pi,
         twotheta_deg=s.twotheta * 180 / math.pi)
+
+
+OUTPUT_FLAGS = (("floatfile", "-floatfile"), ("intfile", "-intfile"), ("noisefile", "-noisefile"),
+                ("pgmfile", "-pgmfile"), ("write_fdump", "-write_fdump"))
+
+
+def check_output_paths(cfg) -> None:
+    """Refuse, before any work, an output that could not be written (specs/cli.md §1.2)."""
+    import os
+
+    from .setup import SetupError
+
+    base = Path(cfg.cwd) if cfg.cwd else Path.cwd()
+
+    def where(name):
+        p = Path(name)
+        return p if p.is_absolute() else base / p
+
+    inputs = {}
+    for flag, name in (("-hkl", cfg.crystal.hkl_path), ("-mat", cfg.crystal.matrix_path),
+                       ("-mask", cfg.detector.mask_path), ("-img", cfg.output.img_header_path),
+                       ("-sourcefile", cfg.beam.sourcefile)):
+        if name:
+            inputs[os.path.realpath(where(name))] = f"{flag} {name}"
+    seen = {}
+    for attr, flag in OUTPUT_FLAGS:
+        name = getattr(cfg.output, attr)
+        if not name:
+            continue
+        p = where(name)
+        real = os.path.realpath(p)
+        folder = Path(real).parent
+        if os.path.isdir(real):
+            raise SetupError(f"{flag} {name}: is a folder")
+        if not folder.is_dir():
+            raise SetupError(f"{flag} {name}: no such folder {folder}")
+        if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(real) and not os.access(real, os.W_OK)):
+            raise SetupError(f"{flag} {name}: not writable")
+        if real in inputs:
+            raise SetupError(f"{flag} {name}: the same file as the input {inputs[real]}")
+        if real in seen:
+            raise SetupError(f"{flag} {name}: the same file as {seen[real]}")
+        seen[real] = f"{flag} {name}"
+        try:  # os.access is not the whole truth (read-only mounts, /proc, root): try a temporary there
+            from .atomic_io import _blocked_signals
+
+            with _blocked_signals():
+                fd, probe = tempfile.mkstemp(prefix=f".{Path(real).name}.", suffix=".tmp", dir=folder)
+                os.close(fd)
+                os.unlink(probe)
+        except OSError as err:
+            raise SetupError(f"{flag} {name}: cannot write in {folder}: {err.strerror}") from None
 
 
 def write_outputs(sim, image: np.ndarray, out: TextIO) -> None:
@@ -226,6 +283,7 @@ def run_simulation(argv: Sequence[str], out: Optional[TextIO] = None, err: Optio
     dtype = torch.float64 if opts["dtype"] == "float64" else torch.float32
     t0 = time.perf_counter()
     sim = Simulation.from_args(nb_args, device=opts["device"], dtype=dtype, chunk_rows=opts["chunk_rows"])
+    check_output_paths(sim.config)
     _describe_setup(sim, out)
     out.flush()
     try:
@@ -240,7 +298,14 @@ def run_simulation(argv: Sequence[str], out: Optional[TextIO] = None, err: Optio
 
         f, s = sim.config.output.printout_pixel
         print(format_tap_table(sim.tap(s, f, taps=("hkl_subpixel", "intensity", "geometry"))), file=out)
-    write_outputs(sim, img, out)
+    from .atomic_io import OutputSet
+
+    lines = io.StringIO()
+    with OutputSet():  # every file or none: temporaries renamed only when all were written
+        write_outputs(sim, img, lines)
+    global _OUTPUTS_WRITTEN
+    _OUTPUTS_WRITTEN = True
+    out.write(lines.getvalue())
     print(f"rendered in {time.perf_counter() - t0:.2f} s", file=out)
     return 0
 
@@ -257,8 +322,52 @@ def _help_flags(out: TextIO) -> None:
         print(f"  {name:<22} {nargs} value   {help_}", file=out)
 
 
+_OUTPUTS_WRITTEN = False
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where Python next runs (like KeyboardInterrupt for SIGINT)."""
+
+
+def _on_signal(signum, frame):
+    # one signal ends the run: further ones are ignored so that clean-up is not cut short
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    if signum == signal.SIGTERM:
+        raise Terminated()
+    raise KeyboardInterrupt()
+
+
+def install_signal_handlers() -> None:
+    """SIGINT and SIGTERM become exceptions that the command turns into exit 130 / 143."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_signal)
+        signal.signal(signal.SIGTERM, _on_signal)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``torchbragg`` console script."""
+    try:
+        install_signal_handlers()
+        return _main(argv)
+    except KeyboardInterrupt:
+        code, what = 130, "interrupted"
+    except Terminated:
+        code, what = 143, "terminated"
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    print(f"torchbragg: {what}; " + ("after its files were written" if _OUTPUTS_WRITTEN
+                                     else "no output file was changed"), file=sys.stderr)
+    return code
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     from .arguments import ArgumentError
     from .setup import SetupError
     from .simulation import RenderCancelled

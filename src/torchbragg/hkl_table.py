@@ -293,6 +293,22 @@ class _WarningLog:
         return self.messages
 
 
+#: bounds of the HKL reader (specs/cli.md §1.5): file size, line length, index magnitude
+HKL_MAX_BYTES = 1 << 30
+HKL_MAX_LINE = 4096
+HKL_MAX_INDEX = 1 << 20
+
+
+def _read_bounded(path: PathLike, source: str) -> bytes:
+    """The file's bytes, refusing to read more than HKL_MAX_BYTES (``/dev/zero`` never ends)."""
+    with open(path, "rb") as handle:
+        raw = handle.read(HKL_MAX_BYTES + 1)
+    if len(raw) > HKL_MAX_BYTES:
+        raise HKLFormatError(source, None, "", f"larger than the limit of {HKL_MAX_BYTES} bytes "
+                             "(not an HKL file?)")
+    return raw
+
+
 def _parse_index(token: str) -> Tuple[int, bool]:
     """Return ``(index, plain_integer_text)``; raise ValueError if not a number.
 
@@ -354,7 +370,7 @@ def read_hkl(path: PathLike, default_F: float = 0.0) -> HKLTable:
     the C reader.
     """
     source = str(path)
-    raw = Path(path).read_bytes()
+    raw = _read_bounded(path, source)
     text = raw.decode("utf-8", errors="replace")
     log = _WarningLog()
 
@@ -376,6 +392,8 @@ def _parse_plain(raw: bytes):
     """
     if not raw or not raw.isascii() or b"#" in raw or b"_" in raw or b"\r" in raw:
         return None
+    if len(raw) > HKL_MAX_LINE and max(map(len, raw.split(b"\n"))) > HKL_MAX_LINE:
+        return None  # the line reader names the over-long line
     n_lines = raw.count(b"\n") + (0 if raw.endswith(b"\n") else 1)
     dtype = [("h", np.int64), ("k", np.int64), ("l", np.int64), ("F", np.float64)]
     try:
@@ -385,6 +403,8 @@ def _parse_plain(raw: bytes):
     except (ValueError, UserWarning):
         return None
     if len(rows) != n_lines or not np.isfinite(rows["F"]).all():  # blank lines; nan or inf
+        return None
+    if max(int(np.abs(rows[n]).max()) for n in "hkl") > HKL_MAX_INDEX:  # the line reader names the line
         return None
     return rows["h"], rows["k"], rows["l"], rows["F"], np.arange(1, len(rows) + 1, dtype=np.int64)
 
@@ -399,6 +419,9 @@ def _parse_lines(text: str, source: str, log: "_WarningLog"):
 
     for lineno, line in enumerate(text.split("\n"), start=1):
         line = line.rstrip("\r")
+        if len(line) > HKL_MAX_LINE:
+            raise HKLFormatError(source, lineno, line[:60] + "...",
+                                 f"line longer than the limit of {HKL_MAX_LINE} characters")
         hash_pos = line.find("#")
         content = line if hash_pos < 0 else line[:hash_pos]
         fields = content.split()
@@ -434,6 +457,9 @@ def _parse_lines(text: str, source: str, log: "_WarningLog"):
                         f"{source}:{lineno}: {name} written as {token!r}; accepted as "
                         f"{value}, but the C program's fill pass stops at such a line",
                     )
+            if abs(value) > HKL_MAX_INDEX:
+                raise HKLFormatError(source, lineno, line, f"{name} = {token} is beyond the limit of "
+                                     f"±{HKL_MAX_INDEX} on Miller indices")
             index.append(value)
         f_token = fields[3]
         try:

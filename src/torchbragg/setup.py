@@ -32,6 +32,29 @@ class SetupError(ValueError):
     """A configuration that cannot be rendered."""
 
 
+#: Limits on the sizes a set-up derives from its flags (specs/cli.md §1.5).  Each one is far
+#: beyond any useful render; they exist so that no argument line can make set-up or the
+#: render run away (allocate without bound or loop for hours before the first pixel).
+LIMITS = {
+    "pixels_per_axis": 65536,        # detector pixels along fast or slow
+    "pixels": 2 ** 28,               # detector pixels in all (1 GiB as float32)
+    "steps": 1_000_000,              # each of: divergence steps per axis, dispersion steps,
+                                     # phi steps, mosaic domains, sensor layers, sources
+    "oversample": 1024,              # subpixels per pixel edge, given or automatic
+    "steps_per_pixel": 10 ** 8,      # sources x phi steps x mosaic domains x layers x oversample²
+    "evaluations": 10 ** 12,         # steps per pixel x rendered pixels (about an hour on a CPU)
+}
+
+
+def _check_count(what: str, value, hint: str, limit_key: str = "steps") -> int:
+    """``value`` as an int, or a SetupError that says which limit and what to change."""
+    limit = LIMITS[limit_key]
+    if not math.isfinite(value) or value > limit:
+        shown = f"{value:.3g}" if isinstance(value, float) else str(value)
+        raise SetupError(f"{what} would be {shown}, above the limit of {limit}: {hint}")
+    return int(value)
+
+
 @dataclass
 class ResolvedSetup:
     """All numbers one render needs, in SI units (float64)."""
@@ -267,6 +290,11 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
     spixels = int(math.ceil(detsize_s / pixel - 0.5))
     if fpixels <= 0 or spixels <= 0:
         raise SetupError(f"detector has no pixels ({fpixels}x{spixels})")
+    for n, axis in ((fpixels, "fast"), (spixels, "slow")):
+        _check_count(f"the detector's {axis} axis", n, "give fewer -detpixels or a larger -pixel",
+                     "pixels_per_axis")
+    _check_count("the detector's pixel count", fpixels * spixels, "give fewer -detpixels or a larger -pixel",
+                 "pixels")
     if mask is not None and mask.shape != (spixels, fpixels):
         raise SetupError(f"-mask {det.mask_path}: image is {mask.shape[1]}x{mask.shape[0]} pixels, detector is {fpixels}x{spixels}")
 
@@ -379,7 +407,9 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
             if phistep <= 0.0:
                 phisteps, phistep = 2, osc / 2.0
             else:
-                phisteps = int(math.ceil(osc / phistep))
+                phisteps = _check_count("the number of phi steps (-osc / -phistep)", math.ceil(osc / phistep)
+                                        if math.isfinite(osc / phistep) else math.inf,
+                                        "give a larger -phistep or -phisteps")
     else:
         if phisteps == 0:
             phisteps = 1
@@ -404,6 +434,11 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
         beam.vdivstep_mrad * mrad if beam.vdivstep_mrad is not None else -1.0)
     dsteps, dispersion, dstep = _div_steps(
         beam.dispsteps if beam.dispsteps is not None else -1, beam.dispersion_percent / 100.0, -1.0)
+    hint = "give fewer -hdivsteps/-vdivsteps/-divsteps/-dispsteps or larger -hdivstep/-vdivstep"
+    for n, what in ((hsteps, "horizontal divergence steps"), (vsteps, "vertical divergence steps"),
+                    (dsteps, "dispersion steps"), (phisteps, "phi steps")):
+        _check_count(f"the number of {what}", n, hint if what != "phi steps" else "give fewer -phisteps")
+    _check_count("the number of sources (divergence x dispersion steps)", hsteps * vsteps * dsteps, hint)
 
     # detector thickness (C's own variant of the rule)
     thick = det.thick_um * 1e-6
@@ -434,6 +469,7 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
         log.append(f"WARNING: setting detector attenuation depth to {mu:g} m")
     if thick <= 0.0 or tstep <= 0.0 or tsteps <= 0:
         tsteps, thick, tstep = 1, 0.0, 0.0
+    _check_count("the number of sensor layers", tsteps, "give fewer -detector_thicksteps")
 
     mosaic_spread = xtal.mosaic_deg / RTD if xtal.mosaic_deg is not None else -1.0
     domains = xtal.mosaic_domains if xtal.mosaic_domains is not None else -1
@@ -452,6 +488,7 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
         elif mosaic_spread == 0.0:
             log.append("WARNING: zero mosaic spread specified.  setting mosaic_domains = 1")
             domains = 1
+    _check_count("the number of mosaic domains", domains, "give fewer -mosaic_domains")
 
     # ---------------- detector placement -------------------------------------
     rx, ry, rz = det.rotx_deg / RTD, det.roty_deg / RTD, det.rotz_deg / RTD
@@ -514,10 +551,19 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
     if not math.isfinite(distance) or distance == 0.0:
         raise SetupError("the beam is parallel to the detector plane (distance along the beam is "
                          f"{distance:g} m): check -beam_vector/-odet_vector and the detector rotations")
-    recommended = int(math.ceil(3.0 * xtalsize_max / reciprocal_pixel_size))
+    recommended_f = math.ceil(3.0 * xtalsize_max / reciprocal_pixel_size) if math.isfinite(
+        3.0 * xtalsize_max / reciprocal_pixel_size) else math.inf
+    oversample = samp.oversample if samp.oversample is not None and samp.oversample > 0 else 0
+    if oversample <= 0:
+        recommended = _check_count(
+            "the automatic oversample (3 x crystal size / reciprocal pixel size)", recommended_f,
+            "the detector is nearly edge-on to the beam or the crystal is huge; give -oversample N",
+            "oversample")
+    else:
+        recommended = int(min(recommended_f, 2 ** 62))
+        _check_count("-oversample", oversample, "give a smaller -oversample", "oversample")
     if recommended <= 0:
         recommended = 1
-    oversample = samp.oversample if samp.oversample is not None and samp.oversample > 0 else 0
     if oversample <= 0:
         oversample = recommended
         log.append(f"auto-selected {oversample}-fold oversampling")
@@ -579,7 +625,26 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
     roi = det.roi
     if roi is None:
         roi = (0, fpixels, 0, spixels)
+    else:  # C's rule: a negative bound means "from the first pixel" / "to the last one"
+        xmin, xmax, ymin, ymax = roi
+        xmin, ymin = max(xmin, 0), max(ymin, 0)
+        xmax = fpixels if xmax < 0 else xmax
+        ymax = spixels if ymax < 0 else ymax
+        for lo, hi, n, axis in ((xmin, xmax, fpixels, "fast (xmin xmax)"), (ymin, ymax, spixels, "slow (ymin ymax)")):
+            if lo > hi:
+                raise SetupError(f"-roi {' '.join(str(v) for v in det.roi)}: the {axis} bounds are reversed")
+            if lo >= n:
+                raise SetupError(f"-roi {' '.join(str(v) for v in det.roi)}: the {axis} range starts outside "
+                                 f"the detector ({fpixels}x{spixels} pixels, 0-based)")
+        roi = (xmin, min(xmax, fpixels), ymin, min(ymax, spixels))
+    _check_count("the number of sources", len(source_lambdas), "give a shorter -sourcefile")
     steps = len(source_lambdas) * domains * phisteps * oversample * oversample
+    per_pixel = _check_count("the evaluations per pixel (sources x phi steps x mosaic domains x layers x "
+                             "oversample²)", steps * tsteps, "lower -oversample, the step counts or -mosaic_domains",
+                             "steps_per_pixel")
+    rendered = (min(roi[1], fpixels - 1) - roi[0] + 1) * (min(roi[3], spixels - 1) - roi[2] + 1)
+    _check_count("the number of evaluations (evaluations per pixel x rendered pixels)", per_pixel * rendered,
+                 "lower -oversample, the step counts, or render a smaller -roi", "evaluations")
 
     return ResolvedSetup(
         convention=conv, pivot=pivot, fpixels=fpixels, spixels=spixels, pixel_size=pixel,
@@ -640,6 +705,11 @@ def _lattice(cfg: SimulationConfig, lambda0: float, log: List[str]):
         ga = ga / RTD if ga > 0 else math.pi / 2
         if a <= 0:
             raise SetupError(f"-cell: the a axis must be positive, got {a:g}")
+        cell_text = " ".join(f"{v:g}" for v in xtal.cell)
+        if max(al, be, ga) >= math.pi or al + be + ga >= 2 * math.pi or al + be <= ga or be + ga <= al \
+                or ga + al <= be:
+            raise SetupError(f"-cell {cell_text}: the angles describe no unit cell (each below 180 degrees, "
+                             "their sum below 360, each below the sum of the other two)")
         lengths = [a, b, c]
         aavg = (al + be + ga) / 2.0
         skew = abs(math.sin(aavg) * math.sin(aavg - al) * math.sin(aavg - be) * math.sin(aavg - ga))

@@ -17,7 +17,7 @@ from .kernel import (ROW_STATS, FastPlan, KernelTensors, combine_row_statistics,
                      evaluation_ordinals, fallback_count_dtype, fast_enabled, fast_unsupported, fused_unsupported,
                      interp_out_of_range, row_statistics)
 from .rotations import axis_rotation_matrix
-from .setup import R_E_SQR, ResolvedSetup, resolve
+from .setup import R_E_SQR, ResolvedSetup, SetupError, resolve
 
 __all__ = ["Simulation", "RenderCancelled", "FallbackMap", "RenderStats"]
 
@@ -122,6 +122,8 @@ class Simulation:
         self.dtype = dtype
         self._tensors = self._make_tensors()
         E = self.evaluations_per_pixel
+        if chunk_rows and int(chunk_rows) < 1:  # 0 or None: automatic
+            raise SetupError(f"chunk_rows: expected a positive number of rows, got {chunk_rows}")
         self.chunk_rows = int(chunk_rows) if chunk_rows else max(
             1, DEFAULT_EVALUATIONS_PER_CHUNK // max(1, self.setup.fpixels * E))
         self._cutoff_cache: Optional[Tuple[int, Optional[int]]] = None  # (rows scanned, cutoff)

@@ -10,6 +10,7 @@ adds a side-by-side comparison that names every mismatch.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -51,7 +52,7 @@ def load_c_taps(path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
-    if "configs" not in data:
+    if not isinstance(data, dict) or "configs" not in data:
         raise ValueError(f"{path}: no 'configs' key; expected the format of c_subpixel_taps.json")
     return data
 
@@ -67,9 +68,23 @@ def _find_c_pixel(c_taps: dict, args, pixel) -> Optional[Tuple[str, dict]]:
     return None
 
 
+def nonfinite_fields(value, where: str = "") -> List[str]:
+    """Paths of every NaN or infinite number in a JSON value (Python's json reads NaN/Infinity)."""
+    if isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [] if math.isfinite(value) else [f"{where or '<document>'} = {value}"]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in nonfinite_fields(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in nonfinite_fields(v, f"{where}[{i}]")]
+    return []
+
+
 def compare_with_c(doc: dict, c_pixel: dict) -> List[str]:
     """Every mismatch between one engine tap document and the C rows of the same pixel."""
-    problems = []
+    problems = [f"engine tap has a non-finite number: {p}" for p in nonfinite_fields(doc)]
+    problems += [f"C taps have a non-finite number: {p}" for p in nonfinite_fields(c_pixel)]
     ours = doc["values"]["subpixels"]
     rows = c_pixel["rows"]
     if len(ours) != len(rows):
@@ -83,7 +98,7 @@ def compare_with_c(doc: dict, c_pixel: dict) -> List[str]:
             continue
         for i, name in enumerate("hkl"):
             d = abs(o["hkl_fractional"][i] - c[name])
-            if d > HKL_TOL:
+            if not d <= HKL_TOL:  # NaN compares false: a NaN is a mismatch, never a pass
                 problems.append(f"{where}: {name} engine {o['hkl_fractional'][i]:.9g} C {c[name]:.9g} (|diff| {d:.2e} > {HKL_TOL:g})")
         if list(o["hkl_rounded"]) != [c["h0"], c["k0"], c["l0"]]:
             problems.append(f"{where}: (h0,k0,l0) engine {tuple(o['hkl_rounded'])} C {(c['h0'], c['k0'], c['l0'])}")
@@ -91,11 +106,11 @@ def compare_with_c(doc: dict, c_pixel: dict) -> List[str]:
             problems.append(f"{where}: F_cell engine {o['F_cell']:.9g} C {c['F_cell']:.9g}")
         if bool(o["out_of_bounds"]) != bool(c["oob"]):
             problems.append(f"{where}: out_of_bounds engine {o['out_of_bounds']} C {bool(c['oob'])}")
-        if abs(o["F_latt"] - c["F_latt"]) > 1e-6 * max(1.0, abs(c["F_latt"])):
+        if not abs(o["F_latt"] - c["F_latt"]) <= 1e-6 * max(1.0, abs(c["F_latt"])):
             problems.append(f"{where}: F_latt engine {o['F_latt']:.9g} C {c['F_latt']:.9g}")
     ref = c_pixel["pixel_value"]
     rel = abs(doc["final_intensity"] - ref) / abs(ref) if ref else abs(doc["final_intensity"])
-    if rel > INTENSITY_RTOL:
+    if not rel <= INTENSITY_RTOL:
         problems.append(f"final intensity engine {doc['final_intensity']:.9g} C {ref:.9g} (relative {rel:.2e} > {INTENSITY_RTOL:g})")
     return problems
 
@@ -152,6 +167,34 @@ def write_audit(bundle, c_taps_path=None) -> Path:
     out += ["> " + line if line else ">" for line in rule.splitlines()]
     total_problems = 0
     for path, doc in docs:
+        try:
+            chunk, n_problems = _audit_one(path, doc, c_taps)
+        except _CTapsShapeError as err:
+            raise ValueError(f"{c_taps_path}: malformed C taps for {path.name}: {err}") from None
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
+            raise ValueError(f"{path}: malformed tap JSON: {_shape_message(err)}") from None
+        out += chunk
+        total_problems += n_problems
+    return _finish(bundle, docs, c_taps, total_problems, out)
+
+
+class _CTapsShapeError(ValueError):
+    """A C taps entry that lacks a field or has one of the wrong type."""
+
+
+def _shape_message(err: BaseException) -> str:
+    if isinstance(err, KeyError):
+        return f"missing field {err.args[0]!r}"
+    return f"a field of the wrong type or shape ({err})"
+
+
+def _audit_one(path, doc, c_taps):
+    """The report lines of one tap document and its mismatch count."""
+    out: List[str] = []
+    total_problems = 0
+    if not isinstance(doc, dict):
+        raise TypeError("the document is not a JSON object")
+    if True:
         s, f = doc["pixel_coords"]
         cfg = doc["config"]
         src = cfg["hkl_source"]
@@ -176,14 +219,25 @@ def write_audit(bundle, c_taps_path=None) -> Path:
                        f"{r['phi']} | {r['mosaic']} | {h:.9g} | {k:.9g} | {l:.9g} | {h0} | {k0} | {l0} | "
                        f"{r['F_cell']:.6g} | {r['F_latt']:.9g} | {int(r['out_of_bounds'])} | {r['lookup']} |")
         out += ["", "**Finding.** " + _conclusion(doc)]
+        bad = nonfinite_fields(doc)
+        if bad and c_taps is None:  # with C taps, compare_with_c counts them
+            total_problems += len(bad)
+            out += ["", f"**{len(bad)} non-finite number(s) in the tap** (a mismatch, whatever C says):"]
+            out += [f"- {p}" for p in bad[:20]]
         if c_taps is not None:
-            hit = _find_c_pixel(c_taps, cfg["args"], [s, f])
+            try:
+                hit = _find_c_pixel(c_taps, cfg["args"], [s, f])
+            except (KeyError, TypeError, IndexError, AttributeError) as err:
+                raise _CTapsShapeError(_shape_message(err)) from None
             out.append("")
             if hit is None:
                 out.append("C comparison: no C rows for these arguments and this pixel in the C taps file.")
             else:
                 name, cpx = hit
-                problems = compare_with_c(doc, cpx)
+                try:
+                    problems = compare_with_c(doc, cpx)
+                except (KeyError, TypeError, IndexError, AttributeError) as err:
+                    raise _CTapsShapeError(_shape_message(err)) from None
                 total_problems += len(problems)
                 out += [f"### Side by side with C (config `{name}`)", "",
                         "| subS | subF | h engine | h C | k engine | k C | l engine | l C | (h0,k0,l0) engine / C | F_cell engine / C | oob engine / C |",
@@ -201,8 +255,16 @@ def write_audit(bundle, c_taps_path=None) -> Path:
                 else:
                     out.append(f"**No mismatch**: h,k,l within {HKL_TOL:g}, identical (h0,k0,l0), F_cell and "
                                f"out_of_bounds, F_latt within 1e-6, final intensity within {INTENSITY_RTOL:g} relative.")
+    return out, total_problems
+
+
+def _finish(bundle, docs, c_taps, total_problems, out):
+    from .atomic_io import atomic_write_bytes
+
     out += ["", "## Summary", ""]
-    out.append(f"{len(docs)} pixel(s) audited" + (f"; {total_problems} mismatch(es) against C." if c_taps else "."))
+    out.append(f"{len(docs)} pixel(s) audited" + (f"; {total_problems} mismatch(es) against C." if c_taps else
+                                                  f"; {total_problems} non-finite number(s)." if total_problems
+                                                  else "."))
     text = "\n".join(out) + "\n"
     comp = bundle / "comparison"
     n = 1

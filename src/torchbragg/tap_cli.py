@@ -144,6 +144,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     dtype = torch.float64 if ns.dtype == "float64" else torch.float32
     try:
+        device = torch.device(ns.device)
+    except RuntimeError:
+        return _fail(f"--device: expected cpu, cuda or cuda:N, got {ns.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return _fail(f"--device {ns.device}: CUDA is not available on this machine")
+    try:
         sim = Simulation.from_args(nb_args, device=ns.device, dtype=dtype)
         results = [sim.tap(s, f, taps=taps) for s, f in ns.pixel]  # validate every pixel before writing
     except (ArgumentError, SetupError, TapError, OSError, ValueError, RuntimeError) as err:
