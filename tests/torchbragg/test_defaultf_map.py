@@ -1,0 +1,52 @@
+"""The default_F map measured from outside agrees with the engine's fallback map."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from torchbragg.defaultf_map import compare_fallback, fallback_labels, main, renderer_args
+
+HKL = "\n".join(f"{h} {k} {l} 10" for h in range(-1, 2) for k in range(-1, 2) for l in range(-1, 2)
+                if (h + k + l) % 2 == 0) + "\n"
+ARGS = ["-cell", "100", "100", "100", "90", "90", "90", "-hkl", "t.hkl", "-default_F", "5", "-N", "3",
+        "-lambda", "1.0", "-distance", "100", "-detpixels", "48", "-pixel", "0.4", "-nointerpolate",
+        "-mosaic", "0.5", "-mosaic_dom", "2", "-phi", "0", "-osc", "0.5", "-phisteps", "2", "-mosaic_seed", "7",
+        "-floatfile", "user.bin"]
+
+
+def test_compare_fallback_masks_and_reasons():
+    cur = np.array([[0, 1], [2, 3]], dtype=np.uint8)
+    ref = np.array([[1, 1], [0, 2]], dtype=np.uint8)
+    c = compare_fallback(cur, ref)
+    assert c == {"both": 2, "only_current": 1, "only_reference": 1, "neither": 0, "reason_changed": 1,
+                 "shape": [2, 2]}
+    assert fallback_labels(cur, ref).tolist() == [[3, 1], [2, 4]]
+    assert compare_fallback(cur > 0, ref > 0)["reason_changed"] == 0
+    with pytest.raises(ValueError):
+        compare_fallback(cur, ref[:1])
+
+
+def test_renderer_args_strip_outputs(tmp_path):
+    out = renderer_args(ARGS, 7.0, "f.bin", cwd=str(tmp_path))
+    assert "user.bin" not in out and out.count("-default_F") == 1
+    assert out[out.index("-hkl") + 1] == str(tmp_path / "t.hkl")
+    assert out[-6:] == ["-default_F", "7", "-floatfile", "f.bin", "-nonoise", "-nopgm"]
+
+
+def test_measured_map_agrees_with_engine(tmp_path, monkeypatch, capsys):
+    (tmp_path / "t.hkl").write_text(HKL)
+    (tmp_path / "Fdump.bin").write_bytes(b"stale")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "res"
+    rc = main(["--renderer", f"{sys.executable} -m torchbragg", "--out", str(out), "--"] + ARGS)
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    mask = np.fromfile(out / summary["mask_file"], dtype=np.uint8).reshape(summary["shape"])
+    assert summary["counts"]["changed"] == int(mask.sum()) > 0
+    assert summary["engine"]["only_measured"] == summary["engine"]["only_engine"] == 0
+    assert summary["default_F"] == [5.0, 5000.0]
+    assert not (tmp_path / "user.bin").exists()
+    assert main(["--renderer", sys.executable, "--out", str(out), "--"] + ARGS) == 2  # never overwrites
+    assert "already exists" in capsys.readouterr().err
