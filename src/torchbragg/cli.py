@@ -26,6 +26,7 @@ __all__ = ["main", "run_simulation", "split_engine_options", "TerminalProgress"]
 USAGE = """usage: torchbragg <nanoBragg arguments> [-device cpu|cuda] [-dtype float32|float64] [-chunk_rows N]
        torchbragg compare REF OUT [--shape SLOW FAST] [--json]
        torchbragg bench [--help]
+       torchbragg defaultf-map --renderer PROGRAM [--out DIR] [--list N] [--no-engine] -- <nanoBragg arguments>
        torchbragg --help-flags        (every nanoBragg flag this engine understands)
 
 example:
@@ -387,6 +388,10 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[0] == "defaultf-map":
+        from .defaultf_map import main as defaultf_main
+
+        return defaultf_main(argv[1:])
     try:
         return run_simulation(argv)
     except (ArgumentError, SetupError) as err:
