@@ -37,6 +37,7 @@ __all__ = [
     "format_comparison",
     "load_image",
     "load_image_info",
+    "load_image_photons",
     "main_compare",
 ]
 
@@ -420,6 +421,8 @@ def main_compare(argv: Optional[Sequence[str]] = None) -> int:
         help="shape of raw float32 images (default: sidecar <file>.json, the other image, or a square)",
     )
     parser.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    parser.add_argument("--smv-scale", type=float, help="SMV counts per photon (default: header, else the log beside it)")
+    parser.add_argument("--smv-adc", type=float, help="SMV ADC offset (default: header, else 40)")
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except _UsageError as exc:
@@ -430,8 +433,15 @@ def main_compare(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.shape is not None and min(args.shape) <= 0:
             raise ValueError(f"--shape needs two positive integers, got {args.shape[0]} {args.shape[1]}")
-        ref, ref_note = load_image_info(args.ref, args.shape)
-        out, out_note = load_image_info(args.out, args.shape, fallback_shape=ref.shape)
+        ref, ref_info = load_image_photons(args.ref, args.shape, scale=args.smv_scale, adc=args.smv_adc)
+        out, out_info = load_image_photons(args.out, args.shape, fallback_shape=ref.shape, scale=args.smv_scale,
+                                           adc=args.smv_adc)
+        ref_note, out_note = ref_info["shape_from"], out_info["shape_from"]
+        for info in (ref_info, out_info):
+            if info["converted"]:
+                print(f"note: {info['note']}", file=sys.stderr)
+            if info["warning"]:
+                print(f"WARNING: {info['warning']}", file=sys.stderr)
         if ref.shape != out.shape:
             raise ValueError(
                 f"{args.out}: image is {out.shape[0]}x{out.shape[1]} but reference {args.ref} is "
@@ -455,3 +465,88 @@ def main_compare(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"note: {name}: {note}")
         print(format_comparison(cmp, str(args.ref), str(args.out)))
     return 0
+
+
+def _log_scale(path: Path) -> Tuple[Optional[float], str]:
+    """Scale of an SMV image from the nanoBragg/torchbragg log saved beside it (``log.txt``, ``<name>.log``)."""
+    import re
+
+    for log in (path.with_name(path.name + ".log"), path.with_suffix(".log"), path.with_name("log.txt")):
+        if not log.is_file():
+            continue
+        prev = ""
+        for line in log.read_text(errors="replace").splitlines():
+            line = line.strip()
+            if line == f"writing {path.name} as 2-byte integers":
+                m = re.match(r"intfile_scale = (\S+)$", prev)
+                if m:
+                    return float(m.group(1)), f"intfile_scale from {log.name}"
+                if re.match(r"\S+ photons on noise image", prev):
+                    return 1.0, f"noise image (scale 1) per {log.name}"
+            if line:
+                prev = line
+    return None, ""
+
+
+def load_image_photons(path: PathLike, shape: Optional[Sequence[int]] = None, *, scale: Optional[float] = None,
+                       adc: Optional[float] = None, fallback_shape: Optional[Sequence[int]] = None
+                       ) -> Tuple[np.ndarray, dict]:
+    """Load an image in photons: SMV counts become ``(count - adc) / scale``.
+
+    nanoBragg writes ``count = photons * scale + adc`` and puts neither number in
+    the header.  The scale comes from ``scale``, a header key ``SCALE`` /
+    ``INTFILE_SCALE``, or the program's log beside the file (``log.txt`` or
+    ``<file>.log``: the ``intfile_scale = X`` line before ``writing <file>``); the
+    ADC offset from ``adc``, a header key ``ADC_OFFSET``/``ADC``, else nanoBragg's
+    default 40.  Count 0 (outside ``-roi``) is 0 photons.
+
+    Returns
+    -------
+    image : numpy.ndarray
+        float64 ``[slow, fast]`` (raw float images unchanged, as float64).
+    info : dict
+        ``converted`` (bool), ``scale``, ``adc``, ``note`` (how), ``warning``
+        (a sentence naming the file when the counts were NOT converted, else None),
+        ``shape_from``.
+    """
+    p = Path(path)
+    image, shape_note = load_image_info(p, shape, fallback_shape=fallback_shape)
+    info = {"converted": False, "scale": None, "adc": None, "note": "float image (photons)", "warning": None,
+            "shape_from": shape_note}
+    if p.suffix.lower() not in SMV_SUFFIXES:
+        return image.astype(np.float64), info
+    from .smv import read_smv_header
+
+    header = {k.upper(): v for k, v in read_smv_header(p).items()}
+    how = []
+    if scale is None:
+        for key in ("SCALE", "INTFILE_SCALE"):
+            if key in header:
+                scale, src = float(header[key]), f"header {key}"
+                break
+        else:
+            scale, src = _log_scale(p)
+        how.append(src)
+    else:
+        how.append("scale given")
+    if adc is None:
+        for key in ("ADC_OFFSET", "ADC"):
+            if key in header:
+                adc = float(header[key])
+                how.append(f"ADC from header {key}")
+                break
+        else:
+            adc = 40.0
+            how.append("ADC 40 (nanoBragg default)")
+    counts = image.astype(np.float64)
+    if scale is None or not scale > 0:
+        info["warning"] = (f"{p}: SMV counts NOT converted to photons: no scale in the header or a log beside "
+                           f"it (give --smv-scale); sums and maxima are in raw counts")
+        info["note"] = "raw SMV counts"
+        return counts, info
+    photons = np.where(counts == 0, 0.0, (counts - adc) / scale)
+    info.update(converted=True, scale=float(scale), adc=float(adc), note="photons = (count - adc) / scale: "
+                + ", ".join(how))
+    if np.any((counts > 0) & (counts < adc)):
+        info["warning"] = f"{p}: counts below the ADC offset {adc:g}: the offset is probably wrong (give --smv-adc)"
+    return photons, info

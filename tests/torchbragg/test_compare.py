@@ -243,3 +243,25 @@ def test_golden_smv_against_float_image():
     ints = load_image(case / "img.smv")
     cmp = compare_images(floats, ints)
     assert cmp.correlation > 0.9999  # the intfile is a linear rescale plus offset
+
+
+def test_smv_counts_converted_to_photons(tmp_path, capsys):
+    import shutil
+
+    from torchbragg.compare import load_image_photons, main_compare
+
+    case = Path(__file__).resolve().parents[1] / "data" / "golden_small" / "cases" / "cubic_hkl_mosflm"
+    ref, info = load_image_photons(case / "img.smv")
+    assert info["converted"] and info["adc"] == 40.0 and info["warning"] is None
+    flt = np.fromfile(case / "img.f32", "<f4").astype(np.float64)
+    assert abs(ref.sum() / flt.sum() - 1) < 1e-3
+    assert main_compare([str(case / "img.smv"), str(case / "img.f32"), "--json"]) == 0
+    assert abs(json.loads(capsys.readouterr().out)["sum_ratio"] - 1) < 1e-3
+    lone = tmp_path / "img.smv"  # no log beside it: an explicit warning, counts kept
+    shutil.copy(case / "img.smv", lone)
+    _, info = load_image_photons(lone)
+    assert not info["converted"] and str(lone) in info["warning"]
+    assert main_compare([str(lone), str(case / "img.f32")]) == 0
+    assert "NOT converted" in capsys.readouterr().err
+    scaled, info = load_image_photons(lone, scale=25.968)
+    assert info["converted"] and abs(scaled.sum() / flt.sum() - 1) < 1e-3
