@@ -5,6 +5,26 @@
 >>> image = sim.render()          # torch.Tensor [slow, fast], photons per pixel
 """
 
+import os as _os
+import sys as _sys
+
+
+def _quiet_exit(signum, frame):  # pragma: no cover - exercised by scripts/interrupt_trial.py
+    """Before the command's own handlers (start-up) and after its work: one line, exit 130/143."""
+    what, code = ("terminated", 143) if signum == 15 else ("interrupted", 130)
+    done = getattr(_sys.modules.get("torchbragg.cli"), "_OUTPUTS_WRITTEN", False)
+    _os.write(2, f"torchbragg: {what}; {'after its files were written' if done else 'no output file was changed'}\n"
+              .encode())
+    _os._exit(code)
+
+
+if _sys.argv[:1] == ["-m"] or _os.path.basename(_sys.argv[0] if _sys.argv else "") in ("torchbragg", "bragg-tap"):
+    # started as a command: a signal during the imports below ends it with one line, no traceback
+    import signal as _signal
+
+    _signal.signal(_signal.SIGINT, _quiet_exit)
+    _signal.signal(_signal.SIGTERM, _quiet_exit)
+
 from .arguments import ArgumentError, parse_args
 from .config import (TAP_CONFIG_ARGS, BeamConfig, CompatConfig, CrystalConfig, DetectorConfig, OutputConfig,
                      SamplingConfig, SimulationConfig)

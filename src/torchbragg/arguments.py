@@ -194,7 +194,10 @@ _simple("-beam_vector", 3, "beam.beam_vector", "vec", "beam direction (CUSTOM co
 _simple("-polar_vector", 3, "beam.polar_vector", "vec", "E-vector direction (CUSTOM convention)")
 @_flag("-polar", 1, "Kahn polarisation factor (switches polarisation back on)")
 def _polar(cfg, flag, vals):
-    cfg.beam.kahn_factor = _num(flag, vals[0])
+    kahn = _num(flag, vals[0])
+    if not -1.0 <= kahn <= 1.0:
+        raise ArgumentError(f"{flag}: the Kahn polarisation factor must be within -1..1, got {vals[0]}")
+    cfg.beam.kahn_factor = kahn
     cfg.beam.nopolar = False
 _simple("-nopolar", 0, "beam.nopolar", help="no polarisation correction")
 

@@ -274,6 +274,8 @@ def run_simulation(argv: Sequence[str], out: Optional[TextIO] = None, err: Optio
 
     from .simulation import RenderCancelled, Simulation
 
+    global _OUTPUTS_WRITTEN
+    _OUTPUTS_WRITTEN = False
     nb_args, opts = split_engine_options(argv)
     if opts["dtype_given"] is None and any(a in ("-noisefile", "-noiseimage") for a in nb_args):
         # Poisson draws branch on the exact float image: C's image is a double computation stored as
@@ -292,6 +294,12 @@ def run_simulation(argv: Sequence[str], out: Optional[TextIO] = None, err: Optio
     except KeyboardInterrupt:
         raise RenderCancelled("interrupted; nothing was written") from None
     img = image.detach().to("cpu", torch.float32).numpy()
+    if not np.isfinite(img).all():  # finite flags, but intensities beyond the render's precision
+        from .setup import SetupError
+
+        raise SetupError(f"the image has {int(np.count_nonzero(~np.isfinite(img)))} non-finite pixel(s) (intensities "
+                         "beyond float32): lower -fluence/-flux/-default_F/-water or give -dtype float64; "
+                         "nothing was written")
     for line in sim.last_stats.lines():
         print(line, file=out)
     if sim.config.output.printout_pixel is not None:
@@ -304,7 +312,6 @@ def run_simulation(argv: Sequence[str], out: Optional[TextIO] = None, err: Optio
     lines = io.StringIO()
     with OutputSet():  # every file or none: temporaries renamed only when all were written
         write_outputs(sim, img, lines)
-    global _OUTPUTS_WRITTEN
     _OUTPUTS_WRITTEN = True
     out.write(lines.getvalue())
     print(f"rendered in {time.perf_counter() - t0:.2f} s", file=out)
@@ -348,17 +355,40 @@ def install_signal_handlers() -> None:
         signal.signal(signal.SIGTERM, _on_signal)
 
 
+def _after_work() -> None:
+    """Once the work is done, a signal that arrives while the interpreter shuts down is ignored
+    (CPython resets Python-level handlers at shutdown, so it would otherwise kill the finished run)."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``torchbragg`` console script."""
+    import threading
+
+    as_command = argv is None  # called from Python (argv given): leave the caller's handlers as they were
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] if main_thread else None
     try:
         install_signal_handlers()
-        return _main(argv)
+        code = _main(argv)
+        if as_command:
+            _after_work()
+        return code
     except KeyboardInterrupt:
         code, what = 130, "interrupted"
     except Terminated:
         code, what = 143, "terminated"
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+    finally:
+        if main_thread and not as_command:
+            for sig, handler in zip((signal.SIGINT, signal.SIGTERM), previous):
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    if main_thread and as_command:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     try:
         sys.stdout.flush()
     except (OSError, ValueError):

@@ -76,6 +76,9 @@ class MatrixFormatError(ValueError):
         super().__init__(message)
 
 
+MATRIX_MAX_BYTES = 1 << 20
+
+
 def read_mosflm_matrix(path: PathLike) -> np.ndarray:
     """Read the 3x3 matrix the C program's ``-mat`` option reads.
 
@@ -98,7 +101,11 @@ def read_mosflm_matrix(path: PathLike) -> np.ndarray:
         A non-number before the ninth number, fewer than nine numbers, a
         non-finite value, or a singular matrix.
     """
-    text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    with open(path, "rb") as handle:  # bounded: a matrix file is a few lines (/dev/zero never ends)
+        raw = handle.read(MATRIX_MAX_BYTES + 1)
+    if len(raw) > MATRIX_MAX_BYTES:
+        raise MatrixFormatError(path, None, "", f"larger than the limit of {MATRIX_MAX_BYTES} bytes (not a matrix file?)")
+    text = raw.decode("utf-8", errors="replace")
     numbers = []
     for lineno, line in enumerate(text.split("\n"), start=1):
         line = line.rstrip("\r")
@@ -110,7 +117,7 @@ def read_mosflm_matrix(path: PathLike) -> np.ndarray:
                 break
             match = _NUMBER.match(line, pos)
             if match is None:
-                token = line[pos:].split()[0]
+                token = (line[pos:].split() or [line[pos:]])[0]  # e.g. a lone carriage return
                 raise MatrixFormatError(
                     path, lineno, line,
                     f"expected a number (matrix element {len(numbers) + 1} of 9), found {token!r}",

@@ -39,7 +39,8 @@ LIMITS = {
     "pixels_per_axis": 65536,        # detector pixels along fast or slow
     "pixels": 2 ** 28,               # detector pixels in all (1 GiB as float32)
     "steps": 1_000_000,              # each of: divergence steps per axis, dispersion steps,
-                                     # phi steps, mosaic domains, sensor layers, sources
+                                     # phi steps, mosaic domains, sensor layers
+    "sources": 100_000,              # divergence x dispersion steps, or -sourcefile lines
     "oversample": 1024,              # subpixels per pixel edge, given or automatic
     "steps_per_pixel": 10 ** 8,      # sources x phi steps x mosaic domains x layers x oversample²
     "evaluations": 10 ** 12,         # steps per pixel x rendered pixels (about an hour on a CPU)
@@ -438,7 +439,7 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
     for n, what in ((hsteps, "horizontal divergence steps"), (vsteps, "vertical divergence steps"),
                     (dsteps, "dispersion steps"), (phisteps, "phi steps")):
         _check_count(f"the number of {what}", n, hint if what != "phi steps" else "give fewer -phisteps")
-    _check_count("the number of sources (divergence x dispersion steps)", hsteps * vsteps * dsteps, hint)
+    _check_count("the number of sources (divergence x dispersion steps)", hsteps * vsteps * dsteps, hint, "sources")
 
     # detector thickness (C's own variant of the rule)
     thick = det.thick_um * 1e-6
@@ -471,6 +472,8 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
         tsteps, thick, tstep = 1, 0.0, 0.0
     _check_count("the number of sensor layers", tsteps, "give fewer -detector_thicksteps")
 
+    if xtal.mosaic_deg is not None and xtal.mosaic_deg > 180.0:
+        raise SetupError(f"-mosaic {xtal.mosaic_deg:g}: a mosaic spread is at most 180 degrees")
     mosaic_spread = xtal.mosaic_deg / RTD if xtal.mosaic_deg is not None else -1.0
     domains = xtal.mosaic_domains if xtal.mosaic_domains is not None else -1
     if domains <= 0:
@@ -637,7 +640,7 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
                 raise SetupError(f"-roi {' '.join(str(v) for v in det.roi)}: the {axis} range starts outside "
                                  f"the detector ({fpixels}x{spixels} pixels, 0-based)")
         roi = (xmin, min(xmax, fpixels), ymin, min(ymax, spixels))
-    _check_count("the number of sources", len(source_lambdas), "give a shorter -sourcefile")
+    _check_count("the number of sources", len(source_lambdas), "give a shorter -sourcefile", "sources")
     steps = len(source_lambdas) * domains * phisteps * oversample * oversample
     per_pixel = _check_count("the evaluations per pixel (sources x phi steps x mosaic domains x layers x "
                              "oversample²)", steps * tsteps, "lower -oversample, the step counts or -mosaic_domains",

@@ -115,7 +115,13 @@ class Simulation:
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         self.config = config
-        self.setup: ResolvedSetup = resolve(config)
+        try:
+            self.setup: ResolvedSetup = resolve(config)
+        except (OverflowError, ZeroDivisionError, ValueError) as err:
+            if isinstance(err, ValueError) and type(err) is not ValueError:
+                raise  # the project's own errors (SetupError, HKLFormatError, ...) say it better
+            raise SetupError(f"the flag values make the set-up arithmetic fail ({err}): give values of "
+                             "smaller magnitude") from None
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # as tensors report it: cuda:N
             self.device = torch.device("cuda", torch.cuda.current_device())

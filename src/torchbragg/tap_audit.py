@@ -51,9 +51,9 @@ def load_c_taps(path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
+        raise AuditError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
     if not isinstance(data, dict) or "configs" not in data:
-        raise ValueError(f"{path}: no 'configs' key; expected the format of c_subpixel_taps.json")
+        raise AuditError(f"{path}: no 'configs' key; expected the format of c_subpixel_taps.json")
     return data
 
 
@@ -66,6 +66,10 @@ def _find_c_pixel(c_taps: dict, args, pixel) -> Optional[Tuple[str, dict]]:
             if list(px["pixel_slow_fast"]) == list(pixel):
                 return name, px
     return None
+
+
+class AuditError(ValueError):
+    """An input of the audit (bundle, tap JSON, C taps) that cannot be audited; names file and field."""
 
 
 def nonfinite_fields(value, where: str = "") -> List[str]:
@@ -146,17 +150,17 @@ def write_audit(bundle, c_taps_path=None) -> Path:
 
     bundle = Path(bundle)
     if not is_bundle(bundle):
-        raise ValueError(f"{bundle}: not an evidence bundle (no py_taps/ and comparison/ folders)")
+        raise AuditError(f"{bundle}: not an evidence bundle (no py_taps/ and comparison/ folders)")
     docs = []
     for path in sorted((bundle / "py_taps").glob("*.json")):
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
+            raise AuditError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
         if doc.get("tap_id") == "hkl_subpixel":
             docs.append((path, doc))
     if not docs:
-        raise ValueError(f"{bundle}/py_taps: no hkl_subpixel tap JSON to audit")
+        raise AuditError(f"{bundle}/py_taps: no hkl_subpixel tap JSON to audit")
     c_taps = load_c_taps(c_taps_path) if c_taps_path else None
     rule, rule_src = nearest_neighbour_rule()
 
@@ -170,15 +174,15 @@ def write_audit(bundle, c_taps_path=None) -> Path:
         try:
             chunk, n_problems = _audit_one(path, doc, c_taps)
         except _CTapsShapeError as err:
-            raise ValueError(f"{c_taps_path}: malformed C taps for {path.name}: {err}") from None
+            raise AuditError(f"{c_taps_path}: malformed C taps for {path.name}: {err}") from None
         except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
-            raise ValueError(f"{path}: malformed tap JSON: {_shape_message(err)}") from None
+            raise AuditError(f"{path}: malformed tap JSON: {_shape_message(err)}") from None
         out += chunk
         total_problems += n_problems
     return _finish(bundle, docs, c_taps, total_problems, out)
 
 
-class _CTapsShapeError(ValueError):
+class _CTapsShapeError(AuditError):
     """A C taps entry that lacks a field or has one of the wrong type."""
 
 
