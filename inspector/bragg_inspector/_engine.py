@@ -25,7 +25,29 @@ def _module(name: str):
 
 
 def tap_config_args() -> list[str]:
-    """The engine's 4096² tap configuration."""
+    """The engine's 4096² tap configuration (``torchbragg.TAP_CONFIG_ARGS``).
+
+    Until the engine is imported it is read from ``torchbragg/config.py``'s source
+    (the same literal), so that panels and the launcher start without torch."""
+    import sys
+
+    if "torchbragg" in sys.modules:
+        return list(tb().TAP_CONFIG_ARGS)
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("torchbragg")  # a top-level spec: the package is not imported
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / "config.py"
+        if not path.is_file():
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "TAP_CONFIG_ARGS"
+                                                    for t in node.targets):
+                try:
+                    return [str(a) for a in ast.literal_eval(node.value)]
+                except ValueError:
+                    break
     return list(tb().TAP_CONFIG_ARGS)
 
 

@@ -108,6 +108,7 @@ class InspectorController:
         self._running = False
         self._result: tuple[bool, Any] | None = None
         self._header_sim = None  # geometry of an opened SMV image when nothing is rendered
+        self.first_picture_shown = False  # a rendered image is on screen (the launcher's timing)
         viewer.mouse_drag_callbacks.append(self._on_mouse_drag)
         for name, fn in (("flip", self.flip), ("overlay", self.toggle_overlay), ("rings", self.toggle_rings),
                          ("clear", self.clear_selection), ("export", self._export_key)):
@@ -220,6 +221,69 @@ class InspectorController:
         if self._running:
             self.runner.wait(timeout, self.cancel)
 
+    def adopt_prerender(self, pre, args: Sequence[str], device: str, dtype: str, poll_ms: int = 20) -> None:
+        """Show a render made by a :class:`~bragg_inspector.prerender.Prerender` child as
+        soon as it is ready, then build this process's simulation of the same arguments
+        in the runner and adopt the image (as a finished render).  A failed child
+        falls back to :meth:`simulate`, which reports the error."""
+        from qtpy.QtCore import QTimer  # only the launcher, in a Qt application, uses this
+
+        argv = list(args)
+        self.args_changed.emit(argv)
+        self._running = True
+        self.render_started.emit()
+        self._info(f"rendering on {device} ({dtype})…", "busy")
+        timer = QTimer()
+        timer.setInterval(poll_ms)
+        self._prerender_timer = timer
+        if SIM_LAYER not in self.viewer.layers:  # made while the child renders: its set-up costs ~0.5 s
+            self.viewer.add_image(np.zeros((2, 2), np.float32), name=SIM_LAYER, colormap="gray_r",
+                                  interpolation2d="nearest", metadata={"placeholder": True})
+
+        def check():
+            state = pre.poll()
+            if state is None:
+                return
+            timer.stop()
+            self._running = False
+            if not state:
+                pre.close()
+                self.simulate(argv, device=device, dtype=dtype)
+                return
+            img, fb = pre.result()
+            pre.close()
+            self._show_first_picture(img)
+            self._running = True
+            model = self.model
+
+            def job(progress=None):
+                return model.prepare(argv, device, dtype), img, fb
+
+            self.runner.start(job, self._progress, lambda res: self._render_done(res, argv, device, dtype),
+                              self._render_failed)
+
+        timer.timeout.connect(check)
+        timer.start()
+
+    def _show_first_picture(self, img: np.ndarray) -> None:
+        """The image alone, before the simulation object exists (no taps yet)."""
+        viewer = self.viewer
+        self.first_picture_shown = True
+        limits = percentile_limits(img, 0.0, self.upper_percentile)
+        layer = self._layer(SIM_LAYER)
+        if layer is not None and layer.metadata.get("placeholder"):
+            layer.data = img
+            layer.contrast_limits_range = (float(np.nanmin(img)), float(max(np.nanmax(img), limits[1])))
+            layer.contrast_limits = limits
+            layer.gamma = self.gamma
+            viewer.reset_view()
+            return
+        if layer is not None:
+            return
+        viewer.add_image(img, name=SIM_LAYER, colormap="gray_r", gamma=self.gamma, interpolation2d="nearest",
+                         contrast_limits=limits, metadata={"args": list(self.model.args)})
+        viewer.reset_view()
+
     def _progress(self, done: int, total: int) -> None:
         self.render_progress.emit(int(done), int(total))
 
@@ -295,6 +359,7 @@ class InspectorController:
             layer.metadata.pop("placeholder", None)
             self._install_hover(layer)  # a layer made elsewhere (the sample's placeholder)
         layer.visible = True
+        self.first_picture_shown = True
         for name in (REF_LAYER, DIFF_LAYER, RATIO_LAYER):  # stale after a new render
             if name in viewer.layers:
                 viewer.layers.remove(name)
@@ -480,6 +545,8 @@ class InspectorController:
                  "slow": np.array([r.slow for r in recs], dtype=int),
                  "fast": np.array([r.fast for r in recs], dtype=int)}
         layer = self._layer(name)
+        if layer is None and not recs:
+            return  # made on first use: an empty layer costs a quarter second at start-up
         if layer is None:
             active = viewer.layers.selection.active
             layer = viewer.add_points(
@@ -530,7 +597,8 @@ class InspectorController:
         self._set_points(SEL_LAYER, list(self.model.selection.values()), colour=SELECTION_COLOUR)
 
     def _refresh_points(self) -> None:
-        """Marker layers after a render: the tap cleared, the selection as re-tapped."""
+        """Marker layers after a render: the tap cleared, the selection as re-tapped
+        (layers are made when they first have a marker)."""
         self._set_points(TAP_LAYER, [], colour=TAP_COLOUR)
         self._refresh_selection_layer()
 

@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 
 USAGE = """bragg-inspector [--device DEV] [--dtype float32|float64] [--no-render] [--screenshot PNG] [nanoBragg arguments…]
+       bragg-inspector --bench-clicks N [nanoBragg arguments…]   (click → table and hover latencies)
+       bragg-inspector --bench-launch N [nanoBragg arguments…]   (time to the first picture against plain napari)
 
 Without a display (no DISPLAY/WAYLAND_DISPLAY, e.g. a fresh server) it runs
 itself under xvfb-run and saves a screenshot (bragg-inspector.png) instead of
@@ -28,7 +30,7 @@ def parse(argv: Sequence[str]) -> tuple[dict, list[str]]:
     single dash and are passed on untouched: no prefix matching, so ``-hkl``
     is never mistaken for ``-h``)."""
     opts = {"device": "cpu", "dtype": "float32", "render": True, "help": False, "screenshot": None,
-            "bench_clicks": 0}
+            "bench_clicks": 0, "bench_launch": 0, "first_picture": False}
     rest: list[str] = []
     it = iter(argv)
     for a in it:
@@ -36,6 +38,14 @@ def parse(argv: Sequence[str]) -> tuple[dict, list[str]]:
             opts["help"] = True
         elif a == "--no-render":
             opts["render"] = False
+        elif a == "--first-picture":
+            opts["first_picture"] = True
+        elif a == "--bench-launch" or a.startswith("--bench-launch="):
+            val = a.partition("=")[2] or next(it, None)
+            try:
+                opts["bench_launch"] = int(val)
+            except (TypeError, ValueError):
+                raise UsageError(f"--bench-launch needs a number of runs, not {val!r}") from None
         elif a == "--bench-clicks" or a.startswith("--bench-clicks="):
             val = a.partition("=")[2] or next(it, None)
             try:
@@ -70,14 +80,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if opts["help"]:
         print(USAGE)
         return 0
+    if opts["bench_launch"]:
+        from .launch_bench import bench_launch
+
+        return bench_launch(opts["bench_launch"], nb_args)
     if _needs_virtual_display():
         return _rerun_under_xvfb(list(sys.argv[1:] if argv is None else argv), opts)
+    pre = None
+    if opts["render"] and not opts["screenshot"] and not opts["bench_clicks"]:
+        # the first render runs in its own process while napari builds its window
+        from .prerender import Prerender
+
+        from . import _engine
+
+        pre = Prerender(nb_args or _engine.tap_config_args(), opts["device"], opts["dtype"])
     import napari
 
     from . import _engine
-    from .inspector import Inspector
-
     from .controller import controller_for
+    from .inspector import Inspector
 
     viewer = napari.Viewer(title="Bragg Inspector")
     args = nb_args or _engine.tap_config_args()
@@ -88,9 +109,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _bench_clicks(viewer, insp, args, opts)
     if opts["screenshot"]:
         return _screenshot(viewer, insp, args, opts)
-    if opts["render"]:
-        insp.simulate(args, wait=False, device=opts["device"], dtype=opts["dtype"])
+    if pre is not None:
+        insp.controller.adopt_prerender(pre, args, opts["device"], opts["dtype"])
+    if opts["first_picture"]:
+        return _first_picture(viewer, insp, args, opts)
     napari.run()
+    return 0
+
+
+def _first_picture(viewer, insp, args, opts) -> int:
+    """Launch as usual, wait until the canvas has drawn the rendered image, print
+    ``first picture`` and quit (used by ``--bench-launch``)."""
+    import time
+
+    from qtpy.QtWidgets import QApplication
+
+    deadline = time.monotonic() + 600
+    while not insp.controller.first_picture_shown:
+        if insp.controller.last_error or time.monotonic() > deadline:
+            print(f"bragg-inspector: error: {insp.controller.last_error or 'no picture'}", file=sys.stderr)
+            return 2
+        QApplication.processEvents()
+        time.sleep(0.005)
+    QApplication.processEvents()
+    viewer.window._qt_viewer.canvas._scene_canvas.native.repaint()  # noqa: SLF001 - draw now, not later
+    QApplication.processEvents()
+    print("bragg-inspector: first picture", flush=True)
+    while insp.controller.running and time.monotonic() < deadline:  # the simulation adopts the image
+        QApplication.processEvents()
+        time.sleep(0.005)
+    viewer.close()
     return 0
 
 
@@ -136,6 +184,12 @@ def _bench_clicks(viewer, insp, args, opts) -> int:
     insp.click(ny // 2, nx // 2)  # the first tap of a process warms the engine up
     table, total = [], []
     n = opts["bench_clicks"]
+    hover = []
+    for i in range(n):
+        s, f = (i * 7919 + 13) % ny, (i * 104729 + 101) % nx
+        t1 = time.perf_counter()
+        insp.hover(s, f)
+        hover.append(1e3 * (time.perf_counter() - t1))
     for i in range(n):
         s, f = (i * 7919 + 13) % ny, (i * 104729 + 101) % nx
         insp.click(s, f)
@@ -146,6 +200,8 @@ def _bench_clicks(viewer, insp, args, opts) -> int:
     print(f"bragg-inspector: click -> table over {n} clicks: median {statistics.median(table):.1f} ms, "
           f"max {max(table):.1f} ms; with pixel markers: median {statistics.median(total):.1f} ms, "
           f"max {max(total):.1f} ms (target: <= 100 ms)")
+    print(f"bragg-inspector: hover readout over {n} pixels: median {statistics.median(hover):.2f} ms, "
+          f"max {max(hover):.2f} ms (target: <= 5 ms median)")
     viewer.close()
     return 0
 

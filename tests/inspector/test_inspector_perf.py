@@ -57,3 +57,19 @@ def test_bench_clicks_prints_latencies(tmp_path):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "click -> table over 5 clicks: median" in p.stdout
+
+
+def test_bench_launch_times_napari_and_the_first_picture(tmp_path):
+    import os
+    import re
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "bragg_inspector", "--bench-launch", "1", "-cell", "100", "100",
+                        "100", "90", "90", "90", "-default_F", "100", "-N", "5", "-detpixels", "128"],
+                       cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = re.search(r"ratio inspector / napari: ([0-9.]+)", p.stdout)
+    assert m and float(m.group(1)) > 0, p.stdout
+    assert "plain napari, window shown" in p.stdout and "bragg-inspector, first picture" in p.stdout
+    assert not list(tmp_path.glob("bragg-inspector-*"))  # the first render's temporary folder is gone

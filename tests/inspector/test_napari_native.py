@@ -131,7 +131,9 @@ def test_hover_readout_follows_the_mouse(insp, viewer, small_hkl, qtbot):
     qtbot.wait(50)
     x, y = pixel_to_canvas(viewer, 40, 24)
     w = canvas_widget(viewer)
-    QTest.mouseMove(w, QPoint(int(round(x)), int(round(y))))
+    for dx in (15, 0):  # from a neighbour onto the pixel: a move event even if the pointer was there
+        QTest.mouseMove(w, QPoint(int(round(x)) + dx, int(round(y))))
+        qtbot.wait(30)
     qtbot.waitUntil(lambda: tuple(np.round(viewer.cursor.position[-2:])) == (40, 24), timeout=5000)
     # napari's status thread is held in its test fixture: compute the status as it would
     viewer.update_status_from_cursor()
@@ -177,10 +179,10 @@ def test_rings_beam_centre_and_table_box_on_hkl_partial_defaultF(insp, viewer, t
     outside_code = next(k for k, v in fb.reasons.items() if v == "default_F:outside_table")
     assert (fb.reason[~inside] == outside_code).mean() > 0.95
     # markers above every image, geometry above the overlay
+    insp.click(*(int(v) for v in np.round(dg.beam_centre_pixel(sim))))
     insp.set_overlay(True)
     names = [lay.name for lay in viewer.layers]
     assert names.index(ctl.FALLBACK_LAYER) < names.index(ctl.BOX_LAYER) < names.index(ctl.TAP_LAYER)
-    insp.click(*(int(v) for v in np.round(dg.beam_centre_pixel(sim))))
     viewer.layers.selection.active = viewer.layers[ctl.SIM_LAYER]
     qtbot.wait(200)
     viewer.screenshot(str(screenshot_dir / "rings_beam_box.png"), canvas_only=False, flash=False)
@@ -258,7 +260,8 @@ def test_selection_labels_do_not_overlap_at_full_view(insp, viewer, small_hkl, q
 @needs_taps
 def test_view_refits_when_the_detector_changes_and_markers_stay_on_top(insp, viewer, small_hkl, qtbot):
     assert insp.simulate(small_args(small_hkl, detpixels=32), wait=True)
-    insp.click(5, 5)
+    insp.click(5, 5, shift=True)
+    insp.click(6, 6)
     assert insp.simulate(small_args(small_hkl, detpixels=128, pixel=0.2), wait=True)
     qtbot.wait(50)
     centre = np.asarray(viewer.scene.camera.center)[-2:]

@@ -22,11 +22,14 @@ if TYPE_CHECKING:
 STATUS_STYLE = {"error": "color: #ff6b6b;", "busy": "color: #ffd166;", "info": ""}
 
 
-def _devices() -> list[str]:
-    import torch
+def _devices(_widget=None) -> list[str]:
+    """cpu, and cuda when torch sees a GPU (asked once torch is loaded: the panel
+    opens without importing it; napari refreshes the choices on layer changes)."""
+    import sys
 
     out = ["cpu"]
-    if torch.cuda.is_available():
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
         out.append("cuda")
     return out
 
@@ -51,7 +54,12 @@ def fit_label(lab: Label) -> None:
         h = q.heightForWidth(max(1, q.width()))
         if h > 0 and h != q.minimumHeight():
             q.setMinimumHeight(h)
-            q.updateGeometry()
+            w = q
+            while w is not None:  # the containers (and napari's scroll area) take the new height
+                w.updateGeometry()
+                if w.layout() is not None:
+                    w.layout().activate()
+                w = w.parentWidget()
 
     fit()
     QTimer.singleShot(0, fit)
@@ -78,7 +86,7 @@ class SimulationPanel(Container):
                                  name="hkl_file", tooltip="adds or replaces -hkl in the arguments")
         self.hkl_clear = PushButton(text="×", tooltip="remove -hkl")
         self.hkl_clear.native.setMaximumWidth(28)
-        self.device_combo = ComboBox(choices=_devices(), value=m.device, label="device")
+        self.device_combo = ComboBox(choices=_devices, value=m.device, label="device")
         self.dtype_combo = ComboBox(choices=["float32", "float64"], value=m.dtype, label="dtype")
         self.run_button = PushButton(text="Run", name="run_button")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
@@ -217,6 +225,7 @@ class SimulationPanel(Container):
         lines = m.hkl_lines()
         self.hkl_info_label.value = "\n".join(lines) if lines else "(not rendered yet)"
         fit_label(self.hkl_info_label)
+        self.device_combo.reset_choices()
         self.device_combo.value = m.device
         self.dtype_combo.value = m.dtype
         self._on_overlay()

@@ -76,6 +76,7 @@ class TapPanel(Container):
         self.default_only_check.native.setText("default_F only")  # magicgui turns "_" into " "
         self.native.layout().setStretch(0, 3)
         self.native.layout().setStretch(1, 1)
+        right.native.setMaximumWidth(420)  # the table takes the width
         self.tooltip = "Shortcuts: " + KEY_HELP + " · Ctrl+C: copy the table · Delete: remove a selected pixel"
         self._record = None
         self._rows: list[dict] = []

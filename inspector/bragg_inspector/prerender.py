@@ -1,0 +1,97 @@
+"""The launcher's first render in a separate process, started before napari.
+
+Importing torch and rendering take about as long as napari takes to build its
+window; in one process they would take turns on one interpreter.  The
+launcher therefore starts ``python -m bragg_inspector.prerender`` first, which
+renders with the engine and writes the image and the default_F fallback map as
+``.npy`` files into a fresh temporary folder, while napari starts.  The window
+shows that image as soon as it is ready; the inspector then builds its own
+:class:`torchbragg.Simulation` of the same arguments in its worker thread (for
+taps and the hover readout) and adopts the image (see
+:meth:`bragg_inspector.controller.InspectorController.adopt_prerender`).
+Anything that goes wrong in the child falls back to the panel's ordinary render,
+which reports the error.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Prerender"]
+
+
+class Prerender:
+    """A render running in a child process.
+
+    Parameters
+    ----------
+    args : list of str
+        nanoBragg arguments.
+    device, dtype : str
+    """
+
+    def __init__(self, args: list[str], device: str = "cpu", dtype: str = "float32"):
+        self.args, self.device, self.dtype = list(args), device, dtype
+        self.folder = Path(tempfile.mkdtemp(prefix="bragg-inspector-"))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bragg_inspector.prerender", str(self.folder), device, dtype, *self.args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def poll(self) -> bool | None:
+        """None while running; True when the arrays are ready; False when it failed."""
+        rc = self.proc.poll()
+        if rc is None:
+            return None
+        return rc == 0 and (self.folder / "meta.json").is_file()
+
+    def result(self):
+        """(image, fallback) as written by the child (an ``_engine.Fallback``)."""
+        from ._engine import Fallback
+
+        meta = json.loads((self.folder / "meta.json").read_text())
+        img = np.load(self.folder / "image.npy")
+        fb = Fallback(counts=np.load(self.folder / "counts.npy"), reason=np.load(self.folder / "reason.npy"),
+                      reasons={int(k): v for k, v in meta["reasons"].items()},
+                      evaluations_per_pixel=meta["evaluations_per_pixel"])
+        return img, fb
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    folder, device, dtype, *args = argv
+    from . import _engine
+
+    sim = _engine.make_simulation(args, device, dtype)
+    img, fb = _engine.render(sim)
+    out = Path(folder)
+    np.save(out / "image.npy", img)
+    np.save(out / "reason.npy", fb.reason)
+    np.save(out / "counts.npy", fb.counts)
+    meta = {"reasons": {str(k): v for k, v in fb.reasons.items()},
+            "evaluations_per_pixel": fb.evaluations_per_pixel, "kernel": sim.last_kernel}
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta))
+    tmp.replace(out / "meta.json")  # the marker that everything else is written
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except Exception as exc:  # noqa: BLE001 - the parent renders again and reports the error
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(2)
