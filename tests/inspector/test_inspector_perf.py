@@ -67,7 +67,8 @@ def test_bench_launch_times_napari_and_the_first_picture(tmp_path):
 
     p = subprocess.run([sys.executable, "-m", "bragg_inspector", "--bench-launch", "1", "-cell", "100", "100",
                         "100", "90", "90", "90", "-default_F", "100", "-N", "5", "-detpixels", "128"],
-                       cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+                       cwd=tmp_path, env=dict(os.environ, TMPDIR=str(tmp_path)), capture_output=True, text=True,
+                       timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     m = re.search(r"ratio inspector / napari: ([0-9.]+)", p.stdout)
     assert m and float(m.group(1)) > 0, p.stdout
