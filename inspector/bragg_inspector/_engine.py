@@ -134,6 +134,20 @@ def table_box_mask(sim, step: int) -> np.ndarray | None:
     return _module("detector_geometry").table_box_mask(sim, step)
 
 
+# ------------------------------------------------------------------ default_F comparisons
+def compare_fallback(current: np.ndarray, reference: np.ndarray) -> dict:
+    return _module("defaultf_map").compare_fallback(current, reference)
+
+
+def fallback_labels(current: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    return _module("defaultf_map").fallback_labels(current, reference)
+
+
+def measure_default_F(program: str, args: list[str], cwd: str | None = None):
+    """(mask, summary, engine reason) of ``torchbragg.defaultf_map.measure_defaultf_map``."""
+    return _module("defaultf_map").measure_defaultf_map(program, list(args), cwd=cwd)
+
+
 # ------------------------------------------------------------------ evidence
 def write_tap_json(tap_obj, folder: Path, tag: str | None = None) -> Path:
     return Path(_module("taps").write_tap_json(tap_obj, folder, tag=tag))

@@ -38,6 +38,14 @@ BEAM_LAYER = "beam centre"
 RINGS_LAYER = "resolution rings"
 RING_LABELS_LAYER = "ring labels"
 BOX_LAYER = "HKL table box"
+DEFAULT_F_CMP_LAYER = "default_F comparison"
+#: colours and legend of the default_F comparison labels (torchbragg.defaultf_map.fallback_labels)
+DEFAULT_F_CMP_STYLE = {
+    1: ("default_F in both, same reason", "#ffb300"),
+    2: ("only in the current run", "#e6194b"),
+    3: ("only in the reference", "#2979ff"),
+    4: ("in both, another reason", "#9c27b0"),
+}
 #: layers that stay above every image
 MARKER_LAYERS = (BOX_LAYER, RINGS_LAYER, RING_LABELS_LAYER, BEAM_LAYER, SEL_LAYER, TAP_LAYER)
 
@@ -89,6 +97,8 @@ class InspectorController:
     overlay_changed = Signal()
     rings_changed = Signal()
     compared = Signal(object)            # Comparison
+    pinned_changed = Signal()
+    default_F_compared = Signal(object)  # counts dict, or None when cleared
 
     def __init__(self, viewer, cwd: str | None = None, runner=None):
         self._viewer_ref = weakref.ref(viewer)
@@ -366,6 +376,7 @@ class InspectorController:
         self._header_sim = None
         self._refresh_points()
         self._refresh_overlay()
+        self._refresh_default_F_comparison(recompute=True)
         self._refresh_geometry()
         self._raise_markers()
         if refit:
@@ -828,6 +839,76 @@ class InspectorController:
             layer.editable = False  # napari re-enables editing when data change
         self._raise_markers()
         self.overlay_changed.emit()
+
+    # ------------------------------------------------------------------ pinned runs, default_F comparison
+    def pin(self, name: str | None = None) -> str | None:
+        """Keep the current render as a named reference run; its name, or None (message shown)."""
+        try:
+            pinned = self.model.pin(name)
+        except ValueError as exc:
+            self.report_error(exc, "Pin")
+            return None
+        self.pinned_changed.emit()
+        self._info(f"pinned the current render as {pinned!r}")
+        return pinned
+
+    def measure_default_F(self, program: str) -> str | None:
+        """Measure PROGRAM's default_F map for the current arguments and pin it."""
+        self._info(f"measuring the default_F map of {program} (two renders)…", "busy")
+        try:
+            pinned = self.model.measure_default_F(program)
+        except Exception as exc:  # noqa: BLE001 - shown to the user
+            self.report_error(exc, "Measure default_F")
+            return None
+        self.pinned_changed.emit()
+        self._info(f"pinned the measured default_F map as {pinned!r}")
+        return pinned
+
+    def compare_default_F(self, reference: str) -> dict | None:
+        """default_F regions of the current render against a pinned run: a Labels layer
+        with one colour per case and the counts (also returned)."""
+        try:
+            counts = self.model.compare_default_F(reference)
+        except ValueError as exc:
+            self.report_error(exc, "default_F comparison")
+            return None
+        self._refresh_default_F_comparison(recompute=False)
+        c = counts
+        self._info(f"default_F against {reference!r}: both {c['both']:,}, only current {c['only_current']:,}, "
+                   f"only reference {c['only_reference']:,} pixels")
+        return counts
+
+    def _refresh_default_F_comparison(self, recompute: bool) -> None:
+        viewer = self.viewer
+        counts = self.model.refresh_default_F_comparison() if recompute else None
+        cmp = self.model.default_F_comparison
+        layer = self._layer(DEFAULT_F_CMP_LAYER)
+        if cmp is None:
+            if layer is not None:
+                viewer.layers.remove(layer)
+            if recompute:
+                self.default_F_compared.emit(None)
+            return
+        from napari.utils.colormaps import DirectLabelColormap
+
+        colours = {None: (0, 0, 0, 0), 0: (0, 0, 0, 0)}
+        colours.update({k: v[1] for k, v in DEFAULT_F_CMP_STYLE.items()})
+        if layer is not None and layer.data.shape != cmp["labels"].shape:
+            viewer.layers.remove(layer)
+            layer = None
+        if layer is None:
+            active = viewer.layers.selection.active
+            layer = viewer.add_labels(cmp["labels"], name=DEFAULT_F_CMP_LAYER, opacity=0.5,
+                                      colormap=DirectLabelColormap(color_dict=colours))
+            if active is not None:
+                viewer.layers.selection.active = active
+        else:
+            layer.data = cmp["labels"]
+        layer.editable = False
+        layer.metadata["default_F_comparison"] = {"reference": cmp["reference"], "counts": dict(cmp["counts"])}
+        self._install_hover(layer)
+        self._raise_markers()
+        self.default_F_compared.emit(dict(cmp["counts"]) if counts is None else counts)
 
     # ------------------------------------------------------------------ compare
     def open_reference(self, path: str | Path) -> Comparison | None:

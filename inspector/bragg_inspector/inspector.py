@@ -84,6 +84,29 @@ class Inspector:
         """Resolution rings labelled in Å (``d_spacings`` None: the detector's defaults)."""
         return self.controller.rings(on, d_spacings=d_spacings)
 
+    def pin(self, name: str | None = None) -> str:
+        """Keep the current render as a named reference run (survives later runs)."""
+        pinned = self.controller.pin(name)
+        if pinned is None:
+            raise ValueError(self.controller.last_error or "nothing to pin")
+        return pinned
+
+    def compare_default_F(self, reference: str) -> dict:
+        """default_F regions of the current render against a pinned run:
+        ``{"both": n, "only_current": n, "only_reference": n, "neither": n, "reason_changed": n, "shape": ...}``."""
+        counts = self.controller.compare_default_F(reference)
+        if counts is None:
+            raise ValueError(self.controller.last_error or "comparison failed")
+        return counts
+
+    def measure_default_F(self, program: str) -> str:
+        """Measure a renderer's default_F map (``torchbragg defaultf-map``) for the
+        current arguments; adds a pinned run named after the program."""
+        pinned = self.controller.measure_default_F(program)
+        if pinned is None:
+            raise ValueError(self.controller.last_error or "measurement failed")
+        return pinned
+
     def tap_table(self) -> list[dict]:
         """Rows of the tap table as shown (displayed columns + ``default_F``)."""
         return self.controller.tap_table()

@@ -149,6 +149,25 @@ def tap_view(rec: TapRecord, group: bool = False, default_F_only: bool = False) 
 
 
 @dataclass
+class PinnedRun:
+    """A render kept as a reference: survives later runs.
+
+    ``default_F`` is the engine's reason map (uint8 codes) for a render, or a
+    boolean mask for a map measured from outside a renderer."""
+
+    name: str
+    image: np.ndarray | None
+    default_F: np.ndarray
+    args: list[str]
+    hkl_source: dict
+    engine: str
+    device: str
+    dtype: str
+    commands: list[list[str]] | None = None  # a measured map: the renderer's two command lines
+    summary: dict | None = None
+
+
+@dataclass
 class Comparison:
     path: str
     reference: np.ndarray
@@ -172,6 +191,9 @@ class InspectorModel:
     current: TapRecord | None = None
     selection: dict[tuple[int, int], TapRecord] = field(default_factory=dict)
     comparison: Comparison | None = None
+    pinned: dict[str, PinnedRun] = field(default_factory=dict)
+    #: the default_F comparison on screen: {"reference": name, "counts": {...}, "labels": uint8 array}
+    default_F_comparison: dict | None = None
 
     # ------------------------------------------------------------ simulation
     @property
@@ -195,6 +217,66 @@ class InspectorModel:
         self.hkl_info = dict(sim.hkl_info)
         self.current = None
         self.comparison = None
+
+    # ------------------------------------------------------------ pinned runs
+    def pin(self, name: str | None = None) -> str:
+        """Keep the current render as a named reference run; returns its name
+        (``run 1``, ``run 2``… by default; an existing name gets a suffix)."""
+        if self.sim is None or self.fallback is None:
+            raise ValueError("render a simulation before pinning it")
+        base = (name or f"run {len(self.pinned) + 1}").strip() or f"run {len(self.pinned) + 1}"
+        name, i = base, 2
+        while name in self.pinned:
+            name, i = f"{base} ({i})", i + 1
+        self.pinned[name] = PinnedRun(
+            name=name, image=self.image.copy(), default_F=self.fallback.reason.copy(), args=list(self.args),
+            hkl_source=dict(self.hkl_info), engine=str(self.sim.last_kernel), device=self.device, dtype=self.dtype)
+        return name
+
+    def measure_default_F(self, program: str, name: str | None = None) -> str:
+        """Measure a renderer's default_F map from outside (two renders, -default_F
+        1000x apart, ``torchbragg.defaultf_map``) for the current arguments; pinned
+        under ``name`` (default: the program's name)."""
+        if self.sim is None:
+            raise ValueError("render a simulation first: its arguments are the ones measured")
+        mask, summary, _engine_reason = _engine.measure_default_F(program, self.args, cwd=self.cwd)
+        label = name or f"{Path(str(program).split()[0]).name} (measured)"
+        pinned_name, i = label, 2
+        while pinned_name in self.pinned:
+            pinned_name, i = f"{label} ({i})", i + 1
+        self.pinned[pinned_name] = PinnedRun(
+            name=pinned_name, image=None, default_F=mask.astype(bool), args=list(self.args),
+            hkl_source=dict(self.hkl_info), engine=str(program), device="", dtype="",
+            commands=summary.get("commands"), summary=summary)
+        return pinned_name
+
+    def compare_default_F(self, reference: str) -> dict:
+        """Where the current render and a pinned run used default_F: counts of
+        ``both``, ``only_current``, ``only_reference``, ``neither``, ``reason_changed``."""
+        if self.fallback is None:
+            raise ValueError("render a simulation before comparing default_F regions")
+        if reference not in self.pinned:
+            raise ValueError(f"no pinned run named {reference!r}; pinned: {', '.join(self.pinned) or 'none'}")
+        ref = self.pinned[reference]
+        cur = self.fallback.reason
+        if ref.default_F.shape != cur.shape:
+            raise ValueError(f"{reference!r} is {ref.default_F.shape[0]}×{ref.default_F.shape[1]}, "
+                             f"the current render is {cur.shape[0]}×{cur.shape[1]}")
+        counts = dict(_engine.compare_fallback(cur, ref.default_F))
+        labels = _engine.fallback_labels(cur, ref.default_F)
+        self.default_F_comparison = {"reference": reference, "counts": counts, "labels": labels}
+        return counts
+
+    def refresh_default_F_comparison(self) -> dict | None:
+        """The comparison on screen recomputed for a new render (None when it cannot be)."""
+        cmp = self.default_F_comparison
+        if cmp is None:
+            return None
+        try:
+            return self.compare_default_F(cmp["reference"])
+        except ValueError:
+            self.default_F_comparison = None
+            return None
 
     def retap_selection(self) -> tuple[int, int]:
         """Tap the selected pixels again on the current simulation (after a re-run).
@@ -329,6 +411,7 @@ class InspectorModel:
             for rec in self.selection.values():
                 written.append(_engine.write_tap_json(rec.tap, target))
             if bundle is not None:
+                self._write_comparisons(bundle / "comparison")
                 pixels = " ".join(f"({s},{f})" for s, f in self.selection)
                 _engine.record_command(bundle, ["bragg-inspector"] + list(self.args), self.device, self.dtype,
                                        note=f"napari inspector export of pixels {pixels}")
@@ -339,6 +422,34 @@ class InspectorModel:
                 shutil.rmtree(bundle, ignore_errors=True)
             raise
         return written
+
+    def _write_comparisons(self, folder: Path) -> None:
+        """The comparisons on screen, as evidence: default_F counts against the pinned
+        run (with its arguments, engine and, for a measured map, the renderer's
+        commands) and the image metrics against a reference file (path, sha256)."""
+        import hashlib
+
+        from .io import exclusive_write_json
+
+        if self.default_F_comparison is not None:
+            ref = self.pinned[self.default_F_comparison["reference"]]
+            exclusive_write_json(folder / "default_F_comparison.json", {
+                "current": {"args": list(self.args), "hkl_source": self.hkl_info,
+                            "engine": str(self.sim.last_kernel), "device": self.device, "dtype": self.dtype},
+                "reference": {"name": ref.name, "args": ref.args, "hkl_source": ref.hkl_source,
+                              "engine": ref.engine, "commands": ref.commands},
+                "counts": dict(self.default_F_comparison["counts"]),
+                "labels": {"0": "neither", "1": "both", "2": "only current", "3": "only reference",
+                           "4": "both, reason changed"},
+            })
+        if self.comparison is not None:
+            path = Path(self.comparison.path)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+            exclusive_write_json(folder / "image_comparison.json", {
+                "reference_path": str(path), "reference_sha256": digest,
+                "metrics": {k: float(v) for k, v in self.comparison.metrics.items()
+                            if isinstance(v, (int, float))},
+                "current_args": list(self.args)})
 
     # ------------------------------------------------------------ default_F legend
     def fallback_legend(self) -> list[dict]:

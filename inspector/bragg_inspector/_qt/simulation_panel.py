@@ -105,6 +105,17 @@ class SimulationPanel(Container):
         self.rings_edit.native.setPlaceholderText("d in Å (blank: automatic)")
         self.overlay_check = CheckBox(text=f"show default_F regions ({KEYS['overlay']})", value=False)
         self.legend_label = Label(value="", name="legend_label")
+        self.pin_name = LineEdit(value="", name="pin_name", tooltip="name of the pinned run (blank: run N)")
+        self.pin_name.native.setPlaceholderText("name (blank: run N)")
+        self.pin_button = PushButton(text="Pin current run")
+        self.pinned_combo = ComboBox(choices=self._pinned_choices, name="pinned_runs", label="reference",
+                                     nullable=True)
+        self.compare_button = PushButton(text="Compare default_F")
+        self.program_file = FileEdit(mode="r", nullable=True, name="renderer_program", label="program",
+                                     tooltip="a nanoBragg-compatible program (the C nanoBragg, another port, "
+                                             "torchbragg): its default_F map is measured from two renders")
+        self.measure_button = PushButton(text="Measure with program")
+        self.cmp_legend = Label(value="", name="default_F_comparison_legend")
         self.ref_file = FileEdit(mode="r", filter="Images (*.f32 *.bin *.raw *.img *.smv);;All files (*)",
                                  nullable=True, name="reference_file", label="reference")
         self.flip_button = PushButton(text=f"Flip sim/ref ({KEYS['flip']})")
@@ -118,6 +129,9 @@ class SimulationPanel(Container):
                 heading("Structure factors"), self.hkl_info_label,
                 heading("Geometry"), row(self.rings_check, self.rings_edit),
                 heading("default_F regions"), self.overlay_check, self.legend_label,
+                heading("Compare default_F regions"), row(self.pin_name, self.pin_button),
+                row(self.pinned_combo, self.compare_button), row(self.program_file, self.measure_button),
+                self.cmp_legend,
                 heading("Compare with a reference image"), self.ref_file, self.flip_button, self.metrics_label,
             ],
             labels=False, name="bragg_inspector_simulation",
@@ -126,6 +140,8 @@ class SimulationPanel(Container):
         self.overlay_check.native.setText(f"show default_F regions ({KEYS['overlay']})")  # magicgui turns "_" into " "
         self.tooltip = "Shortcuts: " + KEY_HELP
         self.legend_label.native.setTextFormat(Qt.TextFormat.RichText)
+        self.cmp_legend.native.setTextFormat(Qt.TextFormat.RichText)
+        self.compare_button.native.setText("Compare default_F")  # magicgui turns "_" into " "
         self._wire()
         self._on_args(m.args)
         self._on_rendered()
@@ -144,6 +160,11 @@ class SimulationPanel(Container):
         self.rings_edit.changed.connect(lambda _v: self._on_rings(self.rings_check.value))
         self.ref_file.changed.connect(self._on_reference_chosen)
         self.flip_button.changed.connect(c.flip)
+        self.pin_button.changed.connect(self._pin)
+        self.compare_button.changed.connect(self._compare_default_F)
+        self.measure_button.changed.connect(self._measure)
+        c.pinned_changed.connect(self.pinned_combo.reset_choices)
+        c.default_F_compared.connect(self._on_default_F_compared)
         c.status.connect(self._on_status)
         c.args_changed.connect(self._on_args)
         c.render_started.connect(self._on_started)
@@ -176,6 +197,44 @@ class SimulationPanel(Container):
     def _on_reference_chosen(self, value):
         if value is not None and str(value) not in ("", ".") and Path(value).is_file():
             self.controller.open_reference(value)
+
+    def _pinned_choices(self, _widget=None) -> list[str]:
+        return list(self.controller.model.pinned)
+
+    def _pin(self, *_):
+        name = self.controller.pin(self.pin_name.value or None)
+        if name is not None:
+            self.pinned_combo.value = name
+
+    def _compare_default_F(self, *_):
+        if self.pinned_combo.value is None:
+            self.controller.report_error("pin a run (or measure a program) first", "default_F comparison")
+            return
+        self.controller.compare_default_F(self.pinned_combo.value)
+
+    def _measure(self, *_):
+        prog = self.program_file.value
+        if prog is None or str(prog) in ("", "."):
+            self.controller.report_error("choose the program to measure first", "Measure default_F")
+            return
+        name = self.controller.measure_default_F(str(prog))
+        if name is not None:
+            self.pinned_combo.value = name
+
+    def _on_default_F_compared(self, counts):
+        from ..controller import DEFAULT_F_CMP_STYLE
+
+        cmp = self.controller.model.default_F_comparison
+        if counts is None or cmp is None:
+            self.cmp_legend.value = ""
+            return
+        shown = {1: counts["both"] - counts["reason_changed"], 2: counts["only_current"],
+                 3: counts["only_reference"], 4: counts["reason_changed"]}  # one count per colour
+        rows = [f"<tr><td><span style='background-color:{colour};'>&nbsp;&nbsp;&nbsp;&nbsp;</span></td>"
+                f"<td>{html.escape(text)}</td><td align='right'>{shown[code]:,} px</td></tr>"
+                for code, (text, colour) in DEFAULT_F_CMP_STYLE.items()]
+        self.cmp_legend.value = (f"<small>against {html.escape(cmp['reference'])}</small>"
+                                 f"<table cellspacing='3'>{''.join(rows)}</table>")
 
     def _on_rings(self, on):
         text = self.rings_edit.value.replace(",", " ").split()
