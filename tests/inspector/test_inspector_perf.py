@@ -28,6 +28,10 @@ def test_clicks_fill_the_table_on_4096_tap_configuration(insp, viewer, qtbot):
     assert rec.summary == "4 of 4 evaluations used default_F: no HKL table loaded"
     assert len(insp.tap_table()) == 4
     assert rec.value == pytest.approx(1.5320026, rel=1e-3)  # C's centre pixel (golden README)
+    # the hover readout of the centre pixel: value, (h,k,l), d and the F source
+    text = insp.hover(2048, 2048)
+    assert text.startswith("[2048, 2048]  I 1.532  hkl (") and "→ (0,0,0)" in text
+    assert "d 7071 Å" in text and "F 100 (default_F: no HKL table)" in text and "4/4 evaluations" in text
     table_ms, total_ms = [], []
     for s, f in [(100, 200), (4000, 17), (1234, 3210), (2048, 2049), (0, 0), (4095, 4095), (3000, 1000)]:
         napari_click(viewer, s, f)  # the viewer's mouse-callback path

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from magicgui.widgets import CheckBox, Container, FileEdit, Label, PushButton, Select, Table
 from qtpy.QtCore import QEvent, QObject, Qt
 from qtpy.QtGui import QBrush, QColor, QKeySequence
-from qtpy.QtWidgets import QAbstractItemView, QApplication, QHeaderView, QTableWidgetItem
+from qtpy.QtWidgets import QAbstractItemView, QApplication, QHeaderView, QSizePolicy, QTableWidgetItem
 
 from ..controller import KEY_HELP, KEYS, controller_for
 from ..model import format_cell, tap_view
@@ -77,6 +77,7 @@ class TapPanel(Container):
         self.native.layout().setStretch(0, 3)
         self.native.layout().setStretch(1, 1)
         right.native.setMaximumWidth(420)  # the table takes the width
+        left.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
         self.tooltip = "Shortcuts: " + KEY_HELP + " · Ctrl+C: copy the table · Delete: remove a selected pixel"
         self._record = None
         self._rows: list[dict] = []
