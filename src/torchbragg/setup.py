@@ -41,6 +41,7 @@ LIMITS = {
     "steps": 1_000_000,              # each of: divergence steps per axis, dispersion steps,
                                      # phi steps, mosaic domains, sensor layers
     "sources": 100_000,              # divergence x dispersion steps, or -sourcefile lines
+    "unit_cells": 2 ** 31 - 1,       # unit cells along one axis (-N, or the crystal size / cell)
     "oversample": 1024,              # subpixels per pixel edge, given or automatic
     "steps_per_pixel": 10 ** 8,      # sources x phi steps x mosaic domains x layers x oversample²
     "evaluations": 10 ** 12,         # steps per pixel x rendered pixels (about an hour on a CPU)
@@ -492,6 +493,9 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
             log.append("WARNING: zero mosaic spread specified.  setting mosaic_domains = 1")
             domains = 1
     _check_count("the number of mosaic domains", domains, "give fewer -mosaic_domains")
+    if phisteps < 1:
+        raise SetupError(f"no phi steps (-osc {osc * RTD:g} with -phistep {phistep * RTD:g}): give a positive "
+                         "-osc or -phisteps")
 
     # ---------------- detector placement -------------------------------------
     rx, ry, rz = det.rotx_deg / RTD, det.roty_deg / RTD, det.rotz_deg / RTD
@@ -549,6 +553,9 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
     if size[2] > 0:
         Nc = float(math.ceil(size[2] / lengths[2]))
     Na, Nb, Nc = (max(n, 1.0) for n in (Na, Nb, Nc))
+    for n, axis in ((Na, "a"), (Nb, "b"), (Nc, "c")):
+        _check_count(f"the number of unit cells along {axis}", n, "give a smaller crystal size or -N",
+                     "unit_cells")
     xtalsize_max = max(lengths[0] * Na, lengths[1] * Nb, lengths[2] * Nc)
     reciprocal_pixel_size = lambda0 * distance / pixel
     if not math.isfinite(distance) or distance == 0.0:
@@ -621,6 +628,9 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
     flux = beam.flux
     if flux != 0.0 and beam.exposure_s > 0.0 and beamsize >= 0:
         fluence = flux * beam.exposure_s / beamsize / beamsize
+    if not math.isfinite(fluence):
+        raise SetupError(f"the fluence (-flux x -exposure / -beamsize²) is {fluence:g}: give a larger -beamsize "
+                         "or a smaller -flux")
     water_size = xtal.water_um * 1e-6
     water_F, water_MW = 2.57, 18.0
     I_bg = water_F * water_F * R_E_SQR * fluence * water_size ** 3 * 1e6 * AVOGADRO / water_MW

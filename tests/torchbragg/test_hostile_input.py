@@ -46,6 +46,9 @@ def run(args, capsys):
     (["-oversample", "1000", "-detpixels", "4096", "-mosaic", "1", "-mosaic_domains", "1000"],
      "evaluations per pixel"),
     (["-chunk_rows", "-5"], "-chunk_rows: expected a positive number of rows, got -5"),
+    (["-beamsize", "1e-300", "-flux", "1.5"], "the fluence"),
+    (["-samplesize", "1e300"], "unit cells along a would be"),
+    (["-osc", "-0", "-phistep", "329"], "no phi steps"),
 ])
 def test_bad_input_is_one_error_line(extra, expected, capsys):
     t0 = time.perf_counter()
