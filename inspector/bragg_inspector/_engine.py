@@ -177,6 +177,14 @@ def load_image_info(path: str | Path, shape: tuple[int, int] | None = None,
     return np.asarray(to_numpy(img), dtype=np.float32), str(note)
 
 
+def load_image_photons(path: str | Path, fallback_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
+    """An image in photons: SMV counts converted with the scale and ADC offset the
+    engine finds (``torchbragg.compare.load_image_photons``); ``info['warning']``
+    says when they could not be."""
+    img, info = _module("compare").load_image_photons(str(path), fallback_shape=fallback_shape)
+    return np.asarray(img, dtype=np.float32), dict(info)
+
+
 def read_smv(path: str | Path) -> tuple[dict, np.ndarray]:
     header, data = _module("smv").read_smv(str(path))
     return dict(header), np.asarray(to_numpy(data), dtype=np.float32)

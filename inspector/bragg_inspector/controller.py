@@ -941,7 +941,10 @@ class InspectorController:
         if active is not None and active in viewer.layers:
             viewer.layers.selection.active = active
         m = cmp.metrics
-        self._info(f"compared with {Path(path).name}: correlation {m.get('correlation', float('nan')):.6f}")
+        note = self.model.reference_note
+        self._info(f"compared with {Path(path).name}: correlation {m.get('correlation', float('nan')):.6f}, "
+                   f"sum ratio {m.get('sum_ratio', float('nan')):.6f}" + (f"; {note}" if note else ""),
+                   "error" if note.startswith(("WARNING", "warning")) or "NOT converted" in note else "info")
         self.compared.emit(cmp)
         return cmp
 

@@ -192,6 +192,7 @@ class InspectorModel:
     selection: dict[tuple[int, int], TapRecord] = field(default_factory=dict)
     comparison: Comparison | None = None
     pinned: dict[str, PinnedRun] = field(default_factory=dict)
+    reference_note: str = ""
     #: the default_F comparison on screen: {"reference": name, "counts": {...}, "labels": uint8 array}
     default_F_comparison: dict | None = None
 
@@ -467,14 +468,21 @@ class InspectorModel:
 
     # ------------------------------------------------------------ compare
     def load_reference(self, path: str | Path) -> np.ndarray:
+        """The reference in photons (SMV counts converted where the engine can; see
+        :attr:`reference_note`)."""
         if self.image is None:
             raise ValueError("render a simulation before opening a reference image")
         path = Path(path)
         shape = self.image.shape
-        ref, _meta = read_image(path, fallback_shape=shape)
+        read_image(path, fallback_shape=shape)  # the plugin's checks and messages (suffix, shape)
+        try:
+            ref, info = _engine.load_image_photons(path, fallback_shape=shape)
+        except (ValueError, OSError) as exc:
+            raise ImageFormatError(str(exc)) from None
         if ref.shape != shape:
             raise ImageFormatError(
                 f"{path.name}: reference is {ref.shape[0]}×{ref.shape[1]}, the simulation is {shape[0]}×{shape[1]}")
+        self.reference_note = info.get("warning") or info.get("note") or ""
         return ref
 
     def compare(self, path: str | Path) -> Comparison:

@@ -327,7 +327,6 @@ SMV_CASE = GOLDEN / "cases" / "cubic_hkl_mosflm"
 @pytest.mark.skipif(not (SMV_CASE / "img.smv").is_file(), reason="golden SMV image not available")
 def test_compare_with_an_smv_reference(insp, viewer, tmp_path):
     import torchbragg.compare as tbc
-    import torchbragg.smv as tbs
 
     case = load_json(GOLDEN / "cases.json")["cubic_hkl_mosflm"]
     for f in SMV_CASE.glob("*.hkl"):
@@ -335,11 +334,20 @@ def test_compare_with_an_smv_reference(insp, viewer, tmp_path):
     assert insp.simulate(case["args"], wait=True), insp.controller.last_error
     cmp = insp.open_reference(SMV_CASE / "img.smv")
     assert cmp is not None, insp.controller.last_error
-    _hdr, ref = tbs.read_smv(SMV_CASE / "img.smv")
-    np.testing.assert_array_equal(viewer.layers[ctl.REF_LAYER].data, ref.astype(np.float32))
-    expect = tbc.compare_images(ref, viewer.layers[ctl.SIM_LAYER].data).to_dict()
+    # counts converted to photons with the engine's rule (the log beside the file gives the scale)
+    ref, info = tbc.load_image_photons(SMV_CASE / "img.smv")
+    assert info["converted"], info
+    np.testing.assert_allclose(viewer.layers[ctl.REF_LAYER].data, ref.astype(np.float32))
+    expect = tbc.compare_images(ref.astype(np.float32), viewer.layers[ctl.SIM_LAYER].data).to_dict()
     assert cmp.metrics["correlation"] == pytest.approx(expect["correlation"])
+    assert cmp.metrics["sum_ratio"] == pytest.approx(1.0, abs=0.01)
     assert "img.smv" in insp.simulation_widget.metrics_label.value
+    assert "sum ratio" in insp.simulation_widget.status_label.value
+    # a copy without its log cannot be converted: the panel says so
+    lone = tmp_path / "lone.smv"
+    shutil.copy(SMV_CASE / "img.smv", lone)
+    assert insp.open_reference(lone) is not None
+    assert "NOT converted" in insp.simulation_widget.status_label.value
 
 
 # --------------------------------------------------------------------------- cancel
