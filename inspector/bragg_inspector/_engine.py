@@ -177,11 +177,12 @@ def load_image_info(path: str | Path, shape: tuple[int, int] | None = None,
     return np.asarray(to_numpy(img), dtype=np.float32), str(note)
 
 
-def load_image_photons(path: str | Path, fallback_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
+def load_image_photons(path: str | Path, shape: tuple[int, int] | None = None,
+                       fallback_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
     """An image in photons: SMV counts converted with the scale and ADC offset the
     engine finds (``torchbragg.compare.load_image_photons``); ``info['warning']``
     says when they could not be."""
-    img, info = _module("compare").load_image_photons(str(path), fallback_shape=fallback_shape)
+    img, info = _module("compare").load_image_photons(str(path), shape, fallback_shape=fallback_shape)
     return np.asarray(img, dtype=np.float32), dict(info)
 
 

@@ -24,7 +24,7 @@ from psygnal import Signal
 from . import _engine
 from .args import get_flag_value, join_args, set_flag_value, split_args
 from .io import header_geometry_args
-from .model import REASON_STYLE, Comparison, InspectorModel, TapRecord, percentile_limits
+from .model import REASON_STYLE, Comparison, InspectorModel, ReferenceShapeError, TapRecord, percentile_limits
 from .readout import spread_labels
 
 SIM_LAYER = "simulated"
@@ -34,6 +34,10 @@ FALLBACK_LAYER = "default_F regions"
 REF_LAYER = "reference"
 DIFF_LAYER = "difference (sim − ref)"
 RATIO_LAYER = "ratio (sim / ref)"
+OVER_TOL_LAYER = "over tolerance"
+OVER_TOL_COLOUR = "#212121"  # outlines on the red/blue difference
+#: layers of an intensity comparison (removed together)
+COMPARISON_LAYERS = (REF_LAYER, DIFF_LAYER, RATIO_LAYER, OVER_TOL_LAYER)
 BEAM_LAYER = "beam centre"
 RINGS_LAYER = "resolution rings"
 RING_LABELS_LAYER = "ring labels"
@@ -52,7 +56,7 @@ MARKER_LAYERS = (BOX_LAYER, RINGS_LAYER, RING_LABELS_LAYER, BEAM_LAYER, SEL_LAYE
 #: key bindings of the viewer (napari's key names)
 KEYS = {"flip": "Shift-F", "overlay": "Shift-D", "rings": "Shift-R", "clear": "Shift-X", "export": "Shift-E"}
 KEY_HELP = (f"{KEYS['overlay']}: default_F regions on/off · {KEYS['rings']}: resolution rings on/off · "
-            f"{KEYS['flip']}: flip simulated/reference · {KEYS['clear']}: clear the selection · "
+            f"{KEYS['flip']}: difference → reference → simulated · {KEYS['clear']}: clear the selection · "
             f"{KEYS['export']}: export the selection as a new evidence bundle")
 TAP_COLOUR = "#00c853"        # green: readable on the white background, the pink and the blue overlay
 SELECTION_COLOUR = "#aa00ff"  # purple
@@ -370,13 +374,11 @@ class InspectorController:
             self._install_hover(layer)  # a layer made elsewhere (the sample's placeholder)
         layer.visible = True
         self.first_picture_shown = True
-        for name in (REF_LAYER, DIFF_LAYER, RATIO_LAYER):  # stale after a new render
-            if name in viewer.layers:
-                viewer.layers.remove(name)
         self._header_sim = None
         self._refresh_points()
         self._refresh_overlay()
         self._refresh_default_F_comparison(recompute=True)
+        self._refresh_comparison()
         self._refresh_geometry()
         self._raise_markers()
         if refit:
@@ -911,53 +913,154 @@ class InspectorController:
         self.default_F_compared.emit(dict(cmp["counts"]) if counts is None else counts)
 
     # ------------------------------------------------------------------ compare
-    def open_reference(self, path: str | Path) -> Comparison | None:
-        """Reference image as a layer plus difference and ratio; metrics in the panel."""
+    def open_reference(self, path: str | Path, shape: tuple[int, int] | None = None,
+                       tolerance: float | None = None) -> Comparison | None:
+        """Compare the render with a reference image: the difference (shown, with a
+        colour bar), the pixels over the tolerance outlined, the reference and the
+        ratio (hidden); metrics in the panel.  The reference stays chosen for later
+        renders.  ``shape`` is the (slow, fast) of a raw float file without sidecar."""
         try:
-            cmp = self.model.compare(path)
+            cmp = self.model.compare(path, shape=shape, tolerance=tolerance)
         except Exception as exc:  # noqa: BLE001
+            self._remove_comparison_layers()
             self.report_error(exc, "Reference image")
             return None
+        self._show_comparison(cmp, new=True)
+        return cmp
+
+    def set_tolerance(self, tolerance: float) -> Comparison | None:
+        """A new relative tolerance: the outlined pixels and their count follow."""
+        try:
+            cmp = self.model.set_tolerance(tolerance)
+        except ValueError as exc:
+            self.report_error(exc, "Tolerance")
+            return None
+        if cmp is not None:
+            self._show_comparison(cmp, new=False)
+        return cmp
+
+    def clear_reference(self) -> None:
+        """Forget the reference image and remove its layers."""
+        self.model.clear_reference()
+        self._remove_comparison_layers()
+
+    def _remove_comparison_layers(self) -> None:
+        for name in COMPARISON_LAYERS:
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+        self.compared.emit(None)
+
+    def _refresh_comparison(self) -> None:
+        """After a render: the chosen reference compared with the new image; when it
+        cannot be (another size, the file gone) its layers go and the status says why.
+        A reference of another size stays chosen and is compared again once a render
+        has its size."""
+        if self.model.reference_request is None:
+            return
+        try:
+            cmp = self.model.refresh_comparison()
+        except Exception as exc:  # noqa: BLE001
+            self._remove_comparison_layers()
+            if not isinstance(exc, ReferenceShapeError):
+                self.model.clear_reference()
+            self.report_error(exc, "Reference image")
+            return
+        if cmp is not None:
+            self._show_comparison(cmp, new=False)
+
+    def _show_comparison(self, cmp: Comparison, new: bool) -> None:
         viewer = self.viewer
         sim_layer = self._layer(SIM_LAYER)
         limits = tuple(sim_layer.contrast_limits) if sim_layer is not None else percentile_limits(cmp.reference)
-        dmax = float(np.nanmax(np.abs(cmp.difference))) or 1.0
         finite = cmp.ratio[np.isfinite(cmp.ratio)]
         rlim = percentile_limits(finite, 1.0, 99.0) if finite.size else (0.0, 2.0)
-        specs = [
-            (REF_LAYER, cmp.reference, dict(colormap="gray_r", contrast_limits=limits, gamma=self.gamma, visible=False)),
-            (DIFF_LAYER, cmp.difference, dict(colormap="bwr", contrast_limits=(-dmax, dmax), visible=False)),
-            (RATIO_LAYER, cmp.ratio, dict(colormap="viridis", contrast_limits=rlim, visible=False)),
-        ]
         active = viewer.layers.selection.active
-        for name, data, kw in specs:
-            if name in viewer.layers:
-                viewer.layers.remove(name)
-            new = viewer.add_image(data, name=name, interpolation2d="nearest", metadata={"path": str(path)}, **kw)
-            self._install_hover(new)
-        if FALLBACK_LAYER in viewer.layers:  # the overlay above the new images, markers above it
+        visible = {name: viewer.layers[name].visible for name in COMPARISON_LAYERS if name in viewer.layers}
+        if new:  # a new reference: the difference and the outlines shown, the others hidden
+            visible = {REF_LAYER: False, DIFF_LAYER: True, RATIO_LAYER: False, OVER_TOL_LAYER: True}
+            if sim_layer is not None:
+                sim_layer.visible = True
+        images = [
+            (REF_LAYER, cmp.reference, dict(colormap="gray_r", contrast_limits=limits, gamma=self.gamma)),
+            (DIFF_LAYER, cmp.difference, dict(colormap="bwr", contrast_limits=cmp.limits)),
+            (RATIO_LAYER, cmp.ratio, dict(colormap="viridis", contrast_limits=rlim)),
+        ]
+        meta = {"path": str(cmp.path), "tolerance": cmp.tolerance, "threshold": cmp.threshold,
+                "pixels_over_tolerance": cmp.n_over_tolerance}
+        for name, data, kw in images:
+            layer = self._layer(name)
+            if layer is not None and layer.data.shape != data.shape:
+                viewer.layers.remove(layer)
+                layer = None
+            if layer is None:
+                layer = viewer.add_image(data, name=name, interpolation2d="nearest", **kw)
+                self._install_hover(layer)
+            else:
+                layer.data = data
+                lo, hi = kw["contrast_limits"]
+                layer.contrast_limits_range = (min(lo, float(np.nanmin(data))), max(hi, float(np.nanmax(data))))
+                layer.contrast_limits = kw["contrast_limits"]
+            layer.metadata.update(meta)
+            layer.visible = visible.get(name, False)
+        diff_layer = self._layer(DIFF_LAYER)
+        try:  # napari's colour bar of the difference (photons)
+            diff_layer.colorbar.visible = bool(diff_layer.visible)
+        except AttributeError:
+            pass
+        from napari.utils.colormaps import DirectLabelColormap
+
+        over = self._layer(OVER_TOL_LAYER)
+        if over is not None and over.data.shape != cmp.over_tolerance.shape:
+            viewer.layers.remove(over)
+            over = None
+        if over is None:
+            over = viewer.add_labels(cmp.over_tolerance, name=OVER_TOL_LAYER, opacity=0.9,
+                                     colormap=DirectLabelColormap(color_dict={None: (0, 0, 0, 0), 0: (0, 0, 0, 0),
+                                                                              1: OVER_TOL_COLOUR}))
+            over.contour = 1
+            self._install_hover(over)
+        else:
+            over.data = cmp.over_tolerance
+        over.editable = False
+        over.metadata.update(meta)
+        over.visible = visible.get(OVER_TOL_LAYER, True)
+        if FALLBACK_LAYER in viewer.layers:  # the overlays above the comparison images, markers above them
             viewer.layers.move(viewer.layers.index(FALLBACK_LAYER), len(viewer.layers))
+        if DEFAULT_F_CMP_LAYER in viewer.layers:
+            viewer.layers.move(viewer.layers.index(DEFAULT_F_CMP_LAYER), len(viewer.layers))
         self._raise_markers()
         if active is not None and active in viewer.layers:
             viewer.layers.selection.active = active
         m = cmp.metrics
         note = self.model.reference_note
-        self._info(f"compared with {Path(path).name}: correlation {m.get('correlation', float('nan')):.6f}, "
-                   f"sum ratio {m.get('sum_ratio', float('nan')):.6f}" + (f"; {note}" if note else ""),
+        self._info(f"compared with {Path(cmp.path).name}: correlation {m.get('correlation', float('nan')):.6f}, "
+                   f"sum ratio {m.get('sum_ratio', float('nan')):.6f}, {cmp.n_over_tolerance:,} pixels over "
+                   f"{cmp.tolerance:g}·max" + (f"; {note}" if note else ""),
                    "error" if note.startswith(("WARNING", "warning")) or "NOT converted" in note else "info")
         self.compared.emit(cmp)
-        return cmp
 
     def flip(self) -> str | None:
-        """Show the simulated image or the reference, never both."""
-        sim, ref = self._layer(SIM_LAYER), self._layer(REF_LAYER)
+        """Cycle the comparison's views: difference → reference → simulated → difference.
+        The simulated image and the reference are never shown together."""
+        sim, ref, diff = self._layer(SIM_LAYER), self._layer(REF_LAYER), self._layer(DIFF_LAYER)
         if sim is None or ref is None:
             self._info("open a reference image to flip between the two", "info")
             return None
-        show_ref = sim.visible
-        sim.visible, ref.visible = (not show_ref), show_ref
-        shown = REF_LAYER if show_ref else SIM_LAYER
-        self._info(f"showing the {shown} image ({KEYS['flip']} flips)")
+        if diff is not None and diff.visible:
+            shown = REF_LAYER
+        elif ref.visible or diff is None:
+            shown = SIM_LAYER if ref.visible else REF_LAYER
+        else:
+            shown = DIFF_LAYER
+        sim.visible = shown in (SIM_LAYER, DIFF_LAYER)
+        ref.visible = shown == REF_LAYER
+        if diff is not None:
+            diff.visible = shown == DIFF_LAYER
+            try:
+                diff.colorbar.visible = diff.visible
+            except AttributeError:
+                pass
+        self._info(f"showing the {shown} image ({KEYS['flip']}: difference → reference → simulated)")
         return shown
 
     def describe_args(self) -> str:

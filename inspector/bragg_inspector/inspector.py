@@ -121,8 +121,20 @@ class Inspector:
     def set_overlay(self, enabled: bool = True) -> None:
         self.controller.set_overlay(enabled)
 
-    def open_reference(self, path: str | Path):
-        return self.controller.open_reference(path)
+    def open_reference(self, path: str | Path, shape: tuple[int, int] | None = None,
+                       tolerance: float | None = None):
+        """Compare the render with a reference image (kept for later renders);
+        ``shape`` for a raw float file without sidecar, ``tolerance`` relative to
+        max|ref|.  Returns the :class:`~bragg_inspector.model.Comparison` or None
+        (the reason in the status line)."""
+        return self.controller.open_reference(path, shape=shape, tolerance=tolerance)
+
+    def set_tolerance(self, tolerance: float):
+        """Outline the pixels with |sim − ref| > tolerance × max|ref|."""
+        return self.controller.set_tolerance(tolerance)
+
+    def clear_reference(self) -> None:
+        self.controller.clear_reference()
 
     def flip(self):
         return self.controller.flip()

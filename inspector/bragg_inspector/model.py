@@ -15,7 +15,7 @@ import numpy as np
 
 from . import _engine
 from .io import ImageFormatError, hkl_label, read_image, tap_pixel, tap_rows
-from .readout import group_by_reflection, hover_text
+from .readout import group_by_reflection, hover_text, significant
 
 # Columns of the tap table, in display order.  The loop-index columns other than
 # subS/subF are shown only when they take more than one value in the tap.
@@ -167,13 +167,43 @@ class PinnedRun:
     summary: dict | None = None
 
 
+#: default relative tolerance of an intensity comparison: |sim - ref| > tolerance * max|ref| is flagged
+DEFAULT_TOLERANCE = 1e-3
+
+
+class ReferenceShapeError(ImageFormatError):
+    """The reference's size is not the simulation's (the reference stays chosen)."""
+
+
 @dataclass
 class Comparison:
+    """An intensity comparison of the current render with a reference image.
+
+    ``over_tolerance`` is 1 where ``|difference| > tolerance * scale`` (``scale`` is
+    ``max |ref|``, or ``max |sim|`` for an all-zero reference); ``limits`` are the
+    symmetric colour limits of the difference: its 99.9th percentile of ``|difference|``
+    but never below ``tolerance * scale``, so that agreement within the tolerance
+    (float32 rounding included) shows as white, not as noise stretched to full colour."""
+
     path: str
     reference: np.ndarray
     metrics: dict[str, float]
     difference: np.ndarray
     ratio: np.ndarray
+    tolerance: float = DEFAULT_TOLERANCE
+    shape: tuple[int, int] | None = None
+    scale: float = 1.0
+    over_tolerance: np.ndarray | None = None
+    limits: tuple[float, float] = (-1.0, 1.0)
+
+    @property
+    def n_over_tolerance(self) -> int:
+        return 0 if self.over_tolerance is None else int(np.count_nonzero(self.over_tolerance))
+
+    @property
+    def threshold(self) -> float:
+        """The absolute difference above which a pixel is flagged (photons)."""
+        return self.tolerance * self.scale
 
 
 @dataclass
@@ -193,6 +223,10 @@ class InspectorModel:
     comparison: Comparison | None = None
     pinned: dict[str, PinnedRun] = field(default_factory=dict)
     reference_note: str = ""
+    #: the reference image the user chose (path, shape, tolerance): kept across re-runs
+    reference_request: dict | None = None
+    #: relative tolerance of the next intensity comparison
+    tolerance: float = DEFAULT_TOLERANCE
     #: the default_F comparison on screen: {"reference": name, "counts": {...}, "labels": uint8 array}
     default_F_comparison: dict | None = None
 
@@ -217,7 +251,7 @@ class InspectorModel:
         self.fallback = fallback
         self.hkl_info = dict(sim.hkl_info)
         self.current = None
-        self.comparison = None
+        self.comparison = None  # recomputed by refresh_comparison() for the new image
 
     # ------------------------------------------------------------ pinned runs
     def pin(self, name: str | None = None) -> str:
@@ -304,11 +338,17 @@ class InspectorModel:
         h0, k0, l0 = (int(v) for v in np.asarray(geo["hkl0"]).reshape(3))
         F, reason = _engine.structure_factor_source(self.sim, h0, k0, l0)
         fb = self.fallback
-        return hover_text(
+        text = hover_text(
             s, f, value=None if self.image is None else float(self.image[s, f]), geometry=geo,
             f_value=F, f_reason=reason,
             default_F_count=None if fb is None else int(fb.counts[s, f]),
             evaluations=None if fb is None else fb.evaluations_per_pixel)
+        cmp = self.comparison
+        if cmp is not None and cmp.reference.shape == self.image.shape:
+            flag = "  over tolerance" if cmp.over_tolerance is not None and cmp.over_tolerance[s, f] else ""
+            ref, diff = float(cmp.reference[s, f]), float(cmp.difference[s, f])
+            text += f"  ref {significant(ref)}  diff {significant(diff)}{flag}"
+        return text
 
     @property
     def uses_default_F_everywhere(self) -> bool:
@@ -450,6 +490,10 @@ class InspectorModel:
                 "reference_path": str(path), "reference_sha256": digest,
                 "metrics": {k: float(v) for k, v in self.comparison.metrics.items()
                             if isinstance(v, (int, float))},
+                "tolerance": self.comparison.tolerance,
+                "pixels_over_tolerance": self.comparison.n_over_tolerance,
+                "threshold_photons": self.comparison.threshold,
+                "reference_note": self.reference_note,
                 "current_args": list(self.args)})
 
     # ------------------------------------------------------------ default_F legend
@@ -467,33 +511,95 @@ class InspectorModel:
         return out
 
     # ------------------------------------------------------------ compare
-    def load_reference(self, path: str | Path) -> np.ndarray:
+    def load_reference(self, path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
         """The reference in photons (SMV counts converted where the engine can; see
-        :attr:`reference_note`)."""
+        :attr:`reference_note`).  ``shape`` is the (slow, fast) of a raw float file
+        that has no sidecar (otherwise the simulation's shape is assumed)."""
         if self.image is None:
             raise ValueError("render a simulation before opening a reference image")
         path = Path(path)
-        shape = self.image.shape
-        read_image(path, fallback_shape=shape)  # the plugin's checks and messages (suffix, shape)
+        sim_shape = self.image.shape
+        shape = None if shape is None else (int(shape[0]), int(shape[1]))
+        read_image(path, shape=shape, fallback_shape=sim_shape)  # the plugin's checks and messages
         try:
-            ref, info = _engine.load_image_photons(path, fallback_shape=shape)
+            ref, info = _engine.load_image_photons(path, shape=shape, fallback_shape=sim_shape)
         except (ValueError, OSError) as exc:
             raise ImageFormatError(str(exc)) from None
-        if ref.shape != shape:
-            raise ImageFormatError(
-                f"{path.name}: reference is {ref.shape[0]}×{ref.shape[1]}, the simulation is {shape[0]}×{shape[1]}")
+        if ref.shape != sim_shape:
+            raise ReferenceShapeError(
+                f"{path.name}: reference is {ref.shape[0]}×{ref.shape[1]}, the simulation is "
+                f"{sim_shape[0]}×{sim_shape[1]}: render with -detpixels_s {ref.shape[0]} "
+                f"-detpixels_f {ref.shape[1]} and it is compared")
         self.reference_note = info.get("warning") or info.get("note") or ""
         return ref
 
-    def compare(self, path: str | Path) -> Comparison:
-        ref = self.load_reference(path)
+    def compare(self, path: str | Path, shape: tuple[int, int] | None = None,
+                tolerance: float | None = None) -> Comparison:
+        """Compare the current render with a reference image; it stays the reference
+        for later renders (:meth:`refresh_comparison`) until another is chosen."""
+        tolerance = float(self.tolerance if tolerance is None else tolerance)
+        if not (np.isfinite(tolerance) and tolerance >= 0):
+            raise ValueError(f"tolerance must be a finite number ≥ 0, got {tolerance!r}")
+        request = {"path": str(path), "shape": shape, "tolerance": tolerance}
+        self.comparison = None
+        try:
+            ref = self.load_reference(path, shape)
+        except ReferenceShapeError:
+            self.reference_request = request  # compared once a render has its size
+            raise
+        self.tolerance = tolerance
+        self.reference_request = request
         out = self.image
         metrics = _engine.compare_images(ref, out)
         diff = (out.astype(np.float64) - ref).astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(ref != 0, out / np.where(ref != 0, ref, 1), np.nan).astype(np.float32)
-        self.comparison = Comparison(str(path), ref, metrics, diff, ratio)
+        self.comparison = Comparison(str(path), ref, metrics, diff, ratio, shape=shape)
+        self._apply_tolerance(tolerance)
         return self.comparison
+
+    def set_tolerance(self, tolerance: float) -> Comparison | None:
+        """A new tolerance for the comparison on screen (kept for later ones)."""
+        tolerance = float(tolerance)
+        if not (np.isfinite(tolerance) and tolerance >= 0):
+            raise ValueError(f"tolerance must be a finite number ≥ 0, got {tolerance!r}")
+        self.tolerance = tolerance
+        if self.reference_request is not None:
+            self.reference_request["tolerance"] = tolerance
+        if self.comparison is None:
+            return None
+        self._apply_tolerance(tolerance)
+        return self.comparison
+
+    def _apply_tolerance(self, tolerance: float) -> None:
+        cmp = self.comparison
+        absdiff = np.abs(cmp.difference)
+        scale = float(np.nanmax(np.abs(cmp.reference))) if cmp.reference.size else 0.0
+        if not scale > 0:
+            scale = float(np.nanmax(np.abs(self.image))) if self.image is not None and self.image.size else 0.0
+        scale = scale if np.isfinite(scale) and scale > 0 else 1.0
+        cmp.tolerance, cmp.scale = tolerance, scale
+        # NaN differences are disagreements too
+        cmp.over_tolerance = ((absdiff > tolerance * scale) | ~np.isfinite(absdiff)).astype(np.uint8)
+        finite = absdiff[np.isfinite(absdiff)]
+        spread = float(percentile_limits(finite, 0.0, 99.9)[1]) if finite.size and finite.max() > 0 else 0.0
+        lim = max(spread, tolerance * scale) or 1.0
+        cmp.limits = (-lim, lim)
+        cmp.metrics["tolerance"] = tolerance
+        cmp.metrics["pixels_over_tolerance"] = float(cmp.n_over_tolerance)
+
+    def refresh_comparison(self) -> Comparison | None:
+        """The chosen reference compared again with a new render (its path, shape and
+        tolerance kept).  Raises the reason when it no longer can be (e.g. a new size)."""
+        req = self.reference_request
+        if req is None or self.image is None:
+            return None
+        return self.compare(req["path"], req["shape"], req["tolerance"])
+
+    def clear_reference(self) -> None:
+        self.reference_request = None
+        self.comparison = None
+        self.reference_note = ""
 
 
 def _opt_float(v: Any) -> float | None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["hover_text", "group_by_reflection", "default_F_rows", "table_tsv", "spread_labels",
-           "REASON_TEXT", "reason_text"]
+           "REASON_TEXT", "reason_text", "significant"]
 
 #: display text of the engine's lookup-reason names
 REASON_TEXT = {
@@ -31,7 +31,7 @@ def reason_text(name: str) -> str:
     return REASON_TEXT.get(name, name)
 
 
-def _sig(x: float, digits: int = 4) -> str:
+def significant(x: float, digits: int = 4) -> str:
     if x is None or not math.isfinite(float(x)):
         return "∞" if x is not None and float(x) > 0 else "nan"
     return f"{float(x):.{digits}g}"
@@ -60,17 +60,17 @@ def hover_text(slow: int, fast: int, *, value: float | None, geometry: Mapping[s
     """
     parts = [f"[{slow}, {fast}]"]
     if value is not None:
-        parts.append(f"I {_sig(value)}")
+        parts.append(f"I {significant(value)}")
     if with_hkl:
         hkl = np.asarray(geometry["hkl"], dtype=float).reshape(3)
         hkl0 = np.asarray(geometry["hkl0"]).reshape(3)
         parts.append("hkl ({:.2f}, {:.2f}, {:.2f}) → ({},{},{})".format(*hkl, *(int(v) for v in hkl0)))
     d = float(geometry["d_angstrom"])
-    parts.append(f"d {_sig(d)} Å" if math.isfinite(d) else "d ∞ Å")
+    parts.append(f"d {significant(d)} Å" if math.isfinite(d) else "d ∞ Å")
     parts.append(f"2θ {float(geometry['two_theta_deg']):.3f}°")
     if f_reason is not None:
         src = reason_text(f_reason)
-        parts.append(f"F {_sig(f_value)} ({src})")
+        parts.append(f"F {significant(f_value)} ({src})")
     if default_F_count is not None and evaluations:
         parts.append(f"default_F in {int(default_F_count)}/{int(evaluations)} evaluations")
     return "  ".join(parts)

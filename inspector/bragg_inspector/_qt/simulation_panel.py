@@ -118,7 +118,17 @@ class SimulationPanel(Container):
         self.cmp_legend = Label(value="", name="default_F_comparison_legend")
         self.ref_file = FileEdit(mode="r", filter="Images (*.f32 *.bin *.raw *.img *.smv);;All files (*)",
                                  nullable=True, name="reference_file", label="reference")
-        self.flip_button = PushButton(text=f"Flip sim/ref ({KEYS['flip']})")
+        self.ref_shape = LineEdit(value="", name="reference_shape", label="shape",
+                                  tooltip="slow×fast of a raw float reference without a .json sidecar "
+                                          "(blank: the simulation's size)")
+        self.ref_shape.native.setPlaceholderText("raw file: slow×fast (blank: as simulated)")
+        self.tolerance_spin = FloatSpinBox(value=c.model.tolerance, min=0.0, max=1.0, step=1e-4,
+                                           name="tolerance", label="tolerance",
+                                           tooltip="pixels with |sim − ref| > tolerance × max|ref| are outlined")
+        self.tolerance_spin.native.setDecimals(6)
+        self.ref_clear = PushButton(text="×", tooltip="forget the reference image")
+        self.ref_clear.native.setMaximumWidth(28)
+        self.flip_button = PushButton(text=f"Difference → ref → sim ({KEYS['flip']})")
         self.metrics_label = wrapped_label(name="metrics_label")
         super().__init__(
             widgets=[
@@ -132,7 +142,9 @@ class SimulationPanel(Container):
                 heading("Compare default_F regions"), row(self.pin_name, self.pin_button),
                 row(self.pinned_combo, self.compare_button), row(self.program_file, self.measure_button),
                 self.cmp_legend,
-                heading("Compare with a reference image"), self.ref_file, self.flip_button, self.metrics_label,
+                heading("Compare with a reference image"), row(self.ref_file, self.ref_clear), self.ref_shape,
+                row(Label(value="tolerance (× max|ref|)"), self.tolerance_spin), self.flip_button,
+                self.metrics_label,
             ],
             labels=False, name="bragg_inspector_simulation",
         )
@@ -159,6 +171,9 @@ class SimulationPanel(Container):
         self.rings_check.changed.connect(self._on_rings)
         self.rings_edit.changed.connect(lambda _v: self._on_rings(self.rings_check.value))
         self.ref_file.changed.connect(self._on_reference_chosen)
+        self.ref_shape.changed.connect(lambda _v: self._on_reference_chosen(self.ref_file.value))
+        self.ref_clear.changed.connect(self._clear_reference)
+        self.tolerance_spin.changed.connect(c.set_tolerance)
         self.flip_button.changed.connect(c.flip)
         self.pin_button.changed.connect(self._pin)
         self.compare_button.changed.connect(self._compare_default_F)
@@ -194,9 +209,34 @@ class SimulationPanel(Container):
         if value is not None and str(value) not in ("", "."):
             self.set_hkl(value)
 
+    def reference_shape(self) -> tuple[int, int] | None:
+        """The shape field as (slow, fast); None when blank.  Raises ValueError."""
+        text = self.ref_shape.value.strip().lower().replace("x", " ").replace("×", " ").replace(",", " ")
+        if not text:
+            return None
+        parts = text.split()
+        try:
+            shape = tuple(int(p) for p in parts)
+        except ValueError:
+            shape = ()
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"shape {self.ref_shape.value!r}: expected slow×fast, e.g. 1024×1024")
+        return shape
+
     def _on_reference_chosen(self, value):
-        if value is not None and str(value) not in ("", ".") and Path(value).is_file():
-            self.controller.open_reference(value)
+        if value is None or str(value) in ("", ".") or not Path(value).is_file():
+            return
+        try:
+            shape = self.reference_shape()
+        except ValueError as exc:
+            self.controller.report_error(exc, "Reference image")
+            return
+        self.controller.open_reference(value, shape=shape, tolerance=self.tolerance_spin.value)
+
+    def _clear_reference(self, *_):
+        with self.ref_file.changed.blocked():
+            self.ref_file.value = None
+        self.controller.clear_reference()
 
     def _pinned_choices(self, _widget=None) -> list[str]:
         return list(self.controller.model.pinned)
@@ -288,7 +328,6 @@ class SimulationPanel(Container):
         self.device_combo.value = m.device
         self.dtype_combo.value = m.dtype
         self._on_overlay()
-        self.metrics_label.value = ""
 
     def _on_rings_changed(self):
         with self.rings_check.changed.blocked():
@@ -319,10 +358,20 @@ class SimulationPanel(Container):
         self.legend_label.value = f"<table cellspacing='3'>{''.join(rows)}</table><small>{foot}</small>"
 
     def _on_compared(self, cmp):
+        if cmp is None:
+            self.metrics_label.value = ""
+            return
+        with self.tolerance_spin.changed.blocked():
+            self.tolerance_spin.value = cmp.tolerance
         m = cmp.metrics
         keys = [("correlation", "correlation", "{:.6f}"), ("rmse", "RMSE", "{:.4g}"),
                 ("sum_ratio", "sum ratio (sim/ref)", "{:.6f}"), ("max_abs_diff", "max |difference|", "{:.4g}")]
         lines = [f"reference: {Path(cmp.path).name}"]
         lines += [f"{label}: {fmt.format(m[k])}" for k, label, fmt in keys if k in m]
+        lines.append(f"over tolerance (|diff| > {cmp.threshold:.4g} photons): {cmp.n_over_tolerance:,} px "
+                     f"(outlined)")
+        lines.append(f"difference colours: ±{cmp.limits[1]:.4g} photons")
+        if self.controller.model.reference_note:
+            lines.append(self.controller.model.reference_note)
         self.metrics_label.value = "\n".join(lines)
         fit_label(self.metrics_label)
