@@ -150,10 +150,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _run(program: List[str], args: List[str], shape: Tuple[int, int], log) -> np.ndarray:
+def _run(program: List[str], args: List[str], shape: Tuple[int, int], log,
+         timeout: Optional[float] = None) -> np.ndarray:
     with tempfile.TemporaryDirectory(prefix="defaultf-") as tmp:
         cmd = program + args
-        proc = subprocess.run(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            proc = subprocess.run(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise DefaultFMapError(f"{program[0]} ran past --timeout {timeout:g} s (stopped): "
+                                   f"{shlex.join(cmd)}") from None
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["(no output)"])[-1]
             raise DefaultFMapError(f"{shlex.join(cmd)}: exit {proc.returncode}: {last}")
@@ -172,8 +178,11 @@ def _changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def measure_defaultf_map(program: str, args: Sequence[str], *, cwd: Optional[str] = None, list_n: int = 20,
-                         compare_engine: bool = True, log=None) -> Tuple[np.ndarray, dict, Optional[np.ndarray]]:
+                         compare_engine: bool = True, log=None, timeout: Optional[float] = None
+                         ) -> Tuple[np.ndarray, dict, Optional[np.ndarray]]:
     """Measure PROGRAM's default_F map for nanoBragg ``args``.
+
+    Each of the two runs is stopped (an error) after ``timeout`` seconds when given.
 
     Returns
     -------
@@ -221,7 +230,7 @@ def measure_defaultf_map(program: str, args: Sequence[str], *, cwd: Optional[str
     images = []
     for k, ra in enumerate(run_args):
         log(f"run {k + 1}/2: -default_F {values[k]:g}")
-        images.append(_run(prog, ra, shape, log))
+        images.append(_run(prog, ra, shape, log, timeout))
     changed = _changed(images[0], images[1])
     mask = changed.astype(np.uint8)
     summary = {
@@ -281,7 +290,8 @@ def write_result(folder, mask: np.ndarray, summary: dict, reason: Optional[np.nd
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``torchbragg defaultf-map --renderer PROGRAM [--out DIR] [--list N] [--no-engine] -- <nanoBragg args>``."""
+    """``torchbragg defaultf-map --renderer PROGRAM [--out DIR] [--list N] [--no-engine] [--timeout S]
+    -- <nanoBragg args>``."""
     from .arguments import ArgumentError
     from .setup import SetupError
 
@@ -295,17 +305,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out")
     p.add_argument("--list", type=int, default=20)
     p.add_argument("--no-engine", action="store_true")
+    p.add_argument("--timeout", type=float, default=None, help="seconds each renderer run may take")
     try:
         opts = p.parse_args(argv)
     except SystemExit as exc:
         return 2 if exc.code else 0
     try:
+        if opts.timeout is not None and not (opts.timeout > 0 and opts.timeout != float("inf")):
+            raise DefaultFMapError(f"--timeout {opts.timeout}: expected a finite number of seconds > 0")
+        if opts.list < 0:
+            raise DefaultFMapError(f"--list {opts.list}: expected a count ≥ 0")
         if not nb:
             raise DefaultFMapError("no nanoBragg arguments after --")
         if opts.out and os.path.lexists(opts.out):
             raise DefaultFMapError(f"--out {opts.out}: already exists; give a new folder")
         mask, summary, reason = measure_defaultf_map(opts.renderer, nb, list_n=opts.list,
-                                                     compare_engine=not opts.no_engine)
+                                                     compare_engine=not opts.no_engine, timeout=opts.timeout)
         if opts.out:
             write_result(opts.out, mask, summary, reason)
     except (DefaultFMapError, ArgumentError, SetupError, OSError, ValueError) as err:

@@ -50,3 +50,60 @@ def test_measured_map_agrees_with_engine(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "user.bin").exists()
     assert main(["--renderer", sys.executable, "--out", str(out), "--"] + ARGS) == 2  # never overwrites
     assert "already exists" in capsys.readouterr().err
+
+
+SMALL = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "5", "-N", "3", "-lambda", "1.0",
+         "-distance", "100", "-detpixels", "16", "-pixel", "0.4"]
+
+
+def _fake_renderer(tmp_path, body: str):
+    """A stand-in renderer: a Python script that sees the nanoBragg flags in ``args``."""
+    prog = tmp_path / "fake_renderer"
+    prog.write_text(f"#!{sys.executable}\nimport sys, time\nimport numpy as np\nargs = sys.argv[1:]\n"
+                    f"out = args[args.index('-floatfile') + 1]\n{body}\n")
+    prog.chmod(0o755)
+    return str(prog)
+
+
+def test_dispatched_by_the_torchbragg_command(tmp_path):
+    import subprocess
+
+    out = tmp_path / "res"
+    proc = subprocess.run([sys.executable, "-m", "torchbragg", "defaultf-map", "--renderer",
+                           f"{sys.executable} -m torchbragg", "--out", str(out), "--"] + SMALL,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    # no HKL table: every pixel used default_F, measured and exact
+    assert summary["counts"] == {"changed": 256, "total": 256}
+    assert summary["engine"]["fallback_pixels"] == 256 and summary["engine"]["agree"] == 256
+    assert "changed pixels: 256 of 256" in proc.stdout
+
+
+@pytest.mark.parametrize("body, message", [
+    ("np.zeros(15 * 16, '<f4').tofile(out)", "wrote 240 floats; the arguments give 16x16"),
+    ("print('cannot read the HKL file', file=sys.stderr); sys.exit(3)", "exit 3: cannot read the HKL file"),
+    ("pass", "wrote no float image"),
+    ("time.sleep(30)", "ran past --timeout 1 s"),
+])
+def test_a_misbehaving_renderer_is_a_one_line_error(tmp_path, capsys, body, message):
+    prog = _fake_renderer(tmp_path, body)
+    out = tmp_path / "res"
+    rc = main(["--renderer", prog, "--out", str(out), "--timeout", "1", "--"] + SMALL)
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err, err
+    assert err.count("\n") - err.count("defaultf-map: run") - err.count("defaultf-map: engine") == 1
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_options_are_checked_before_any_run(tmp_path, capsys):
+    prog = _fake_renderer(tmp_path, "open('ran', 'w').write('x')")
+    assert main(["--renderer", prog, "--timeout", "nan", "--"] + SMALL) == 2
+    assert "--timeout nan" in capsys.readouterr().err
+    assert main(["--renderer", prog, "--list", "-1", "--"] + SMALL) == 2
+    assert "--list -1" in capsys.readouterr().err
+    assert main(["--renderer", str(tmp_path / "missing"), "--"] + SMALL) == 2
+    assert "not an executable program" in capsys.readouterr().err
+    assert main(["--renderer", prog, "--"]) == 2
+    assert "no nanoBragg arguments" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("ran"))
