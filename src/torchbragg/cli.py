@@ -297,9 +297,14 @@ def run_simulation(argv: Sequence[str], out: Optional[TextIO] = None, err: Optio
     if not np.isfinite(img).all():  # finite flags, but intensities beyond the render's precision
         from .setup import SetupError
 
+        st = sim.setup
+        compounding = (any((st.oversample_thick, st.oversample_polar, st.oversample_omega))
+                       and sim.config.compat.oversample_running_product)
+        hint = (" or -fix_oversample (as in C, -oversample_thick/_polar/_omega multiply the running sum, "
+                "which grows without bound)" if compounding else "")
         raise SetupError(f"the image has {int(np.count_nonzero(~np.isfinite(img)))} non-finite pixel(s) (intensities "
-                         "beyond float32): lower -fluence/-flux/-default_F/-water or give -dtype float64; "
-                         "nothing was written")
+                         f"beyond {str(sim.dtype).replace('torch.', '')}): lower -fluence/-flux/-default_F/-water, "
+                         f"give -dtype float64{hint}; nothing was written")
     for line in sim.last_stats.lines():
         print(line, file=out)
     if sim.config.output.printout_pixel is not None:

@@ -1237,12 +1237,13 @@ def combine_row_statistics(stats: np.ndarray, row_index: np.ndarray, col0: int):
     omega_sum = float(om.sum())
     if n == 0:
         return 0, 0.0, 0.0, 0.0, 0.0, (0, 0), omega_sum
-    mean = float(s.sum()) / n
-    rows = nroi > 0
-    roi_mean = np.where(rows, s / np.where(rows, nroi, 1.0), 0.0)
-    M2 = float((m2 + nroi * (roi_mean - mean) ** 2)[rows].sum())
-    rms = math.sqrt(float(sq.sum()) / max(1, n - 1))
-    rmsd = math.sqrt(M2 / max(1, int(nroi.sum()) - 1))
+    with np.errstate(invalid="ignore", over="ignore"):  # an image beyond the dtype: NaN/inf statistics, no warning
+        mean = float(s.sum()) / n
+        rows = nroi > 0
+        roi_mean = np.where(rows, s / np.where(rows, nroi, 1.0), 0.0)
+        M2 = float((m2 + nroi * (roi_mean - mean) ** 2)[rows].sum())
+        rms = math.sqrt(float(sq.sum()) / max(1, n - 1)) if math.isfinite(float(sq.sum())) else math.inf
+        rmsd = math.sqrt(M2 / max(1, int(nroi.sum()) - 1)) if M2 >= 0 else math.nan
     has = cnt > 0
     order = np.argsort(row_index, kind="stable")
     mx_o = np.where(has, mx, -np.inf)[order]

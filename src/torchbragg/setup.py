@@ -475,6 +475,11 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
 
     if xtal.mosaic_deg is not None and xtal.mosaic_deg > 180.0:
         raise SetupError(f"-mosaic {xtal.mosaic_deg:g}: a mosaic spread is at most 180 degrees")
+    if xtal.fudge < 0.0 and xtal.shape != "square":
+        # C: sqrt of a negative number (round: a NaN image), a growing exponential (gauss),
+        # every point inside the cut-off (tophat)
+        raise SetupError(f"-fudge {xtal.fudge:g}: the width factor of the {xtal.shape} lattice factor must be "
+                         f"0 or more")
     mosaic_spread = xtal.mosaic_deg / RTD if xtal.mosaic_deg is not None else -1.0
     domains = xtal.mosaic_domains if xtal.mosaic_domains is not None else -1
     if domains <= 0:

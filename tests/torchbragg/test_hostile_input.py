@@ -49,6 +49,9 @@ def run(args, capsys):
     (["-beamsize", "1e-300", "-flux", "1.5"], "the fluence"),
     (["-samplesize", "1e300"], "unit cells along a would be"),
     (["-osc", "-0", "-phistep", "329"], "no phi steps"),
+    (["-round_xtal", "-fudge", "-1"], "-fudge -1: the width factor of the round lattice factor"),
+    (["-gauss_xtal", "-fudge", "-2", "-oversample_omega"], "-fudge -2: the width factor of the gauss"),
+    (["-point_pixel", "-oversample_omega", "-oversample", "8"], "or -fix_oversample"),
 ])
 def test_bad_input_is_one_error_line(extra, expected, capsys):
     t0 = time.perf_counter()
