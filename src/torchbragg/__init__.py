@@ -12,8 +12,9 @@ import sys as _sys
 def _quiet_exit(signum, frame):  # pragma: no cover - exercised by scripts/interrupt_trial.py
     """Before the command's own handlers (start-up) and after its work: one line, exit 130/143."""
     what, code = ("terminated", 143) if signum == 15 else ("interrupted", 130)
+    prog = "bragg-tap" if _os.path.basename(_sys.argv[0] if _sys.argv else "") == "bragg-tap" else "torchbragg"
     done = getattr(_sys.modules.get("torchbragg.cli"), "_OUTPUTS_WRITTEN", False)
-    _os.write(2, f"torchbragg: {what}; {'after its files were written' if done else 'no output file was changed'}\n"
+    _os.write(2, f"{prog}: {what}; {'after its files were written' if done else 'no output file was changed'}\n"
               .encode())
     _os._exit(code)
 

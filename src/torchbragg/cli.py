@@ -370,8 +370,11 @@ def _after_work() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``torchbragg`` console script."""
+def run_command(prog: str, body, argv: Optional[Sequence[str]] = None, aftermath=None) -> int:
+    """Run a console script's ``body(argv)`` with SIGINT/SIGTERM turned into exit 130/143
+    and one line on standard error (``aftermath()`` says what happened to the outputs).
+
+    Called from Python (``argv`` given) the caller's signal handlers are restored."""
     import threading
 
     as_command = argv is None  # called from Python (argv given): leave the caller's handlers as they were
@@ -379,7 +382,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     previous = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] if main_thread else None
     try:
         install_signal_handlers()
-        code = _main(argv)
+        code = body(argv)
         if as_command:
             _after_work()
         return code
@@ -398,9 +401,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         sys.stdout.flush()
     except (OSError, ValueError):
         pass
-    print(f"torchbragg: {what}; " + ("after its files were written" if _OUTPUTS_WRITTEN
-                                     else "no output file was changed"), file=sys.stderr)
+    tail = aftermath() if aftermath is not None else ""
+    print(f"{prog}: {what}" + (f"; {tail}" if tail else ""), file=sys.stderr)
     return code
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``torchbragg`` console script."""
+    return run_command("torchbragg", _main, argv,
+                       lambda: "after its files were written" if _OUTPUTS_WRITTEN else "no output file was changed")
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:

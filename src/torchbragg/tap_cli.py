@@ -83,7 +83,13 @@ def _writable_folder(path: Path) -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``bragg-tap`` console script."""
+    """Entry point of the ``bragg-tap`` console script (SIGINT/SIGTERM: exit 130/143, one line)."""
+    from .cli import run_command
+
+    return run_command("bragg-tap", _main, argv, lambda: "no tap file was left half-written")
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     original = list(argv)
     if argv and argv[0] == "audit":

@@ -276,3 +276,24 @@ def test_signal_during_render_exits_cleanly(tmp_path, sig, code):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert out.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.f32"]
+
+
+@pytest.mark.parametrize("delay", [0.3, 4.0])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_bragg_tap_signal_exits_cleanly(tmp_path, sig, code, delay):
+    # at start-up (importing torch) and later (set-up and tap of a large configuration)
+    out = tmp_path / "taps"
+    out.mkdir()
+    script = Path(sys.executable).with_name("bragg-tap")  # the console script, as users start it
+    if not script.exists():
+        pytest.skip("bragg-tap console script not installed beside the interpreter")
+    proc = subprocess.Popen([str(script), "--pixel", "100", "100", "--out-dir", str(out), "--", "-cell", "100", "100", "100",
+                             "90", "90", "90", "-default_F", "100", "-detpixels", "2048", "-oversample", "64",
+                             "-mosaic", "1", "-mosaic_domains", "50"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(sig)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("bragg-tap: "), err
+    assert list(out.iterdir()) == []
