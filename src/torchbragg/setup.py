@@ -47,6 +47,9 @@ LIMITS = {
     "evaluations": 10 ** 12,         # steps per pixel x rendered pixels (about an hour on a CPU)
 }
 
+#: largest -sourcefile read (bytes): 100,000 sources of five numbers fit many times over
+SOURCE_FILE_MAX_BYTES = 64 << 20
+
 
 def _check_count(what: str, value, hint: str, limit_key: str = "steps") -> int:
     """``value`` as an int, or a SetupError that says which limit and what to change."""
@@ -840,11 +843,21 @@ def _read_source_file(path: Path) -> List[List[float]]:
 
     if path is None or not path.exists():
         raise SetupError(f"-sourcefile {path}: no such file")
+    if not path.is_file():
+        raise SetupError(f"-sourcefile {path}: not a regular file")
+    if path.stat().st_size > SOURCE_FILE_MAX_BYTES:
+        raise SetupError(f"-sourcefile {path}: {path.stat().st_size} bytes, above the limit of "
+                         f"{SOURCE_FILE_MAX_BYTES} bytes for a source list")
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    with open(path, "r", encoding="utf-8", errors="replace") as handle:
+        lines = handle.read(SOURCE_FILE_MAX_BYTES + 1).splitlines()
+    for lineno, line in enumerate(lines, 1):
         text = line.split("#", 1)[0].strip()
         if not text:
             continue
+        if len(rows) >= LIMITS["sources"]:
+            raise SetupError(f"-sourcefile {path}: more than {LIMITS['sources']} sources (line {lineno}), "
+                             f"above the limit")
         fields = [f for f in re.split(r"[ \t,;:!]+", text) if f]
         try:
             rows.append([float(f) for f in fields[:5]])

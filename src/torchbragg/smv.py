@@ -131,6 +131,8 @@ STRUCTURAL_KEYS = ("HEADER_BYTES", "DIM", "BYTE_ORDER", "TYPE", "SIZE1", "SIZE2"
 NO_SEMICOLON_KEYS = frozenset({"DIALS_ORIGIN"})
 
 _BLOCK = 512
+#: largest SMV header read (bytes); nanoBragg writes 512, detectors a few KiB
+HEADER_MAX_BYTES = 1 << 20
 
 
 class SMVFormatError(ValueError):
@@ -156,6 +158,9 @@ def _header_block(path: PathLike) -> Tuple[str, int, int]:
         header_bytes = int(match.group(1))
         if header_bytes <= 0:
             raise SMVFormatError(f"{p}: invalid HEADER_BYTES={header_bytes}")
+        if header_bytes > HEADER_MAX_BYTES:
+            raise SMVFormatError(f"{p}: HEADER_BYTES={header_bytes} is above the limit of {HEADER_MAX_BYTES} "
+                                 f"bytes for an SMV header")
         if size < header_bytes:
             raise SMVFormatError(
                 f"{p}: truncated SMV file: {size} bytes, shorter than its "

@@ -297,3 +297,24 @@ def test_bragg_tap_signal_exits_cleanly(tmp_path, sig, code, delay):
     assert proc.returncode == code, err
     assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("bragg-tap: "), err
     assert list(out.iterdir()) == []
+
+
+def test_source_file_and_smv_header_are_bounded(tmp_path, capsys, monkeypatch):
+    import torchbragg.setup as tb_setup
+    from torchbragg.smv import SMVFormatError, read_smv_header
+
+    code, _out, err = run(BASE + ["-sourcefile", "/dev/zero"], capsys)
+    assert code == 2 and "-sourcefile /dev/zero: not a regular file" in err
+    many = tmp_path / "many.txt"
+    many.write_text("0 0 -1 1 1e-10\n" * 12)
+    monkeypatch.setitem(tb_setup.LIMITS, "sources", 10)
+    code, _out, err = run(BASE + ["-sourcefile", str(many)], capsys)
+    assert code == 2 and "more than 10 sources (line 11)" in err
+    monkeypatch.setattr(tb_setup, "SOURCE_FILE_MAX_BYTES", 100)
+    code, _out, err = run(BASE + ["-sourcefile", str(many)], capsys)
+    assert code == 2 and "180 bytes, above the limit of 100" in err
+
+    huge = tmp_path / "huge.img"
+    huge.write_bytes(b"{\nHEADER_BYTES=999999999;\n}\n" + b"\0" * 600)
+    with pytest.raises(SMVFormatError, match="above the limit"):
+        read_smv_header(huge)
