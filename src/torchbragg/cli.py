@@ -302,9 +302,11 @@ def run_simulation(argv: Sequence[str], out: Optional[TextIO] = None, err: Optio
                        and sim.config.compat.oversample_running_product)
         hint = (" or -fix_oversample (as in C, -oversample_thick/_polar/_omega multiply the running sum, "
                 "which grows without bound)" if compounding else "")
+        dtype_name = str(sim.dtype).replace("torch.", "")
+        wider = ", give -dtype float64" if dtype_name != "float64" else ""
         raise SetupError(f"the image has {int(np.count_nonzero(~np.isfinite(img)))} non-finite pixel(s) (intensities "
-                         f"beyond {str(sim.dtype).replace('torch.', '')}): lower -fluence/-flux/-default_F/-water, "
-                         f"give -dtype float64{hint}; nothing was written")
+                         f"beyond {dtype_name}): lower -fluence/-flux/-default_F/-water{wider}{hint}; "
+                         f"nothing was written")
     for line in sim.last_stats.lines():
         print(line, file=out)
     if sim.config.output.printout_pixel is not None:

@@ -529,6 +529,12 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
     fclose = -float(pix0 @ fdet)
     sclose = -float(pix0 @ sdet)
     close_distance = float(pix0 @ odet)
+    if thick > 0.0 and close_distance < 0.0 and not det.curved:
+        # the sample is behind the sensor: every ray's parallax is negative and C's capture fraction
+        # exp(-t/mu/parallax) - exp(-(t+dt)/mu/parallax) is negative, or inf - inf = NaN at grazing rays
+        raise SetupError(f"-detector_thick {thick * 1e6:g}: the sensor faces away from the sample (close "
+                         f"distance {close_distance * 1000:.6g} mm; check -twotheta and -detector_rot*): its "
+                         f"capture fraction would be negative; turn the detector or drop -detector_thick")
     impact = close_distance / ratio * beam_v - pix0
     fbeam = float(fdet @ impact)
     sbeam = float(sdet @ impact)

@@ -175,7 +175,7 @@ def write_audit(bundle, c_taps_path=None) -> Path:
             chunk, n_problems = _audit_one(path, doc, c_taps)
         except _CTapsShapeError as err:
             raise AuditError(f"{c_taps_path}: malformed C taps for {path.name}: {err}") from None
-        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError, OverflowError) as err:
             raise AuditError(f"{path}: malformed tap JSON: {_shape_message(err)}") from None
         out += chunk
         total_problems += n_problems
@@ -184,6 +184,14 @@ def write_audit(bundle, c_taps_path=None) -> Path:
 
 class _CTapsShapeError(AuditError):
     """A C taps entry that lacks a field or has one of the wrong type."""
+
+
+def _as_flag(row, key: str) -> int:
+    """A 0/1 field of a tap row (a bool, or a number equal to 0 or 1), as an int."""
+    v = row[key]
+    if isinstance(v, bool) or (isinstance(v, (int, float)) and v in (0, 1)):
+        return int(v)
+    raise ValueError(f"field {key!r} is {v!r}, expected true/false")
 
 
 def _shape_message(err: BaseException) -> str:
@@ -221,7 +229,7 @@ def _audit_one(path, doc, c_taps):
             h0, k0, l0 = r["hkl_rounded"]
             out.append(f"| {r['subpixel_index'][0]} | {r['subpixel_index'][1]} | {r['thick']} | {r['source']} | "
                        f"{r['phi']} | {r['mosaic']} | {h:.9g} | {k:.9g} | {l:.9g} | {h0} | {k0} | {l0} | "
-                       f"{r['F_cell']:.6g} | {r['F_latt']:.9g} | {int(r['out_of_bounds'])} | {r['lookup']} |")
+                       f"{r['F_cell']:.6g} | {r['F_latt']:.9g} | {_as_flag(r, 'out_of_bounds')} | {r['lookup']} |")
         out += ["", "**Finding.** " + _conclusion(doc)]
         bad = nonfinite_fields(doc)
         if bad and c_taps is None:  # with C taps, compare_with_c counts them
@@ -250,7 +258,7 @@ def _audit_one(path, doc, c_taps):
                     out.append(f"| {c['subS']} | {c['subF']} | {o['hkl_fractional'][0]:.9g} | {c['h']:.9g} | "
                                f"{o['hkl_fractional'][1]:.9g} | {c['k']:.9g} | {o['hkl_fractional'][2]:.9g} | "
                                f"{c['l']:.9g} | {tuple(o['hkl_rounded'])} / {(c['h0'], c['k0'], c['l0'])} | "
-                               f"{o['F_cell']:g} / {c['F_cell']:g} | {int(o['out_of_bounds'])} / {c['oob']} |")
+                               f"{o['F_cell']:g} / {c['F_cell']:g} | {_as_flag(o, 'out_of_bounds')} / {c['oob']} |")
                 out.append("")
                 out.append(f"Pixel value: engine {doc['final_intensity']:.9g}, C {cpx['pixel_value']:.9g}.")
                 if problems:

@@ -232,6 +232,9 @@ def test_audit_passes_clean_and_fails_nan(tmp_path):
     lambda d, c: (d, {"configs": {"x": {"args": d["config"]["args"]}}}),
     lambda d, c: (d, {"configs": {"x": {"args": d["config"]["args"], "pixels": [{"pixel_slow_fast": [16, 16]}]}}}),
     lambda d, c: (d, [1, 2]),
+    # Infinity (valid in Python's JSON) where a flag belongs: found by the fuzz run
+    lambda d, c: ({**d, "values": {**d["values"], "subpixels": [{**r, "out_of_bounds": float("inf")}
+                                                                for r in d["values"]["subpixels"]]}}, c),
 ])
 def test_audit_malformed_inputs_are_one_line(tmp_path, mutate, capsys):
     from torchbragg.tap_cli import main as tap_main
@@ -318,3 +321,11 @@ def test_source_file_and_smv_header_are_bounded(tmp_path, capsys, monkeypatch):
     huge.write_bytes(b"{\nHEADER_BYTES=999999999;\n}\n" + b"\0" * 600)
     with pytest.raises(SMVFormatError, match="above the limit"):
         read_smv_header(huge)
+
+
+def test_thick_sensor_facing_away_is_an_error(capsys):
+    # found by the fuzz run: a grazing view of the back of a thick sensor gave NaN pixels
+    code, _out, err = run(BASE + ["-twotheta", "215.9", "-Ybeam", "2147483648", "-detector_thick", "100"], capsys)
+    assert code == 2 and "-detector_thick 100: the sensor faces away from the sample" in err
+    code, _out, err = run(BASE + ["-twotheta", "215.9", "-floatfile", "/dev/null"], capsys)  # thin: as in C
+    assert code == 0, err
