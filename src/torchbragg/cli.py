@@ -304,9 +304,19 @@ def run_simulation(argv: Sequence[str], out: Optional[TextIO] = None, err: Optio
                 "which grows without bound)" if compounding else "")
         dtype_name = str(sim.dtype).replace("torch.", "")
         wider = ", give -dtype float64" if dtype_name != "float64" else ""
-        raise SetupError(f"the image has {int(np.count_nonzero(~np.isfinite(img)))} non-finite pixel(s) (intensities "
-                         f"beyond {dtype_name}): lower -fluence/-flux/-default_F/-water{wider}{hint}; "
-                         f"nothing was written")
+        n_nan = int(np.count_nonzero(np.isnan(img)))
+        n_inf = int(np.count_nonzero(np.isinf(img)))
+        causes = []
+        if n_nan and st.thick > 0 and st.curved:
+            causes.append("a thick sensor (-detector_thick) seen from behind by -curved_det pixels more than 90° "
+                          "from its normal: drop -detector_thick or make the curved detector smaller")
+        elif n_nan:
+            causes.append(f"the arithmetic overflowed (inf - inf) for these flags: give values of smaller "
+                          f"magnitude{wider}{hint}")
+        if n_inf:
+            causes.append(f"intensities beyond {dtype_name}: lower -fluence/-flux/-default_F/-water{wider}{hint}")
+        raise SetupError(f"the image has {n_nan + n_inf} non-finite pixel(s) ({n_nan} NaN, {n_inf} infinite): "
+                         f"{'; '.join(causes)}; nothing was written")
     for line in sim.last_stats.lines():
         print(line, file=out)
     if sim.config.output.printout_pixel is not None:

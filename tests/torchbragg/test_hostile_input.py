@@ -52,6 +52,8 @@ def run(args, capsys):
     (["-round_xtal", "-fudge", "-1"], "-fudge -1: the width factor of the round lattice factor"),
     (["-gauss_xtal", "-fudge", "-2", "-oversample_omega"], "-fudge -2: the width factor of the gauss"),
     (["-point_pixel", "-oversample_omega", "-oversample", "8"], "or -fix_oversample"),
+    (["-curved_det", "-beam_vector", "65537", "0", "-2147483649", "-detector_thick", "219.4"],
+     "a thick sensor (-detector_thick) seen from behind by -curved_det pixels"),
 ])
 def test_bad_input_is_one_error_line(extra, expected, capsys):
     t0 = time.perf_counter()
