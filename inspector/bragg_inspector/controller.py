@@ -65,6 +65,7 @@ RING_COLOUR = "#2962ff"
 BOX_COLOUR = "#d50000"
 MARKER_SCREEN_PX = 22     # tap/selection rings: this many screen pixels at any zoom
 LABEL_SEPARATION_PX = 70  # selection labels closer than this on screen are hidden (earlier ones win)
+FIRST_PICTURE_DRAW_MS = 150  # the first picture's draw before the worker starts (launcher)
 DRAG_TOLERANCE_PX = 4.0   # press→release movement (screen px) that still counts as a click
 
 
@@ -103,6 +104,7 @@ class InspectorController:
     compared = Signal(object)            # Comparison
     pinned_changed = Signal()
     default_F_compared = Signal(object)  # counts dict, or None when cleared
+    first_picture = Signal()             # the first rendered image is on screen (once)
 
     def __init__(self, viewer, cwd: str | None = None, runner=None):
         self._viewer_ref = weakref.ref(viewer)
@@ -250,9 +252,6 @@ class InspectorController:
         timer = QTimer()
         timer.setInterval(poll_ms)
         self._prerender_timer = timer
-        if SIM_LAYER not in self.viewer.layers:  # made while the child renders: its set-up costs ~0.5 s
-            self.viewer.add_image(np.zeros((2, 2), np.float32), name=SIM_LAYER, colormap="gray_r",
-                                  interpolation2d="nearest", metadata={"placeholder": True})
 
         def check():
             state = pre.poll()
@@ -264,25 +263,38 @@ class InspectorController:
                 pre.close()
                 self.simulate(argv, device=device, dtype=dtype)
                 return
-            img, fb = pre.result()
-            pre.close()
+            img = pre.image()  # the picture first; the fallback map is read in the worker
             self._show_first_picture(img)
             self._running = True
             model = self.model
 
             def job(progress=None):
+                try:
+                    fb = pre.fallback()
+                finally:
+                    pre.close()
                 return model.prepare(argv, device, dtype), img, fb
 
-            self.runner.start(job, self._progress, lambda res: self._render_done(res, argv, device, dtype),
-                              self._render_failed)
+            def start():
+                self.runner.start(job, self._progress, lambda res: self._render_done(res, argv, device, dtype),
+                                  self._render_failed)
+
+            # the worker imports torch, which holds the interpreter for a second: let Qt draw the picture first
+            QTimer.singleShot(FIRST_PICTURE_DRAW_MS, start)
 
         timer.timeout.connect(check)
         timer.start()
+        check()  # the child is often done by the time the window exists
+
+    def _mark_first_picture(self) -> None:
+        if not self.first_picture_shown:
+            self.first_picture_shown = True
+            self.first_picture.emit()
 
     def _show_first_picture(self, img: np.ndarray) -> None:
         """The image alone, before the simulation object exists (no taps yet)."""
         viewer = self.viewer
-        self.first_picture_shown = True
+        self._mark_first_picture()
         limits = percentile_limits(img, 0.0, self.upper_percentile)
         layer = self._layer(SIM_LAYER)
         if layer is not None and layer.metadata.get("placeholder"):
@@ -373,7 +385,7 @@ class InspectorController:
             layer.metadata.pop("placeholder", None)
             self._install_hover(layer)  # a layer made elsewhere (the sample's placeholder)
         layer.visible = True
-        self.first_picture_shown = True
+        self._mark_first_picture()
         self._header_sim = None
         self._refresh_points()
         self._refresh_overlay()

@@ -44,9 +44,13 @@ class Inspector:
         self.simulation_widget = None
         self.tap_widget = None
         if dock and getattr(viewer, "window", None) is not None:
-            self._dock()
+            self.dock()
 
-    def _dock(self) -> None:
+    @property
+    def docked(self) -> bool:
+        return self.simulation_widget is not None and self.tap_widget is not None
+
+    def dock(self) -> None:
         """Both panels through napari's Plugins menu actions (the same command,
         the same dock names as a user's click; a docked panel is reused), the
         wide tap table below the canvas."""

@@ -99,22 +99,72 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import _engine
     from .controller import controller_for
     from .inspector import Inspector
-
     viewer = napari.Viewer(title="Bragg Inspector")
+    _cached_unit_registry()
     args = nb_args or _engine.tap_config_args()
     ctrl = controller_for(viewer)
     ctrl.model.args, ctrl.model.device, ctrl.model.dtype = list(args), opts["device"], opts["dtype"]
-    insp = Inspector(viewer)
+    # with a render on its way the picture comes first: the panels dock once it is on screen
+    insp = Inspector(viewer, dock=pre is None)
+    if pre is not None:
+        _dock_after_first_picture(viewer, insp)
     if opts["bench_clicks"]:
         return _bench_clicks(viewer, insp, args, opts)
     if opts["screenshot"]:
         return _screenshot(viewer, insp, args, opts)
     if pre is not None:
+        if pre.poll() is None:  # the child still renders: meanwhile build what the first layer needs
+            _warm_image_layers()
         insp.controller.adopt_prerender(pre, args, opts["device"], opts["dtype"])
     if opts["first_picture"]:
         return _first_picture(viewer, insp, args, opts)
     napari.run()
     return 0
+
+
+def _cached_unit_registry() -> None:
+    """napari's first layer builds pint's unit registry (about 0.3 s of parsing); pint can
+    keep the parsed definitions in the user's cache folder and read them in 0.07 s."""
+    try:
+        import pint
+
+        pint.set_application_registry(pint.UnitRegistry(cache_folder=":auto:"))
+    except Exception:  # noqa: BLE001 - only a speed-up: napari builds its own registry as before
+        pass
+
+
+def _warm_image_layers() -> None:
+    """Import and initialise what napari's first image layer needs (layer class, its
+    transforms and unit registry, the canvas's image visual): about half a second that
+    would otherwise come after the render is ready."""
+    try:
+        import numpy as np
+        from napari.layers import Image
+
+        Image(np.zeros((2, 2), np.float32))
+        import napari._vispy.layers.image  # noqa: F401 - the visual napari builds on insertion
+    except Exception:  # noqa: BLE001 - only a speed-up
+        pass
+
+
+def _dock_after_first_picture(viewer, insp) -> None:
+    """Dock the panels right after the canvas has drawn the first rendered picture
+    (their widgets cost about half a second that the picture need not wait for)."""
+    from qtpy.QtCore import QTimer
+
+    def dock():
+        if not insp.docked:
+            insp.dock()
+            viewer.reset_view()  # the canvas is narrower with the panels
+
+    def on_picture():
+        QTimer.singleShot(30, dock)  # after Qt has painted the canvas
+
+    if insp.controller.first_picture_shown:
+        on_picture()
+    else:
+        insp.controller.first_picture.connect(on_picture)
+        insp.controller.render_finished.connect(lambda _ok: on_picture())  # a failed render: panels with its error
 
 
 def _first_picture(viewer, insp, args, opts) -> int:
@@ -135,6 +185,11 @@ def _first_picture(viewer, insp, args, opts) -> int:
     viewer.window._qt_viewer.canvas._scene_canvas.native.repaint()  # noqa: SLF001 - draw now, not later
     QApplication.processEvents()
     print("bragg-inspector: first picture", flush=True)
+    while not insp.docked and time.monotonic() < deadline:
+        QApplication.processEvents()
+        time.sleep(0.005)
+    QApplication.processEvents()
+    print("bragg-inspector: panels docked", flush=True)
     while insp.controller.running and time.monotonic() < deadline:  # the simulation adopts the image
         QApplication.processEvents()
         time.sleep(0.005)

@@ -27,6 +27,17 @@ import numpy as np
 __all__ = ["Prerender"]
 
 
+def _memory_folder() -> str | None:
+    """A RAM-backed temporary folder where there is one (the arrays are ~100 MB at 4096²);
+    None (the usual temporary folder) otherwise, or when TMPDIR is set."""
+    import os
+
+    shm = "/dev/shm"
+    if not os.environ.get("TMPDIR") and os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
+        return shm
+    return None
+
+
 class Prerender:
     """A render running in a child process.
 
@@ -39,7 +50,7 @@ class Prerender:
 
     def __init__(self, args: list[str], device: str = "cpu", dtype: str = "float32"):
         self.args, self.device, self.dtype = list(args), device, dtype
-        self.folder = Path(tempfile.mkdtemp(prefix="bragg-inspector-"))
+        self.folder = Path(tempfile.mkdtemp(prefix="bragg-inspector-", dir=_memory_folder()))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bragg_inspector.prerender", str(self.folder), device, dtype, *self.args],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -51,16 +62,22 @@ class Prerender:
             return None
         return rc == 0 and (self.folder / "meta.json").is_file()
 
-    def result(self):
-        """(image, fallback) as written by the child (an ``_engine.Fallback``)."""
+    def image(self) -> np.ndarray:
+        """The rendered image (float32 [slow, fast]) as written by the child."""
+        return np.load(self.folder / "image.npy")
+
+    def fallback(self):
+        """The render's default_F fallback map (an ``_engine.Fallback``)."""
         from ._engine import Fallback
 
         meta = json.loads((self.folder / "meta.json").read_text())
-        img = np.load(self.folder / "image.npy")
-        fb = Fallback(counts=np.load(self.folder / "counts.npy"), reason=np.load(self.folder / "reason.npy"),
-                      reasons={int(k): v for k, v in meta["reasons"].items()},
-                      evaluations_per_pixel=meta["evaluations_per_pixel"])
-        return img, fb
+        return Fallback(counts=np.load(self.folder / "counts.npy"), reason=np.load(self.folder / "reason.npy"),
+                        reasons={int(k): v for k, v in meta["reasons"].items()},
+                        evaluations_per_pixel=meta["evaluations_per_pixel"])
+
+    def result(self):
+        """(image, fallback) as written by the child."""
+        return self.image(), self.fallback()
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -77,4 +77,8 @@ def test_bench_launch_times_napari_and_the_first_picture(tmp_path):
     m = re.search(r"ratio inspector / napari: ([0-9.]+)", p.stdout)
     assert m and float(m.group(1)) > 0, p.stdout
     assert "plain napari, window shown" in p.stdout and "bragg-inspector, first picture" in p.stdout
+    # the panels dock after the picture, in the same launch
+    pic = float(re.search(r"first picture: +median ([0-9.]+)", p.stdout).group(1))
+    docked = float(re.search(r"panels docked: +median ([0-9.]+)", p.stdout).group(1))
+    assert docked >= pic, p.stdout
     assert not list(tmp_path.glob("bragg-inspector-*"))  # the first render's temporary folder is gone

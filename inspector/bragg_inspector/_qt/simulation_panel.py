@@ -29,8 +29,12 @@ def _devices(_widget=None) -> list[str]:
 
     out = ["cpu"]
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        out.append("cuda")
+    cuda = getattr(torch, "cuda", None)  # torch may be half-imported by the render thread
+    try:
+        if cuda is not None and cuda.is_available():
+            out.append("cuda")
+    except (AttributeError, RuntimeError):  # not ready yet: napari asks again on the next layer change
+        pass
     return out
 
 
