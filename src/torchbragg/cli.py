@@ -307,10 +307,7 @@ def run_simulation(argv: Sequence[str], out: Optional[TextIO] = None, err: Optio
         n_nan = int(np.count_nonzero(np.isnan(img)))
         n_inf = int(np.count_nonzero(np.isinf(img)))
         causes = []
-        if n_nan and st.thick > 0 and st.curved:
-            causes.append("a thick sensor (-detector_thick) seen from behind by -curved_det pixels more than 90° "
-                          "from its normal: drop -detector_thick or make the curved detector smaller")
-        elif n_nan:
+        if n_nan:
             causes.append(f"the arithmetic overflowed (inf - inf) for these flags: give values of smaller "
                           f"magnitude{wider}{hint}")
         if n_inf:

@@ -115,8 +115,9 @@ TB_HD TbPixel tb_pixel(const double* __restrict__ dp, const i64* __restrict__ ip
                 double cap = 1.0;
                 if (thick_on && (last_cap || ov_thick)) {
                     const double parallax = dx * ox + dy * oy + dz * oz;
-                    cap = exp(-(double)t * thickstep * mu / parallax)
-                          - exp(-((double)t + 1.0) * thickstep * mu / parallax);
+                    // from behind the sensor (parallax <= 0): not captured
+                    cap = parallax > 0.0 ? exp(-(double)t * thickstep * mu / parallax)
+                          - exp(-((double)t + 1.0) * thickstep * mu / parallax) : 0.0;
                     if (last_cap)
                         cap_last = cap;
                 }

@@ -281,6 +281,9 @@ def evaluate_block(kt: KernelTensors, rows: torch.Tensor, cols: torch.Tensor, *,
         t_idx = torch.arange(T, device=dev, dtype=dt)[None, None, :, None, None]
         capture = (torch.exp(-t_idx * kt.thickstep * kt.mu / parallax)
                    - torch.exp(-(t_idx + 1) * kt.thickstep * kt.mu / parallax))
+        # a ray that meets the sensor from behind (curved detectors beyond 90° of its normal) is not
+        # captured; C computes a negative fraction there, or inf - inf = NaN at grazing rays
+        capture = torch.where(parallax > 0, capture, torch.zeros((), dtype=capture.dtype, device=dev))
     else:
         capture = torch.ones_like(omega)
     if kt.nopolar:
@@ -623,8 +626,9 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                         if (thick_on) {
                             for (int c = 0; c < n; ++c) {
                                 const double parallax = dx[c] * ox + dy[c] * oy + dz[c] * oz;
-                                cap[c] = std::exp(-(double)t * thickstep * mu / parallax)
-                                         - std::exp(-((double)t + 1.0) * thickstep * mu / parallax);
+                                // from behind the sensor (parallax <= 0): not captured
+                                cap[c] = parallax > 0.0 ? std::exp(-(double)t * thickstep * mu / parallax)
+                                         - std::exp(-((double)t + 1.0) * thickstep * mu / parallax) : 0.0;
                             }
                             if (last_cap)
                                 for (int c = 0; c < n; ++c) cap_last[c] = cap[c];
