@@ -127,7 +127,8 @@ def _audit_case(seed: int, folder: str):
     row = {"thick": 0, "subpixel_index": [0, 0], "source": 0, "phi": 0, "mosaic": 0, "hkl_fractional": [0.1, 0.2, 0.3],
            "hkl_rounded": [0, 0, 0], "F_cell": 100.0, "F_latt": 1.0, "out_of_bounds": False, "lookup": "default_F",
            "skipped": False}
-    doc = {"tap_id": "hkl_subpixel", "pixel_coords": [1, 1], "oversample": 1, "final_intensity": 1.0, "dtype": "float64",
+    doc = {"tap_id": "hkl_subpixel", "pixel_coords": [1, 1], "oversample": 1, "final_intensity": 1.0,
+           "dtype": "float64",
            "device": "cpu", "config": {"args": ["-N", "1"], "hkl_source": {"kind": "none", "describe": "none"},
                                        "hkl_bounds": None, "default_F": 100.0}, "values": {"subpixels": [row]}}
     c = {"configs": {"x": {"args": ["-N", "1"], "pixels": [{"pixel_slow_fast": [1, 1], "pixel_value": 1.0, "rows": [
@@ -186,7 +187,6 @@ def _numbers(node):
 
 
 def run_case(case: dict) -> dict:
-    import math
 
     import torch
 
@@ -314,7 +314,8 @@ def fuzz(seed: int, seconds: float, max_cases: int, mem_mib: int, case_timeout: 
                 w = Worker(mem_mib)
     finally:
         w.close()
-    return {"seed": seed, "cases": n, "seconds": round(time.monotonic() - start, 1), "slowest_case_s": round(slowest, 2), "slowest_case": slowest_case,
+    return {"seed": seed, "cases": n, "seconds": round(time.monotonic() - start, 1),
+            "slowest_case_s": round(slowest, 2), "slowest_case": slowest_case,
             "counts": dict(sorted(counts.items())), "findings": findings}
 
 

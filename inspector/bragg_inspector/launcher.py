@@ -6,7 +6,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-USAGE = """bragg-inspector [--device DEV] [--dtype float32|float64] [--no-render] [--screenshot PNG] [nanoBragg arguments…]
+USAGE = """bragg-inspector [--device DEV] [--dtype float32|float64] [--no-render] [--screenshot PNG]
+                       [nanoBragg arguments…]
        bragg-inspector --bench-clicks N [nanoBragg arguments…]   (click → table and hover latencies)
        bragg-inspector --bench-launch N [nanoBragg arguments…]   (time to the first picture against plain napari)
 

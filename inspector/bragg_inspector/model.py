@@ -611,7 +611,8 @@ def _opt_float(v: Any) -> float | None:
         return None
 
 
-def percentile_limits(image: np.ndarray, lo: float = 0.0, hi: float = 99.9, max_samples: int = 1 << 20) -> tuple[float, float]:
+def percentile_limits(image: np.ndarray, lo: float = 0.0, hi: float = 99.9,
+                      max_samples: int = 1 << 20) -> tuple[float, float]:
     """Contrast limits from percentiles (on a strided subsample for big images)."""
     flat = np.asarray(image).ravel()
     step = max(1, flat.size // max_samples)

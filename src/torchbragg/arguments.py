@@ -276,8 +276,10 @@ def _with_pivot(attr, pivot, conv=float):
 
 _flag("-distance", 1, "sample to detector distance along the beam (mm)")(_with_pivot("distance_mm", "beam"))
 _flag("-close_distance", 1, "sample to detector plane distance (mm)")(_with_pivot("close_distance_mm", "sample"))
-_flag("-Xbeam", 1, "direct beam X coordinate (mm; the slow axis in MOSFLM/DENZO, fast otherwise)")(_with_pivot("xbeam_mm", "beam"))
-_flag("-Ybeam", 1, "direct beam Y coordinate (mm; the fast axis in MOSFLM/DENZO, slow otherwise)")(_with_pivot("ybeam_mm", "beam"))
+_flag("-Xbeam", 1, "direct beam X coordinate (mm; the slow axis in MOSFLM/DENZO, fast otherwise)")(
+    _with_pivot("xbeam_mm", "beam"))
+_flag("-Ybeam", 1, "direct beam Y coordinate (mm; the fast axis in MOSFLM/DENZO, slow otherwise)")(
+    _with_pivot("ybeam_mm", "beam"))
 _flag("-Xclose", 1, "nearest point fast coordinate (mm)")(_with_pivot("xclose_mm", "sample"))
 _flag("-Yclose", 1, "nearest point slow coordinate (mm)")(_with_pivot("yclose_mm", "sample"))
 _flag("-ORGX", 1, "XDS origin, fast (pixels)")(_with_pivot("orgx", "sample"))
@@ -449,7 +451,8 @@ def parse_args(argv: List[str], cfg: Optional[SimulationConfig] = None) -> Simul
             continue
         vals = argv[i + 1:i + 1 + nargs]
         if len(vals) < nargs or any(v.startswith("-") and not _is_number(v) for v in vals):
-            raise ArgumentError(f"{flag}: expected {nargs} value{'s' if nargs > 1 else ''}, got {' '.join(vals) or 'none'}")
+            plural = "s" if nargs > 1 else ""
+            raise ArgumentError(f"{flag}: expected {nargs} value{plural}, got {' '.join(vals) or 'none'}")
         handler(cfg, flag, vals)
         i += 1 + nargs
     return cfg

@@ -26,7 +26,8 @@ __all__ = ["main", "run_simulation", "split_engine_options", "TerminalProgress"]
 USAGE = """usage: torchbragg <nanoBragg arguments> [-device cpu|cuda] [-dtype float32|float64] [-chunk_rows N]
        torchbragg compare REF OUT [--shape SLOW FAST] [--json]
        torchbragg bench [--help]
-       torchbragg defaultf-map --renderer PROGRAM [--out DIR] [--list N] [--no-engine] [--timeout S] -- <nanoBragg arguments>
+       torchbragg defaultf-map --renderer PROGRAM [--out DIR] [--list N] [--no-engine] [--timeout S]
+                               -- <nanoBragg arguments>
        torchbragg --help-flags        (every nanoBragg flag this engine understands)
 
 example:

@@ -421,7 +421,8 @@ def main_compare(argv: Optional[Sequence[str]] = None) -> int:
         help="shape of raw float32 images (default: sidecar <file>.json, the other image, or a square)",
     )
     parser.add_argument("--json", action="store_true", help="print the statistics as JSON")
-    parser.add_argument("--smv-scale", type=float, help="SMV counts per photon (default: header, else the log beside it)")
+    parser.add_argument("--smv-scale", type=float,
+                        help="SMV counts per photon (default: header, else the log beside it)")
     parser.add_argument("--smv-adc", type=float, help="SMV ADC offset (default: header, else 40)")
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))

@@ -119,7 +119,8 @@ def _supported_archs() -> List[int]:
     return list(archs)
 
 
-def nvrtc_compile(source: str, arch: int, options: Tuple[str, ...] = (), name: str = "gpu_render.cu") -> Tuple[bytes, str]:
+def nvrtc_compile(source: str, arch: int, options: Tuple[str, ...] = (),
+                  name: str = "gpu_render.cu") -> Tuple[bytes, str]:
     """Compile CUDA C++ with NVRTC for ``sm_<arch>`` (e.g. 90 for an H100).
 
     Returns ``(image, kind)``: a cubin (``kind == "cubin"``) when NVRTC knows the

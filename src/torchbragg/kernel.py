@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 __all__ = ["KernelTensors", "BlockResult", "evaluate_block", "LOOKUP_REASONS", "LOOKUP_CODES", "FastPlan",
-           "fast_enabled", "fast_unsupported", "fused_unsupported", "fast_library", "fast_scan_function", "kernel_cache_dir",
-           "fallback_count_dtype", "fast_math_probe", "kernel_source"]
+           "fast_enabled", "fast_unsupported", "fused_unsupported", "fast_library", "fast_scan_function",
+           "kernel_cache_dir", "fallback_count_dtype", "fast_math_probe", "kernel_source"]
 
 #: lookup reason codes used in per-evaluation results and fallback maps
 LOOKUP_REASONS = {
@@ -682,7 +682,8 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                                     const double h = X * a0 + Y * a1 + Z * a2;
                                     const double k = X * b0 + Y * b1 + Z * b2;
                                     const double l = X * e0 + Y * e1 + Z * e2;
-                                    const double h0 = std::ceil(h - 0.5), k0 = std::ceil(k - 0.5), l0 = std::ceil(l - 0.5);
+                                    const double h0 = std::ceil(h - 0.5), k0 = std::ceil(k - 0.5),
+                                                 l0 = std::ceil(l - 0.5);
                                     const real fh = (real)(h - h0), fk = (real)(k - k0), fl = (real)(l - l0);
                                     real Fl;
 #if TB_SHAPE == 0
@@ -709,7 +710,8 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                                     // a zero lattice factor skips the lookup (C); sin(pi N h) of a square crystal is
                                     // never exactly zero in C's float64 or the eager kernel, but the reduced
                                     // argument here can be, so square crystals never skip on it
-                                    const bool skipped = (dskip[c] != 0.0) | (!water & (TB_SHAPE != 0) & (Fl == (real)0));
+                                    const bool skipped = (dskip[c] != 0.0)
+                                                         | (!water & (TB_SHAPE != 0) & (Fl == (real)0));
                                     real Fc;
 #if TB_TABLE
                                     // bounds and flat index in float64 (exact for integers): no out-of-range

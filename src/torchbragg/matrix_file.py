@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 import os
 import re
-from pathlib import Path
 from typing import Tuple, Union
 
 import numpy as np
@@ -104,7 +103,8 @@ def read_mosflm_matrix(path: PathLike) -> np.ndarray:
     with open(path, "rb") as handle:  # bounded: a matrix file is a few lines (/dev/zero never ends)
         raw = handle.read(MATRIX_MAX_BYTES + 1)
     if len(raw) > MATRIX_MAX_BYTES:
-        raise MatrixFormatError(path, None, "", f"larger than the limit of {MATRIX_MAX_BYTES} bytes (not a matrix file?)")
+        raise MatrixFormatError(path, None, "",
+                                f"larger than the limit of {MATRIX_MAX_BYTES} bytes (not a matrix file?)")
     text = raw.decode("utf-8", errors="replace")
     numbers = []
     for lineno, line in enumerate(text.split("\n"), start=1):

@@ -301,7 +301,8 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
     _check_count("the detector's pixel count", fpixels * spixels, "give fewer -detpixels or a larger -pixel",
                  "pixels")
     if mask is not None and mask.shape != (spixels, fpixels):
-        raise SetupError(f"-mask {det.mask_path}: image is {mask.shape[1]}x{mask.shape[0]} pixels, detector is {fpixels}x{spixels}")
+        raise SetupError(f"-mask {det.mask_path}: image is {mask.shape[1]}x{mask.shape[0]} pixels, "
+                         f"detector is {fpixels}x{spixels}")
 
     def pick(user_mm, key, scale=1e-3):
         if user_mm is not None:
@@ -827,8 +828,10 @@ def _sources(cfg, beam_v, polar_v, vert, lambda0, hsteps, hrange, hstep, vsteps,
             vdiv = vstep * vt - vrange / 2.0
             test = 0.0
             with np.errstate(divide="ignore", invalid="ignore"):
-                test = (np.float64(hdiv * hdiv - hstep * hstep / 4.0 * (1 - hsteps % 2)) / np.float64(hrange) / hrange
-                        + np.float64(vdiv * vdiv - vstep * vstep / 4.0 * (1 - vsteps % 2)) / np.float64(vrange) / vrange)
+                test = (np.float64(hdiv * hdiv - hstep * hstep / 4.0 * (1 - hsteps % 2))
+                        / np.float64(hrange) / hrange
+                        + np.float64(vdiv * vdiv - vstep * vstep / 4.0 * (1 - vsteps % 2))
+                        / np.float64(vrange) / vrange)
             if cfg.beam.round_div and test * 4.0 > 1.1:
                 continue
             divsteps += 1

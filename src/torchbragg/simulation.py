@@ -223,7 +223,8 @@ class Simulation:
             thick_offsets=g(np.arange(s.thicksteps) * s.thickstep), thickstep=s.thickstep, mu=s.mu, thick=s.thick,
             distance=s.distance, close_distance=s.close_distance, curved=s.curved, point_pixel=s.point_pixel,
             incident=g(-s.source_dirs), inv_lambda=g(1e-10 / s.source_lambdas), polar_axis=g(s.polar_vector),
-            kahn=s.kahn, nopolar=s.nopolar and not s.oversample_polar,  # C recomputes it per subpixel even with -nopolar
+            # C recomputes the polarisation per subpixel even with -nopolar
+            kahn=s.kahn, nopolar=s.nopolar and not s.oversample_polar,
             dmin_A=s.dmin * 1e10, lattice=g(lat),
             lattice_first=g(lat_first) if lat_first is not None else None, a_star=g(s.a_star), N=s.N,
             shape=s.shape, fudge=s.fudge, water=s.water_size != 0.0, table=table, listed=listed, bounds=bounds,

@@ -103,7 +103,8 @@ def compare_with_c(doc: dict, c_pixel: dict) -> List[str]:
         for i, name in enumerate("hkl"):
             d = abs(o["hkl_fractional"][i] - c[name])
             if not d <= HKL_TOL:  # NaN compares false: a NaN is a mismatch, never a pass
-                problems.append(f"{where}: {name} engine {o['hkl_fractional'][i]:.9g} C {c[name]:.9g} (|diff| {d:.2e} > {HKL_TOL:g})")
+                problems.append(f"{where}: {name} engine {o['hkl_fractional'][i]:.9g} C {c[name]:.9g} "
+                                f"(|diff| {d:.2e} > {HKL_TOL:g})")
         if list(o["hkl_rounded"]) != [c["h0"], c["k0"], c["l0"]]:
             problems.append(f"{where}: (h0,k0,l0) engine {tuple(o['hkl_rounded'])} C {(c['h0'], c['k0'], c['l0'])}")
         if o["F_cell"] != c["F_cell"]:
@@ -115,7 +116,8 @@ def compare_with_c(doc: dict, c_pixel: dict) -> List[str]:
     ref = c_pixel["pixel_value"]
     rel = abs(doc["final_intensity"] - ref) / abs(ref) if ref else abs(doc["final_intensity"])
     if not rel <= INTENSITY_RTOL:
-        problems.append(f"final intensity engine {doc['final_intensity']:.9g} C {ref:.9g} (relative {rel:.2e} > {INTENSITY_RTOL:g})")
+        problems.append(f"final intensity engine {doc['final_intensity']:.9g} C {ref:.9g} "
+                        f"(relative {rel:.2e} > {INTENSITY_RTOL:g})")
     return problems
 
 
@@ -145,7 +147,6 @@ def _conclusion(doc: dict) -> str:
 
 def write_audit(bundle, c_taps_path=None) -> Path:
     """Write ``<bundle>/comparison/tap5_hkl_audit.md`` (never overwriting; a rerun gets ``-2``)."""
-    from .atomic_io import atomic_write_bytes
     from .report_bundle import is_bundle
 
     bundle = Path(bundle)
@@ -222,7 +223,8 @@ def _audit_one(path, doc, c_taps):
         for r in doc["values"]["subpixels"]:
             counts[r["lookup"]] = counts.get(r["lookup"], 0) + 1
         out.append("- lookup reasons: " + ", ".join(f"{k} × {v}" for k, v in sorted(counts.items())))
-        out += ["", "| subS | subF | thick | src | phi | mos | h | k | l | h0 | k0 | l0 | F_cell | F_latt | oob | lookup |",
+        out += ["", "| subS | subF | thick | src | phi | mos | h | k | l | h0 | k0 | l0 "
+                    "| F_cell | F_latt | oob | lookup |",
                 "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:--:|:--|"]
         for r in doc["values"]["subpixels"]:
             h, k, l = r["hkl_fractional"]
@@ -252,7 +254,8 @@ def _audit_one(path, doc, c_taps):
                     raise _CTapsShapeError(_shape_message(err)) from None
                 total_problems += len(problems)
                 out += [f"### Side by side with C (config `{name}`)", "",
-                        "| subS | subF | h engine | h C | k engine | k C | l engine | l C | (h0,k0,l0) engine / C | F_cell engine / C | oob engine / C |",
+                        "| subS | subF | h engine | h C | k engine | k C | l engine | l C "
+                        "| (h0,k0,l0) engine / C | F_cell engine / C | oob engine / C |",
                         "|---:|---:|---:|---:|---:|---:|---:|---:|:--|:--|:--|"]
                 for o, c in zip(doc["values"]["subpixels"], cpx["rows"]):
                     out.append(f"| {c['subS']} | {c['subF']} | {o['hkl_fractional'][0]:.9g} | {c['h']:.9g} | "
@@ -266,7 +269,8 @@ def _audit_one(path, doc, c_taps):
                     out += [f"- {p}" for p in problems]
                 else:
                     out.append(f"**No mismatch**: h,k,l within {HKL_TOL:g}, identical (h0,k0,l0), F_cell and "
-                               f"out_of_bounds, F_latt within 1e-6, final intensity within {INTENSITY_RTOL:g} relative.")
+                               f"out_of_bounds, F_latt within 1e-6, final intensity within "
+                               f"{INTENSITY_RTOL:g} relative.")
     return out, total_problems
 
 

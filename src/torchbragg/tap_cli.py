@@ -117,7 +117,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     taps = [t.strip() for t in ns.taps.split(",") if t.strip()]
     unknown = [t for t in taps if t not in TAP_NAMES]
     if unknown or not taps:
-        return _fail(f"unknown tap {unknown[0]!r}; known taps: {', '.join(TAP_NAMES)}" if unknown else "--taps is empty")
+        return _fail(f"unknown tap {unknown[0]!r}; known taps: {', '.join(TAP_NAMES)}" if unknown
+                     else "--taps is empty")
     if not nb_args:
         nb_args = list(TAP_CONFIG_ARGS)
         print("bragg-tap: no nanoBragg arguments after '--': using the 4096² tap configuration "
@@ -169,7 +170,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         record_command(bundle, ["bragg-tap"] + original, device=str(sim.device), dtype=ns.dtype,
                        note="effective nanoBragg arguments: " + " ".join(nb_args))
 
-    for line in [f"structure factors: {sim.hkl_info['describe']}"] + [f"WARNING: {w}" for w in sim.hkl_info["warnings"]]:
+    warnings = [f"WARNING: {w}" for w in sim.hkl_info["warnings"]]
+    for line in [f"structure factors: {sim.hkl_info['describe']}"] + warnings:
         print(line, file=sys.stderr)
     for tap in results:
         if ns.json or folder is not None:

@@ -109,7 +109,8 @@ def _lookup_summary(rows: List[dict], hkl_info: dict) -> str:
     n = len(used)
     fallback = [r for r in used if r["lookup"].startswith("default_F")]
     if n == 0:
-        return f"0 of {len(rows)} evaluations reached the structure-factor lookup (all skipped by -dmin or a zero lattice factor)"
+        return (f"0 of {len(rows)} evaluations reached the structure-factor lookup "
+                "(all skipped by -dmin or a zero lattice factor)")
     if not fallback:
         interp = sum(r["lookup"] == "interpolated" for r in used)
         how = "interpolated from the table" if interp == n else "taken from the HKL table"
@@ -332,7 +333,8 @@ def format_tap_table(tap: PixelTap) -> str:
             cells += [f"{r['thick']:>5}", f"{r['source']:>5}", f"{r['phi']:>5}", f"{r['mosaic']:>5}"]
         cells += [f"{r['h']:>12.6f}", f"{r['k']:>12.6f}", f"{r['l']:>12.6f}",
                   f"{r['h0']:>5d}", f"{r['k0']:>5d}", f"{r['l0']:>5d}",
-                  f"{r['F_cell']:>12.6g}", f"{r['F_latt']:>12.6g}", f"  {r['lookup']}{' (skipped)' if r['skipped'] else ''}"]
+                  f"{r['F_cell']:>12.6g}", f"{r['F_latt']:>12.6g}",
+                  f"  {r['lookup']}{' (skipped)' if r['skipped'] else ''}"]
         lines.append("  " + " ".join(cells))
     return "\n".join(lines)
 

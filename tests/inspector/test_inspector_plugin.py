@@ -108,7 +108,8 @@ def test_sample_data_renders_off_the_ui_thread_into_a_tappable_layer(make_napari
     returned_s = time.perf_counter() - t0
     c = controller_for(viewer)
     assert c.running, "the sample should render in the worker thread, not in open_sample"
-    assert {"Bragg simulation (Bragg Inspector)", "Bragg pixel tap (Bragg Inspector)"} <= set(viewer.window.dock_widgets)
+    docks = {"Bragg simulation (Bragg Inspector)", "Bragg pixel tap (Bragg Inspector)"}
+    assert docks <= set(viewer.window.dock_widgets)
     qtbot.waitUntil(lambda: not c.running, timeout=120000)
     layer = viewer.layers[ctl.SIM_LAYER]
     assert layer.data.shape == (256, 256) and float(layer.data.max()) > 0
@@ -153,5 +154,6 @@ def test_launcher_opens_napari_docked_and_rendered(make_napari_viewer, monkeypat
     c = controller_for(viewer)
     qtbot.waitUntil(lambda: not c.running, timeout=60000)
     assert ctl.SIM_LAYER in viewer.layers and viewer.layers[ctl.SIM_LAYER].data.shape == (48, 48)
-    assert {"Bragg simulation (Bragg Inspector)", "Bragg pixel tap (Bragg Inspector)"} <= set(viewer.window.dock_widgets)
+    docks = {"Bragg simulation (Bragg Inspector)", "Bragg pixel tap (Bragg Inspector)"}
+    assert docks <= set(viewer.window.dock_widgets)
     assert c.model.args == args

@@ -239,7 +239,8 @@ def test_mosaic_angles_fill_the_cap():
 
 
 def _rotate_xyz(rotx: float, roty: float, rotz: float) -> np.ndarray:
-    cx, sx, cy, sy, cz, sz = math.cos(rotx), math.sin(rotx), math.cos(roty), math.sin(roty), math.cos(rotz), math.sin(rotz)
+    cx, sx, cy, sy = math.cos(rotx), math.sin(rotx), math.cos(roty), math.sin(roty)
+    cz, sz = math.cos(rotz), math.sin(rotz)
     rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
     ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
     rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])

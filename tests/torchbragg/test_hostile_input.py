@@ -290,7 +290,8 @@ def test_bragg_tap_signal_exits_cleanly(tmp_path, sig, code, delay):
     script = Path(sys.executable).with_name("bragg-tap")  # the console script, as users start it
     if not script.exists():
         pytest.skip("bragg-tap console script not installed beside the interpreter")
-    proc = subprocess.Popen([str(script), "--pixel", "100", "100", "--out-dir", str(out), "--", "-cell", "100", "100", "100",
+    proc = subprocess.Popen([str(script), "--pixel", "100", "100", "--out-dir", str(out), "--",
+                             "-cell", "100", "100", "100",
                              "90", "90", "90", "-default_F", "100", "-detpixels", "2048", "-oversample", "64",
                              "-mosaic", "1", "-mosaic_domains", "50"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -223,9 +223,12 @@ def _smv(tmp_path, header_text, payload=b"", name="bad.smv"):
         ("not an smv", b"", "does not start with"),
         ("{\nDIM=2;\n}", b"", "no HEADER_BYTES"),
         ("{\nHEADER_BYTES=512;\nSIZE2=2;\nTYPE=unsigned_short;\nBYTE_ORDER=little_endian;\n}", b"", "no SIZE1"),
-        ("{\nHEADER_BYTES=512;\nSIZE1=2;\nSIZE2=2;\nTYPE=unsigned_short;\nBYTE_ORDER=middle;\n}", b"\0" * 8, "BYTE_ORDER='middle'"),
-        ("{\nHEADER_BYTES=512;\nSIZE1=2;\nSIZE2=2;\nTYPE=complex;\nBYTE_ORDER=little_endian;\n}", b"\0" * 8, "unsupported SMV TYPE='complex'"),
-        ("{\nHEADER_BYTES=512;\nSIZE1=2;\nSIZE2=2;\nTYPE=unsigned_short;\nBYTE_ORDER=little_endian;\n}", b"\0" * 6, "need 8 bytes"),
+        ("{\nHEADER_BYTES=512;\nSIZE1=2;\nSIZE2=2;\n"
+         "TYPE=unsigned_short;\nBYTE_ORDER=middle;\n}", b"\0" * 8, "BYTE_ORDER='middle'"),
+        ("{\nHEADER_BYTES=512;\nSIZE1=2;\nSIZE2=2;\n"
+         "TYPE=complex;\nBYTE_ORDER=little_endian;\n}", b"\0" * 8, "unsupported SMV TYPE='complex'"),
+        ("{\nHEADER_BYTES=512;\nSIZE1=2;\nSIZE2=2;\n"
+         "TYPE=unsigned_short;\nBYTE_ORDER=little_endian;\n}", b"\0" * 6, "need 8 bytes"),
         ("{\nHEADER_BYTES=512;\nSIZE1=x;\nSIZE2=2;\n}", b"", "SIZE1='x' is not an integer"),
         ("{\nHEADER_BYTES=512;\nDIM=3;\n}", b"", "DIM='3'"),
         ("{\nHEADER_BYTES=1024;\n}", b"", "shorter than its HEADER_BYTES=1024"),
