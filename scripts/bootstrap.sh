@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything Bragg Inspector needs on a fresh Debian/Ubuntu machine:
-# the X/OpenGL libraries napari needs (with Xvfb for headless use), a virtual
+# the X/OpenGL libraries napari needs (with Xvfb for headless use), a C++
+# compiler for the render kernel, a virtual
 # environment in .venv and the pinned Python packages. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,7 +10,8 @@ APT_PACKAGES=(xvfb xauth libgl1 libegl1 libgl1-mesa-dri libglib2.0-0 libfontconf
   libxkbcommon0 libxkbcommon-x11-0 libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1
   libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-xinerama0 libxcb-xkb1 libxcb-xfixes0
   libx11-xcb1 libxrender1 libxcb-xinput0 libxcb-sync1 libxcb-shm0 libxcb-render0 libglx-mesa0
-  libfreetype6 fonts-dejavu-core)
+  libfreetype6 fonts-dejavu-core
+  g++)  # the compiled CPU kernel: without a C++ compiler renders take the PyTorch path, ~75x slower
 
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -380,6 +380,19 @@ def _after_work() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+def _one_line_warnings(prog: str) -> None:
+    """A command's warnings as ``prog: warning: <message>`` lines (no source path and line)."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if text.startswith(f"{prog}: "):
+            text = text[len(prog) + 2:]
+        print(f"{prog}: warning: {text}", file=sys.stderr if file is None else file)
+
+    warnings.showwarning = show
+
+
 def run_command(prog: str, body, argv: Optional[Sequence[str]] = None, aftermath=None) -> int:
     """Run a console script's ``body(argv)`` with SIGINT/SIGTERM turned into exit 130/143
     and one line on standard error (``aftermath()`` says what happened to the outputs).
@@ -390,6 +403,8 @@ def run_command(prog: str, body, argv: Optional[Sequence[str]] = None, aftermath
     as_command = argv is None  # called from Python (argv given): leave the caller's handlers as they were
     main_thread = threading.current_thread() is threading.main_thread()
     previous = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] if main_thread else None
+    if as_command:
+        _one_line_warnings(prog)
     try:
         install_signal_handlers()
         code = body(argv)

@@ -1166,7 +1166,8 @@ def _load_variant(dtype, shape, table, count, interp, over):
     source = _full_source()
     cxx = _compiler()
     if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX)")
+        raise RuntimeError("no C++ compiler found (g++, c++ or clang++ on PATH, or CXX): renders take the "
+                           "PyTorch path, about 75 times slower; install g++ (scripts/bootstrap.sh does)")
     portable = [f for f in _CXX_FLAGS if f != "-march=native"]  # for compilers without -march=native
     lib_path = cached_file("tb_render_", (source, cxx, *defines, *_CXX_FLAGS, _cpu_signature()), ".so",
                            lambda out: compile_shared_library(cxx, (_CXX_FLAGS, portable), source, out, defines))

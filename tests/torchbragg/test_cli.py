@@ -210,3 +210,22 @@ def test_main_prints_to_the_current_stdout(tmp_path, monkeypatch):
     with contextlib.redirect_stdout(buf):
         assert main(SMALL) == 0
     assert "max_I = " in buf.getvalue()
+
+
+def test_no_compiler_is_one_warning_line_that_says_what_to_install(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "TORCHBRAGG_FAST")}
+    env.update(PATH=str(Path(sys.executable).parent), TORCHBRAGG_CACHE_DIR=str(tmp_path / "empty_cache"))
+    proc = subprocess.run([sys.executable, "-m", "torchbragg", "-cell", "100", "100", "100", "90", "90", "90",
+                           "-default_F", "10", "-N", "3", "-detpixels", "16", "-floatfile", str(tmp_path / "x.f32")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "warning" in ln]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("torchbragg: warning: ") and "install g++" in lines[0]
+    assert ".py" not in lines[0]  # no source path and line number
+    assert (tmp_path / "x.f32").stat().st_size == 16 * 16 * 4
