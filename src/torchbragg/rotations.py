@@ -7,6 +7,8 @@ Rodrigues' rotation about a unit axis.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 __all__ = ["rotate_xyz", "rotate_axis", "axis_rotation_matrix", "unit"]
@@ -15,7 +17,15 @@ __all__ = ["rotate_xyz", "rotate_axis", "axis_rotation_matrix", "unit"]
 def unit(v) -> np.ndarray:
     """Unit vector along ``v`` (zero vector stays zero)."""
     v = np.asarray(v, dtype=np.float64)
-    n = float(np.sqrt(v @ v))
+    with np.errstate(over="ignore", under="ignore"):
+        n = float(np.sqrt(v @ v))
+    if not math.isfinite(n) or (n == 0.0 and np.any(v != 0)):
+        # |v|² beyond float64 (e.g. a -beam_vector of 1e200): normalise a scaled copy instead
+        m = float(np.max(np.abs(v)))
+        if not math.isfinite(m):
+            return np.full(3, np.nan)
+        w = v / m
+        return w / float(np.sqrt(w @ w))
     return v / n if n != 0.0 else np.zeros(3)
 
 

@@ -348,3 +348,17 @@ def test_curved_thick_sensor_seen_from_behind_captures_nothing(monkeypatch, fast
     # a sane thick curved detector is unchanged: every subpixel in front of the sensor
     ok = torchbragg.Simulation.from_args(BASE + ["-curved_det", "-detector_thick", "100"], dtype=torch.float64)
     assert float(ok.render().min()) > 0.0
+
+
+def test_huge_direction_vectors_are_normalised_without_overflow(capsys):
+    import warnings
+
+    from torchbragg.rotations import unit
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy overflow warning
+        np.testing.assert_allclose(unit([1e200, 0.0, 1e200]), [2 ** -0.5, 0.0, 2 ** -0.5])
+        np.testing.assert_allclose(unit([1e-200, 0.0, 0.0]), [1.0, 0.0, 0.0])
+    assert unit([3.0, 4.0, 0.0]).tolist() == [0.6, 0.8, 0.0]
+    code, _out, err = run(BASE + ["-beam_vector", "1e200", "0", "0", "-floatfile", "/dev/null"], capsys)
+    assert code == 0 and "warning" not in err, err
