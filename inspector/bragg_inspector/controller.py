@@ -270,10 +270,13 @@ class InspectorController:
 
             def job(progress=None):
                 try:
-                    fb = pre.fallback()
+                    fb, kernel = pre.fallback(), pre.kernel()
                 finally:
                     pre.close()
-                return model.prepare(argv, device, dtype), img, fb
+                sim = model.prepare(argv, device, dtype)
+                if sim.last_kernel is None:  # the image came from the child: its kernel is the record's
+                    sim.last_kernel = kernel
+                return sim, img, fb
 
             def start():
                 self.runner.start(job, self._progress, lambda res: self._render_done(res, argv, device, dtype),

@@ -75,6 +75,10 @@ class Prerender:
                         reasons={int(k): v for k, v in meta["reasons"].items()},
                         evaluations_per_pixel=meta["evaluations_per_pixel"])
 
+    def kernel(self) -> str | None:
+        """Which engine kernel rendered the image (``Simulation.last_kernel`` in the child)."""
+        return json.loads((self.folder / "meta.json").read_text()).get("kernel")
+
     def result(self):
         """(image, fallback) as written by the child."""
         return self.image(), self.fallback()
