@@ -37,8 +37,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .kernel import (_SHAPE_CODES, RENDER_ARGTYPES, ROW_STATS, FastPlan, KernelTensors, _compiler, cached_file,
-                     compile_shared_library, fused_unsupported, kernel_source, row_statistics)
+from .kernel import (RENDER_ARGTYPES, ROW_STATS, SHAPE_CODES, FastPlan, KernelTensors, cached_file,
+                     compile_shared_library, cxx_compiler, fused_unsupported, kernel_source, row_statistics)
 
 __all__ = ["GpuPlan", "gpu_unsupported", "gpu_source", "host_library", "nvrtc_compile", "nvrtc_library"]
 
@@ -60,7 +60,7 @@ def gpu_source(dtype: torch.dtype, shape: str, table: bool, count: bool, interp:
     kernel_math.h)."""
     double = dtype == torch.float64
     lines = [f"#define TB_REAL {'double' if double else 'float'}", f"#define TB_DOUBLE {int(double)}",
-             f"#define TB_SHAPE {_SHAPE_CODES[shape]}", f"#define TB_TABLE {int(table)}",
+             f"#define TB_SHAPE {SHAPE_CODES[shape]}", f"#define TB_TABLE {int(table)}",
              f"#define TB_COUNT {int(count)}", f"#define TB_INTERP {int(interp and table)}",
              f"#define TB_OVER {int(over)}"]
     return kernel_source("\n".join(lines) + "\n" + SOURCE_PATH.read_text())
@@ -235,7 +235,7 @@ def _host_function(source: str):
 
 def host_library(source: str) -> Path:
     """The shared library of a kernel source built for the host (cached), exporting ``tb_render_host``."""
-    cxx = _compiler()
+    cxx = cxx_compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
     flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-x", "c++"]

@@ -406,7 +406,7 @@ _I_OFF, _I_LEN = _field_offsets(_I_FIELDS)
 #: the fused CPU kernel's source (compiled with the TB_* defines of _load_variant)
 CPU_RENDER_PATH = Path(__file__).with_name("cpu_render.cpp")
 
-_SHAPE_CODES = {"square": 0, "round": 1, "gauss": 2, "tophat": 3}
+SHAPE_CODES = {"square": 0, "round": 1, "gauss": 2, "tophat": 3}
 _CXX_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math",
               "-std=c++17", "-shared", "-fPIC"]
 _fast_libs: Dict[tuple, object] = {}
@@ -462,7 +462,8 @@ def _cpu_signature() -> str:
     return sig + platform.processor()
 
 
-def _compiler() -> Optional[str]:
+def cxx_compiler() -> Optional[str]:
+    """The C++ compiler the fused kernel is built with: ``$CXX``, else g++, c++ or clang++ on PATH."""
     cxx = os.environ.get("CXX")
     if cxx:
         return cxx
@@ -570,11 +571,11 @@ def compile_shared_library(cxx: str, flag_sets, source: str, out: str, extra=(),
 
 def _load_variant(dtype, shape, table, count, interp, over):
     real = "double" if dtype == torch.float64 else "float"
-    defines = [f"-DTB_REAL={real}", f"-DTB_DOUBLE={int(real == 'double')}", f"-DTB_SHAPE={_SHAPE_CODES[shape]}",
+    defines = [f"-DTB_REAL={real}", f"-DTB_DOUBLE={int(real == 'double')}", f"-DTB_SHAPE={SHAPE_CODES[shape]}",
                f"-DTB_TABLE={int(table)}", f"-DTB_COUNT={int(count)}", f"-DTB_INTERP={int(interp)}",
                f"-DTB_OVER={int(over)}", "-DTB_ENTRY=tb_render"]
     source = _full_source()
-    cxx = _compiler()
+    cxx = cxx_compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (g++, c++ or clang++ on PATH, or CXX): renders take the "
                            "PyTorch path, about 75 times slower; install g++ (scripts/bootstrap.sh does)")
@@ -705,7 +706,7 @@ def fast_unsupported(kt: KernelTensors) -> Optional[str]:
 
 def fused_unsupported(kt: KernelTensors) -> Optional[str]:
     """Why neither fused kernel (CPU or GPU) covers this set-up, whatever the device (None: they do)."""
-    if kt.shape not in _SHAPE_CODES:
+    if kt.shape not in SHAPE_CODES:
         return f"crystal shape {kt.shape}"
     if kt.shape == "square" and any(n > 1 and n != int(n) for n in kt.N):
         return "fractional N with a square crystal"

@@ -142,7 +142,7 @@ def test_environment_switches_the_fast_path_off(monkeypatch):
 def test_no_compiler_falls_back_to_the_eager_kernel(monkeypatch, tmp_path):
     monkeypatch.setattr(kernel, "_fast_libs", {})
     monkeypatch.setattr(kernel, "_fast_errors", {})
-    monkeypatch.setattr(kernel, "_compiler", lambda: None)
+    monkeypatch.setattr(kernel, "cxx_compiler", lambda: None)
     monkeypatch.setenv("TORCHBRAGG_CACHE_DIR", str(tmp_path / "empty-cache"))
     sim = torchbragg.Simulation.from_args(TAP_SMALL)
     with pytest.warns(RuntimeWarning, match="fused render kernel unavailable"):

@@ -78,9 +78,9 @@ int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
 @pytest.fixture
 def fake_cuda(tmp_path, monkeypatch):
     """torch.cuda's few calls and libcuda replaced; GPU plans then launch through the stand-in driver."""
-    from torchbragg.kernel import _compiler
+    from torchbragg.kernel import cxx_compiler
 
-    cxx = _compiler()
+    cxx = cxx_compiler()
     if cxx is None:
         pytest.skip("no C compiler")
     src = tmp_path / "fake_cuda.c"
