@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of one device session (issue 5), as one command. Run from anywhere on a
+# The GPU checks (issue 5), as one command. Run from anywhere on a
 # machine with an NVIDIA GPU whose python3 holds a CUDA build of PyTorch (nothing else is
 # installed: the engine runs from src/). Writes into $OUT (default: gpu_check_out/):
 #   gpu.txt      the GPU, driver, torch and CUDA versions
@@ -8,10 +8,10 @@
 #   timing.txt   the 4096² tap configuration: kernel alone, whole render, per-kernel profile
 #   bench.txt, bench/<STAMP>/bench.json   torchbragg bench --device cuda (cold and warm)
 # The C program's images are read from .golden/ when it holds a copy of ../shared/golden
-# (the device machine sees only the repository), else the small copies in tests/data.
-# From a workplace session with a device lent (35 MB of golden data travel with the tree):
+# (a GPU machine that gets only the repository), else the small copies in tests/data.
+# On a GPU machine with a copy of the repository (35 MB of golden data travel with the tree):
 #   cp -r ../shared/golden .golden && echo /.golden/ >> .git/info/exclude
-#   run(command="bash scripts/gpu_check.sh", carry=[".golden"], timeout_s=560)
+#   bash scripts/gpu_check.sh        (about 9 minutes at most)
 # then copy the returned bench/<STAMP>/bench.json into reports/benchmarks/<STAMP>/.
 # Each step has its own time limit (tests 200 s, timing 90 s, bench 240 s) so one slow
 # step cannot take the others' results with it.

@@ -26,7 +26,7 @@ process so that nothing is already loaded or compiled:
 
 and the peak resident memory of every process (``wait4`` on the child). With
 ``--c-binary PATH`` the C program runs on the same arguments in the same
-session, once with ``OMP_NUM_THREADS=1`` and once with all threads, and the
+run, once with ``OMP_NUM_THREADS=1`` and once with all threads, and the
 ratios ``torchbragg / C`` are reported; without a binary, ``--c-seconds X``
 (the C program's single-thread time measured elsewhere) gives the same ratios
 against that figure. ``bragg-tap --pixel 2048 2048`` is timed as a whole
