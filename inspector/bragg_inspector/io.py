@@ -30,6 +30,18 @@ class ImageFormatError(ValueError):
 
 
 # --------------------------------------------------------------------------- images
+def check_image_path(path: str | Path) -> Path:
+    """The path of an existing file with an image suffix the engine reads, else an
+    :class:`ImageFormatError` that names it (nothing is read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageFormatError(f"{path}: no such file")
+    smv, raw = _engine.image_suffixes()
+    if path.suffix.lower() not in smv + raw:
+        raise ImageFormatError(f"{path.name}: not a diffraction image (expected {', '.join(smv + raw)})")
+    return path
+
+
 def read_image(path: str | Path, shape: tuple[int, int] | None = None,
                fallback_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
     """Read an SMV (.img/.smv) or raw float32 (.bin/.f32) image with the engine.
@@ -38,12 +50,8 @@ def read_image(path: str | Path, shape: tuple[int, int] | None = None,
     (``{"shape": [slow, fast]}``), ``fallback_shape``, or a perfect square;
     anything else is an :class:`ImageFormatError` that names the file.
     Returns (float32 array [slow, fast], metadata)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageFormatError(f"{path}: no such file")
-    smv, raw = _engine.image_suffixes()
-    if path.suffix.lower() not in smv + raw:
-        raise ImageFormatError(f"{path.name}: not a diffraction image (expected {', '.join(smv + raw)})")
+    path = check_image_path(path)
+    smv, _raw = _engine.image_suffixes()
     try:
         data, note = _engine.load_image_info(path, shape, fallback_shape)
     except (ValueError, OSError) as exc:

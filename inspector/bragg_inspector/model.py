@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from . import _engine
-from .io import ImageFormatError, hkl_label, read_image, tap_pixel, tap_rows
+from .io import ImageFormatError, check_image_path, hkl_label, tap_pixel, tap_rows
 from .readout import group_by_reflection, hover_text, significant
 
 # Columns of the tap table, in display order.  The loop-index columns other than
@@ -517,11 +517,10 @@ class InspectorModel:
         that has no sidecar (otherwise the simulation's shape is assumed)."""
         if self.image is None:
             raise ValueError("render a simulation before opening a reference image")
-        path = Path(path)
+        path = check_image_path(path)  # the plugin's messages for a missing file or another suffix
         sim_shape = self.image.shape
         shape = None if shape is None else (int(shape[0]), int(shape[1]))
-        read_image(path, shape=shape, fallback_shape=sim_shape)  # the plugin's checks and messages
-        try:
+        try:  # read once: the engine's reader converts SMV counts and names the file in its errors
             ref, info = _engine.load_image_photons(path, shape=shape, fallback_shape=sim_shape)
         except (ValueError, OSError) as exc:
             raise ImageFormatError(str(exc)) from None
