@@ -195,6 +195,8 @@ class Comparison:
     scale: float = 1.0
     over_tolerance: np.ndarray | None = None
     limits: tuple[float, float] = (-1.0, 1.0)
+    #: (size, mtime_ns) of the reference file when it was read
+    stamp: tuple[int, int] | None = None
 
     @property
     def n_over_tolerance(self) -> int:
@@ -227,6 +229,7 @@ class InspectorModel:
     reference_request: dict | None = None
     #: relative tolerance of the next intensity comparison
     tolerance: float = DEFAULT_TOLERANCE
+    _last_comparison: Comparison | None = field(default=None, repr=False)
     #: the default_F comparison on screen: {"reference": name, "counts": {...}, "labels": uint8 array}
     default_F_comparison: dict | None = None
 
@@ -251,6 +254,7 @@ class InspectorModel:
         self.fallback = fallback
         self.hkl_info = dict(sim.hkl_info)
         self.current = None
+        self._last_comparison = self.comparison  # its reference array is reused if the file is unchanged
         self.comparison = None  # recomputed by refresh_comparison() for the new image
 
     # ------------------------------------------------------------ pinned runs
@@ -540,9 +544,10 @@ class InspectorModel:
         if not (np.isfinite(tolerance) and tolerance >= 0):
             raise ValueError(f"tolerance must be a finite number ≥ 0, got {tolerance!r}")
         request = {"path": str(path), "shape": shape, "tolerance": tolerance}
-        self.comparison = None
+        previous = self.comparison or self._last_comparison
+        self.comparison = self._last_comparison = None
         try:
-            ref = self.load_reference(path, shape)
+            ref = self._reference_image(path, shape, previous)
         except ReferenceShapeError:
             self.reference_request = request  # compared once a render has its size
             raise
@@ -553,9 +558,19 @@ class InspectorModel:
         diff = (out.astype(np.float64) - ref).astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(ref != 0, out / np.where(ref != 0, ref, 1), np.nan).astype(np.float32)
-        self.comparison = Comparison(str(path), ref, metrics, diff, ratio, shape=shape)
+        self.comparison = Comparison(str(path), ref, metrics, diff, ratio, shape=shape, stamp=_file_stamp(path))
         self._apply_tolerance(tolerance)
         return self.comparison
+
+    def _reference_image(self, path, shape, previous: Comparison | None) -> np.ndarray:
+        """The reference array: the one already loaded when it is the same unchanged file
+        (a re-run compares again without reading it), else read now."""
+        stamp = _file_stamp(path)
+        if (previous is not None and previous.path == str(path) and previous.shape == shape
+                and stamp is not None and previous.stamp == stamp
+                and previous.reference.shape == self.image.shape):
+            return previous.reference
+        return self.load_reference(path, shape)
 
     def set_tolerance(self, tolerance: float) -> Comparison | None:
         """A new tolerance for the comparison on screen (kept for later ones)."""
@@ -597,8 +612,16 @@ class InspectorModel:
 
     def clear_reference(self) -> None:
         self.reference_request = None
-        self.comparison = None
+        self.comparison = self._last_comparison = None
         self.reference_note = ""
+
+
+def _file_stamp(path) -> tuple[int, int] | None:
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
 
 
 def _opt_float(v: Any) -> float | None:
