@@ -213,15 +213,15 @@ def run_case(case: dict) -> dict:
             with open(path, "w", encoding="utf-8", errors="surrogateescape") as fh:
                 fh.write(case["text"])
             if case["kind"] == "hkl":
-                from torchbragg.hkl_table import read_hkl
+                from torchbragg.io.hkl_table import read_hkl
 
                 read_hkl(path, 0.0)
             elif case["kind"] == "mat":
-                from torchbragg.matrix_file import read_mosflm_matrix
+                from torchbragg.io.matrix_file import read_mosflm_matrix
 
                 read_mosflm_matrix(path)
             elif case["kind"] == "smv":
-                from torchbragg.smv import read_smv
+                from torchbragg.io.smv import read_smv
 
                 read_smv(path)
             elif case["kind"] == "source":

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
                        stdout=subprocess.DEVNULL, check=True, env=env)
     life = time.monotonic() - t0
     results = []
-    for i in range(ns.trials):
+    for _ in range(ns.trials):
         delay = rng.uniform(0.0, life * 1.05)
         sig = rng.choice([signal.SIGINT, signal.SIGTERM])
         results.append(one_trial(rng, delay, sig, env))

@@ -9,8 +9,9 @@ imported on first use, so loading the plugin's manifest stays fast.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -24,31 +25,35 @@ def _module(name: str):
     return importlib.import_module(f"torchbragg.{name}")
 
 
-def tap_config_args() -> list[str]:
-    """The engine's 4096² tap configuration (``torchbragg.TAP_CONFIG_ARGS``).
+def _source_literal(module: str, name: str):
+    """The literal ``name = ...`` of the engine module ``module`` (a dotted name below torchbragg).
 
-    Until the engine is imported it is read from ``torchbragg/config.py``'s source
-    (the same literal), so that panels and the launcher start without torch."""
+    Until the engine is imported it is read from the module's source, so that panels and
+    the launcher start without torch; afterwards from the module itself."""
     import sys
 
     if "torchbragg" in sys.modules:
-        return list(tb().TAP_CONFIG_ARGS)
+        return getattr(_module(module), name)
     import ast
     import importlib.util
 
     spec = importlib.util.find_spec("torchbragg")  # a top-level spec: the package is not imported
     for folder in (spec.submodule_search_locations or []) if spec is not None else []:
-        path = Path(folder) / "config.py"
+        path = Path(folder, *module.split(".")).with_suffix(".py")
         if not path.is_file():
             continue
         for node in ast.parse(path.read_text(encoding="utf-8")).body:
-            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "TAP_CONFIG_ARGS"
-                                                    for t in node.targets):
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
                 try:
-                    return [str(a) for a in ast.literal_eval(node.value)]
+                    return ast.literal_eval(node.value)
                 except ValueError:
                     break
-    return list(tb().TAP_CONFIG_ARGS)
+    return getattr(_module(module), name)
+
+
+def tap_config_args() -> list[str]:
+    """The engine's 4096² tap configuration (``torchbragg.TAP_CONFIG_ARGS``, read without torch)."""
+    return [str(a) for a in _source_literal("config", "TAP_CONFIG_ARGS")]
 
 
 def render_cancelled_type() -> type[BaseException]:
@@ -57,7 +62,12 @@ def render_cancelled_type() -> type[BaseException]:
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Errors that are the user's input, shown as a message (not a traceback)."""
-    return (ValueError, OSError, tb().ArgumentError, tb().SetupError, _module("hkl_table").HKLFormatError)
+    return (ValueError, OSError, tb().ArgumentError, tb().SetupError, _module("io.hkl_table").HKLFormatError)
+
+
+def lookup_descriptions() -> dict[str, str]:
+    """The engine's lookup-reason names and what they mean (``torchbragg.kernels.reasons``, read without torch)."""
+    return dict(_source_literal("kernels.reasons", "LOOKUP_DESCRIPTIONS"))
 
 
 def fallback_reasons() -> dict[int, str]:
@@ -173,25 +183,25 @@ def compare_images(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
 def load_image_info(path: str | Path, shape: tuple[int, int] | None = None,
                     fallback_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, str]:
     """SMV or raw float32 image through the engine: (image, where the shape came from)."""
-    img, note = _module("compare").load_image_info(str(path), shape, fallback_shape=fallback_shape)
+    img, note = _module("io.images").load_image_info(str(path), shape, fallback_shape=fallback_shape)
     return np.asarray(to_numpy(img), dtype=np.float32), str(note)
 
 
 def load_image_photons(path: str | Path, shape: tuple[int, int] | None = None,
                        fallback_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, dict]:
     """An image in photons: SMV counts converted with the scale and ADC offset the
-    engine finds (``torchbragg.compare.load_image_photons``); ``info['warning']``
+    engine finds (``torchbragg.io.images.load_image_photons``); ``info['warning']``
     says when they could not be."""
-    img, info = _module("compare").load_image_photons(str(path), shape, fallback_shape=fallback_shape)
+    img, info = _module("io.images").load_image_photons(str(path), shape, fallback_shape=fallback_shape)
     return np.asarray(img, dtype=np.float32), dict(info)
 
 
 def read_smv(path: str | Path) -> tuple[dict, np.ndarray]:
-    header, data = _module("smv").read_smv(str(path))
+    header, data = _module("io.smv").read_smv(str(path))
     return dict(header), np.asarray(to_numpy(data), dtype=np.float32)
 
 
 def image_suffixes() -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(SMV suffixes, raw float suffixes) the engine reads."""
-    cmp = _module("compare")
-    return tuple(cmp.SMV_SUFFIXES), tuple(cmp.RAW_SUFFIXES)
+    """(SMV suffixes, raw float suffixes) the engine reads (``torchbragg.io.images``, read without torch)."""
+    return (tuple(_source_literal("io.images", "SMV_SUFFIXES")),
+            tuple(_source_literal("io.images", "RAW_SUFFIXES")))

@@ -10,7 +10,6 @@ import numpy as np
 
 from .io import image_suffixes, is_tap_document, load_tap_documents, read_image, taps_to_points
 
-
 # ------------------------------------------------------------------ widgets
 # napari.yaml names the panel classes in bragg_inspector._qt directly: napari
 # builds them with the viewer (their ``viewer: napari.viewer.Viewer`` argument).

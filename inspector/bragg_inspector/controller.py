@@ -24,7 +24,7 @@ from psygnal import Signal
 from . import _engine
 from .args import get_flag_value, join_args, set_flag_value, split_args
 from .io import header_geometry_args
-from .model import REASON_STYLE, Comparison, InspectorModel, ReferenceShapeError, TapRecord, percentile_limits
+from .model import REASON_COLOURS, Comparison, InspectorModel, ReferenceShapeError, TapRecord, percentile_limits
 from .readout import spread_labels
 
 SIM_LAYER = "simulated"
@@ -270,12 +270,12 @@ class InspectorController:
 
             def job(progress=None):
                 try:
-                    fb, kernel = pre.fallback(), pre.kernel()
+                    fb, kernel, note = pre.fallback(), pre.kernel(), pre.kernel_note()
                 finally:
                     pre.close()
                 sim = model.prepare(argv, device, dtype)
                 if sim.last_kernel is None:  # the image came from the child: its kernel is the record's
-                    sim.last_kernel = kernel
+                    sim.last_kernel, sim.last_kernel_note = kernel, note
                 return sim, img, fb
 
             def start():
@@ -360,7 +360,10 @@ class InspectorController:
                 msg += f", {dropped} dropped (outside the new detector)"
         if self.model.uses_default_F_everywhere:
             msg += f"; no HKL table: every evaluation uses default_F = {self.model.hkl_info.get('default_F')}"
-        self._info(msg, "info")
+        note = getattr(sim, "last_kernel_note", None)
+        if note:  # no C++ compiler (or a failed build): say so, with what to do, in the same line
+            msg = f"{note}; {msg}"
+        self._info(msg, "warning" if note else "info")
         self.rendered.emit()
         self.render_finished.emit(True)
         self.selection_changed.emit()
@@ -605,7 +608,7 @@ class InspectorController:
             if lay is None or "hkl" not in lay.features or len(lay.data) == 0:
                 continue
             keep = spread_labels(np.asarray(lay.data)[:, -2:] * zoom, LABEL_SEPARATION_PX)
-            labels = [h if k else "" for h, k in zip(lay.features["hkl"], keep)]
+            labels = [h if k else "" for h, k in zip(lay.features["hkl"], keep, strict=True)]
             if list(lay.features["label"]) != labels:
                 feats = lay.features.copy()
                 feats["label"] = labels
@@ -836,8 +839,8 @@ class InspectorController:
 
         colours = {None: (0, 0, 0, 0), 0: (0, 0, 0, 0)}
         for code, name in fb.reasons.items():
-            if name in REASON_STYLE:
-                colours[code] = REASON_STYLE[name][1]
+            if name in REASON_COLOURS:
+                colours[code] = REASON_COLOURS[name]
         cmap = DirectLabelColormap(color_dict=colours)
         if layer is not None and layer.data.shape != fb.reason.shape:
             viewer.layers.remove(layer)

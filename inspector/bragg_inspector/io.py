@@ -1,7 +1,7 @@
 """File formats used by the plugin's readers and writer (no Qt).
 
-Images are decoded by the engine (``torchbragg.smv.read_smv``,
-``torchbragg.compare.load_image``); this module only decides which one to call
+Images are decoded by the engine (``torchbragg.io.smv.read_smv``,
+``torchbragg.io.images.load_image_info``); this module only decides which one to call
 and where the shape of a headerless float image comes from.
 """
 

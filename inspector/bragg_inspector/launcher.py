@@ -90,9 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     pre = None
     if opts["render"] and not opts["screenshot"] and not opts["bench_clicks"]:
         # the first render runs in its own process while napari builds its window
-        from .prerender import Prerender
-
         from . import _engine
+        from .prerender import Prerender
 
         pre = Prerender(nb_args or _engine.tap_config_args(), opts["device"], opts["dtype"])
     import napari

@@ -23,11 +23,12 @@ LOOP_COLUMNS = ("thick", "subS", "subF", "source", "phi", "mosaic")
 ALWAYS_SHOWN = ("subS", "subF")
 VALUE_COLUMNS = ("h", "k", "l", "h0", "k0", "l0", "F_cell", "F_latt", "lookup")
 
-# default_F reason name (the engine's FallbackMap.REASONS) -> (legend text, colour).
-REASON_STYLE: dict[str, tuple[str, str]] = {
-    "default_F:no_table": ("no HKL table loaded", "#ff8c00"),
-    "default_F:outside_table": ("outside the table", "#e6194b"),
-    "default_F:unlisted": ("in the table's box, not listed", "#3cb4ff"),
+# default_F reason name (the engine's FallbackMap.REASONS) -> legend colour; the legend's text is
+# the engine's description of the reason (torchbragg.kernels.reasons.LOOKUP_DESCRIPTIONS).
+REASON_COLOURS: dict[str, str] = {
+    "default_F:no_table": "#ff8c00",
+    "default_F:outside_table": "#e6194b",
+    "default_F:unlisted": "#3cb4ff",
 }
 
 
@@ -95,7 +96,7 @@ class TapRecord:
         return (self.slow, self.fast)
 
     @classmethod
-    def from_document(cls, doc: Mapping[str, Any], source: str = "tap JSON") -> "TapRecord":
+    def from_document(cls, doc: Mapping[str, Any], source: str = "tap JSON") -> TapRecord:
         """The stored table of a tap JSON document (specs/tap_schema.json)."""
         s, f = tap_pixel(doc)
         rows = tap_rows(doc)
@@ -373,7 +374,7 @@ class InspectorModel:
                 lines.append(f"{kind} table: {info.get('count', '?')} reflections")
             if info.get("bounds"):
                 b = info["bounds"]
-                lines.append("h {}…{}, k {}…{}, l {}…{}".format(b[0][0], b[0][1], b[1][0], b[1][1], b[2][0], b[2][1]))
+                lines.append(f"h {b[0][0]}…{b[0][1]}, k {b[1][0]}…{b[1][1]}, l {b[2][0]}…{b[2][1]}")
             if info.get("default_F") is not None:
                 lines.append(f"default_F {info['default_F']}")
         if info.get("source"):
@@ -508,9 +509,9 @@ class InspectorModel:
         counts = np.bincount(self.fallback.reason.ravel(), minlength=max(4, len(self.fallback.reasons)))
         out = []
         for code, name in sorted(self.fallback.reasons.items()):
-            if name not in REASON_STYLE:
+            if name not in REASON_COLOURS:
                 continue
-            text, colour = REASON_STYLE[name]
+            text, colour = _engine.lookup_descriptions().get(name, name), REASON_COLOURS[name]
             out.append({"code": code, "name": name, "text": text, "colour": colour, "pixels": int(counts[code])})
         return out
 

@@ -79,6 +79,10 @@ class Prerender:
         """Which engine kernel rendered the image (``Simulation.last_kernel`` in the child)."""
         return json.loads((self.folder / "meta.json").read_text()).get("kernel")
 
+    def kernel_note(self) -> str | None:
+        """The child's ``Simulation.last_kernel_note``: why it took the PyTorch path, or None."""
+        return json.loads((self.folder / "meta.json").read_text()).get("kernel_note")
+
     def result(self):
         """(image, fallback) as written by the child."""
         return self.image(), self.fallback()
@@ -103,7 +107,8 @@ def main(argv: list[str]) -> int:
     np.save(out / "reason.npy", fb.reason)
     np.save(out / "counts.npy", fb.counts)
     meta = {"reasons": {str(k): v for k, v in fb.reasons.items()},
-            "evaluations_per_pixel": fb.evaluations_per_pixel, "kernel": sim.last_kernel}
+            "evaluations_per_pixel": fb.evaluations_per_pixel, "kernel": sim.last_kernel,
+            "kernel_note": getattr(sim, "last_kernel_note", None)}
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(meta))
     tmp.replace(out / "meta.json")  # the marker that everything else is written

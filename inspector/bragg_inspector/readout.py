@@ -14,24 +14,34 @@ from typing import Any
 
 import numpy as np
 
+from . import _engine
+
 __all__ = ["hover_text", "group_by_reflection", "default_F_rows", "table_tsv", "spread_labels",
-           "REASON_TEXT", "reason_text", "significant"]
-
-#: display text of the engine's lookup-reason names
-REASON_TEXT = {
-    "table": "table",
-    "default_F:no_table": "default_F: no HKL table",
-    "default_F:outside_table": "default_F: outside the table",
-    "default_F:unlisted": "default_F: not listed in the table",
-    "interpolated": "interpolated",
-}
-
+           "reason_text", "significant"]
 
 def reason_text(name: str) -> str:
-    return REASON_TEXT.get(name, name)
+    """Display text of an engine lookup-reason name: ``default_F: <the engine's description>`` for the
+    fallbacks, the name itself otherwise (``table``, ``interpolated``)."""
+    if name.startswith("default_F"):
+        return f"default_F: {_engine.lookup_descriptions().get(name, name)}"
+    return name
 
 
 def significant(x: float, digits: int = 4) -> str:
+    """``x`` with ``digits`` significant figures for the readout ("∞" or "nan" when not finite).
+
+    Parameters
+    ----------
+    x : float
+        The number.
+    digits : int
+        Significant figures.
+
+    Returns
+    -------
+    str
+        The text shown.
+    """
     if x is None or not math.isfinite(float(x)):
         return "∞" if x is not None and float(x) > 0 else "nan"
     return f"{float(x):.{digits}g}"

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from collections.abc import Callable
 
 from .config import SimulationConfig
 
-__all__ = ["ArgumentError", "parse_args", "FLAGS", "ENGINE_FLAGS"]
+__all__ = ["ArgumentError", "parse_args", "count_numbers", "FLAGS", "ENGINE_FLAGS"]
 
 
 class ArgumentError(ValueError):
@@ -45,15 +45,15 @@ def _int(flag: str, text: str) -> int:
     return int(value)
 
 
-def _vec(flag: str, vals: List[str]) -> Tuple[float, float, float]:
+def _vec(flag: str, vals: list[str]) -> tuple[float, float, float]:
     return tuple(_num(flag, v) for v in vals)  # type: ignore[return-value]
 
 
-Handler = Callable[[SimulationConfig, str, List[str]], None]
+Handler = Callable[[SimulationConfig, str, list[str]], None]
 #: flag -> (number of values, handler, help)
-FLAGS: Dict[str, Tuple[int, Handler, str]] = {}
+FLAGS: dict[str, tuple[int, Handler, str]] = {}
 #: flags this engine adds to nanoBragg's (consumed by the command line, not by C)
-ENGINE_FLAGS: Dict[str, Tuple[int, str]] = {
+ENGINE_FLAGS: dict[str, tuple[int, str]] = {
     "-device": (1, "cpu | cuda | cuda:N: where to render"),
     "-dtype": (1, "float32 | float64: precision of the render"),
     "-chunk_rows": (1, "detector rows rendered at once (bounds memory)"),
@@ -405,7 +405,7 @@ def _suggest(flag: str) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def parse_args(argv: List[str], cfg: Optional[SimulationConfig] = None) -> SimulationConfig:
+def parse_args(argv: list[str], cfg: SimulationConfig | None = None) -> SimulationConfig:
     """Parse a nanoBragg argument list into a :class:`SimulationConfig`.
 
     Parameters
@@ -447,7 +447,7 @@ def parse_args(argv: List[str], cfg: Optional[SimulationConfig] = None) -> Simul
                 raise ArgumentError("-cell: expected a b c alpha beta gamma")
             vals = vals + ["0"] * (6 - len(vals))
             handler(cfg, flag, vals)
-            i += 1 + _count_numbers(argv, i + 1, 6)
+            i += 1 + count_numbers(argv, i + 1, 6)
             continue
         vals = argv[i + 1:i + 1 + nargs]
         if len(vals) < nargs or any(v.startswith("-") and not _is_number(v) for v in vals):
@@ -458,7 +458,23 @@ def parse_args(argv: List[str], cfg: Optional[SimulationConfig] = None) -> Simul
     return cfg
 
 
-def _count_numbers(argv, start, limit):
+def count_numbers(argv: list[str], start: int, limit: int) -> int:
+    """How many of ``argv[start:start + limit]`` read as numbers, counted from ``start``.
+
+    Parameters
+    ----------
+    argv : list of str
+        The command line's words.
+    start : int
+        Index of the first word to look at.
+    limit : int
+        The most words to count.
+
+    Returns
+    -------
+    int
+        The length of the run of numeric words beginning at ``start`` (at most ``limit``).
+    """
     n = 0
     while n < limit and start + n < len(argv) and _is_number(argv[start + n]):
         n += 1

@@ -372,7 +372,7 @@ class CRandom:
     __slots__ = ("_idum", "_st", "fma")
 
     def __init__(
-        self, idum: int, share_with: "CRandom | None" = None, *, fma: bool = True
+        self, idum: int, share_with: CRandom | None = None, *, fma: bool = True
     ) -> None:
         self._idum = int(idum)
         self._st = share_with._st if share_with is not None else _CStatics()
@@ -380,8 +380,8 @@ class CRandom:
 
     @classmethod
     def from_seed(
-        cls, seed: int, share_with: "CRandom | None" = None, *, fma: bool = True
-    ) -> "CRandom":
+        cls, seed: int, share_with: CRandom | None = None, *, fma: bool = True
+    ) -> CRandom:
         """Generator for a command-line seed ``N`` (``-seed N`` -> ``idum = -N``).
 
         Parameters
@@ -415,7 +415,7 @@ class CRandom:
         """Copy of the 32-entry shuffle table (shared static)."""
         return tuple(self._st.iv)
 
-    def shares_statics_with(self, other: "CRandom") -> bool:
+    def shares_statics_with(self, other: CRandom) -> bool:
         """Whether both generators use the same process statics."""
         return self._st is other._st
 
@@ -751,7 +751,7 @@ def umat2misset(umat, fma: bool = True) -> tuple:
     u = [float(v) for v in np.asarray(umat, dtype=np.float64).reshape(9)]
     rows = [u[0:3], u[3:6], u[6:9]]
     norms = [_norm3(r, madd) for r in rows]
-    for r, m in zip(rows, norms):
+    for r, m in zip(rows, norms, strict=True):
         if m > 0:
             r[0] /= m
             r[1] /= m

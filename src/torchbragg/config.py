@@ -3,7 +3,7 @@
 The dataclasses mirror the C program's inputs in user units (mm, Å, degrees,
 µm, mrad, percent) and keep ``None`` for "not given", so that the automatic
 choices of the C program (beam centre, oversampling, step counts, ...) are made
-in one place, :mod:`torchbragg.setup`, exactly as C makes them.
+in one place, :mod:`torchbragg.resolve`, exactly as C makes them.
 
 People who do not think in flags build a :class:`SimulationConfig` directly::
 
@@ -18,7 +18,6 @@ People who do not think in flags build a :class:`SimulationConfig` directly::
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Tuple
 
 __all__ = [
     "BeamConfig",
@@ -42,7 +41,7 @@ TAP_CONFIG_ARGS = [
     "-pixel", "0.05", "-detpixels", "4096", "-oversample", "2",
 ]
 
-Vec3 = Tuple[float, float, float]
+Vec3 = tuple[float, float, float]
 
 
 @dataclass
@@ -52,40 +51,40 @@ class DetectorConfig:
     convention: str = "MOSFLM"
     #: explicit pivot ("beam" | "sample"). C honours it only in the CUSTOM
     #: convention; the named conventions force their own pivot.
-    pivot: Optional[str] = None
+    pivot: str | None = None
     #: pivot implied by the last flag that implies one (-distance: beam,
     #: -close_distance/-Xclose/-ORGX/-twotheta: sample), used in CUSTOM
-    implied_pivot: Optional[str] = None
-    distance_mm: Optional[float] = None  # default 100 mm
-    close_distance_mm: Optional[float] = None
+    implied_pivot: str | None = None
+    distance_mm: float | None = None  # default 100 mm
+    close_distance_mm: float | None = None
     pixel_mm: float = 0.1
-    fpixels: Optional[int] = None
-    spixels: Optional[int] = None
+    fpixels: int | None = None
+    spixels: int | None = None
     detsize_f_mm: float = 102.4
     detsize_s_mm: float = 102.4
-    xbeam_mm: Optional[float] = None
-    ybeam_mm: Optional[float] = None
-    xclose_mm: Optional[float] = None
-    yclose_mm: Optional[float] = None
-    orgx: Optional[float] = None
-    orgy: Optional[float] = None
+    xbeam_mm: float | None = None
+    ybeam_mm: float | None = None
+    xclose_mm: float | None = None
+    yclose_mm: float | None = None
+    orgx: float | None = None
+    orgy: float | None = None
     rotx_deg: float = 0.0
     roty_deg: float = 0.0
     rotz_deg: float = 0.0
     twotheta_deg: float = 0.0
-    twotheta_axis: Optional[Vec3] = None
-    fdet_vector: Optional[Vec3] = None
-    sdet_vector: Optional[Vec3] = None
-    odet_vector: Optional[Vec3] = None
-    pix0_vector_m: Optional[Vec3] = None
+    twotheta_axis: Vec3 | None = None
+    fdet_vector: Vec3 | None = None
+    sdet_vector: Vec3 | None = None
+    odet_vector: Vec3 | None = None
+    pix0_vector_m: Vec3 | None = None
     curved: bool = False
     point_pixel: bool = False
-    roi: Optional[Tuple[int, int, int, int]] = None  # xmin xmax ymin ymax (fast, slow), inclusive
-    mask_path: Optional[str] = None
+    roi: tuple[int, int, int, int] | None = None  # xmin xmax ymin ymax (fast, slow), inclusive
+    mask_path: str | None = None
     thick_um: float = 0.0
-    thicksteps: Optional[int] = None
+    thicksteps: int | None = None
     #: -detector_abs (µm); None: C's default (the thickness); inf: no absorption (mu = 0)
-    attenuation_depth_um: Optional[float] = None
+    attenuation_depth_um: float | None = None
 
 
 @dataclass
@@ -93,8 +92,8 @@ class BeamConfig:
     """Incident beam: wavelength, fluence, polarisation, divergence, dispersion."""
 
     wavelength_A: float = 1.0
-    beam_vector: Optional[Vec3] = None
-    polar_vector: Optional[Vec3] = None
+    beam_vector: Vec3 | None = None
+    polar_vector: Vec3 | None = None
     kahn_factor: float = 0.0
     nopolar: bool = False
     fluence: float = 125932015286227086360700780544.0
@@ -102,15 +101,15 @@ class BeamConfig:
     exposure_s: float = 1.0
     beamsize_mm: float = 0.1
     dispersion_percent: float = 0.0
-    dispsteps: Optional[int] = None
-    hdivrange_mrad: Optional[float] = None
-    vdivrange_mrad: Optional[float] = None
-    hdivstep_mrad: Optional[float] = None
-    vdivstep_mrad: Optional[float] = None
-    hdivsteps: Optional[int] = None
-    vdivsteps: Optional[int] = None
+    dispsteps: int | None = None
+    hdivrange_mrad: float | None = None
+    vdivrange_mrad: float | None = None
+    hdivstep_mrad: float | None = None
+    vdivstep_mrad: float | None = None
+    hdivsteps: int | None = None
+    vdivsteps: int | None = None
     round_div: bool = True
-    sourcefile: Optional[str] = None
+    sourcefile: str | None = None
     dmin_A: float = 0.0
 
 
@@ -118,25 +117,25 @@ class BeamConfig:
 class CrystalConfig:
     """Unit cell, orientation, size, shape and structure factors."""
 
-    cell: Optional[Tuple[float, ...]] = None  # a b c alpha beta gamma (Å, degrees)
-    matrix_path: Optional[str] = None
-    misset_deg: Optional[Vec3] = None
+    cell: tuple[float, ...] | None = None  # a b c alpha beta gamma (Å, degrees)
+    matrix_path: str | None = None
+    misset_deg: Vec3 | None = None
     misset_random: bool = False
-    misset_seed: Optional[int] = None
-    N: Tuple[float, float, float] = (1.0, 1.0, 1.0)
-    size_um: Tuple[float, float, float] = (0.0, 0.0, 0.0)  # -xtal_size and friends (given in mm, stored in µm)
+    misset_seed: int | None = None
+    N: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    size_um: tuple[float, float, float] = (0.0, 0.0, 0.0)  # -xtal_size and friends (given in mm, stored in µm)
     shape: str = "square"  # square | round | gauss | tophat
     fudge: float = 1.0
-    hkl_path: Optional[str] = None
+    hkl_path: str | None = None
     default_F: float = 0.0
-    interpolate: Optional[bool] = None  # None: C's automatic choice
-    spindle_axis: Optional[Vec3] = None
+    interpolate: bool | None = None  # None: C's automatic choice
+    spindle_axis: Vec3 | None = None
     phi0_deg: float = 0.0
-    osc_deg: Optional[float] = None
-    phistep_deg: Optional[float] = None
-    phisteps: Optional[int] = None
-    mosaic_deg: Optional[float] = None
-    mosaic_domains: Optional[int] = None
+    osc_deg: float | None = None
+    phistep_deg: float | None = None
+    phisteps: int | None = None
+    mosaic_deg: float | None = None
+    mosaic_domains: int | None = None
     mosaic_seed: int = 12345678
     water_um: float = 0.0
 
@@ -145,7 +144,7 @@ class CrystalConfig:
 class SamplingConfig:
     """Oversampling choices."""
 
-    oversample: Optional[int] = None  # None: C's automatic choice
+    oversample: int | None = None  # None: C's automatic choice
     oversample_thick: bool = False
     oversample_polar: bool = False
     oversample_omega: bool = False
@@ -155,17 +154,17 @@ class SamplingConfig:
 class OutputConfig:
     """Files to write and their scales (written only when named)."""
 
-    floatfile: Optional[str] = None
-    intfile: Optional[str] = None
-    noisefile: Optional[str] = None
-    pgmfile: Optional[str] = None
+    floatfile: str | None = None
+    intfile: str | None = None
+    noisefile: str | None = None
+    pgmfile: str | None = None
     intfile_scale: float = 0.0
     pgm_scale: float = 0.0
     adc_offset: float = 40.0
-    seed: Optional[int] = None
-    img_header_path: Optional[str] = None
-    write_fdump: Optional[str] = None
-    printout_pixel: Optional[Tuple[int, int]] = None
+    seed: int | None = None
+    img_header_path: str | None = None
+    write_fdump: str | None = None
+    printout_pixel: tuple[int, int] | None = None
 
 
 @dataclass
@@ -198,9 +197,9 @@ class SimulationConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     compat: CompatConfig = field(default_factory=CompatConfig)
     #: the nanoBragg arguments this configuration came from, if any
-    args: Optional[list] = None
+    args: list | None = None
     #: folder relative file names are resolved against (None: current folder)
-    cwd: Optional[str] = None
+    cwd: str | None = None
 
     def to_dict(self) -> dict:
         """Plain-JSON view of the configuration."""

@@ -22,7 +22,6 @@ masks or reason-code arrays) without Qt.
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import hashlib
 import json
@@ -32,13 +31,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 __all__ = ["DefaultFMapError", "compare_fallback", "fallback_labels", "measure_defaultf_map",
-           "renderer_args", "main"]
+           "renderer_args", "write_result"]
 
 SCHEMA = "torchbragg-defaultf-map/1"
 MASK_FILE = "defaultf_mask.u8"
@@ -60,7 +59,7 @@ def _as_mask(a) -> np.ndarray:
     return arr.astype(bool) if arr.dtype != bool else arr
 
 
-def compare_fallback(current, reference) -> Dict[str, object]:
+def compare_fallback(current, reference) -> dict[str, object]:
     """Count agreement of two default_F maps.
 
     Parameters
@@ -104,9 +103,9 @@ def fallback_labels(current, reference) -> np.ndarray:
 
 
 # ----------------------------------------------------------------- measurement
-def _walk(argv: Sequence[str]) -> List[List[str]]:
+def _walk(argv: Sequence[str]) -> list[list[str]]:
     """Split a validated nanoBragg argument list into [flag, values...] groups."""
-    from .arguments import FLAGS, _count_numbers
+    from .arguments import FLAGS, count_numbers
 
     groups, i = [], 0
     while i < len(argv):
@@ -114,7 +113,7 @@ def _walk(argv: Sequence[str]) -> List[List[str]]:
         if flag in ENGINE_OPTIONS:
             n = 1
         elif flag == "-cell":
-            n = _count_numbers(argv, i + 1, 6)
+            n = count_numbers(argv, i + 1, 6)
         elif flag == "-misset" and i + 1 < len(argv) and argv[i + 1].lower().startswith("rand"):
             n = 1
         else:
@@ -124,7 +123,7 @@ def _walk(argv: Sequence[str]) -> List[List[str]]:
     return groups
 
 
-def renderer_args(args: Sequence[str], default_F: float, floatfile: str, cwd: Optional[str] = None) -> List[str]:
+def renderer_args(args: Sequence[str], default_F: float, floatfile: str, cwd: str | None = None) -> list[str]:
     """The user's nanoBragg arguments for one measurement run.
 
     Input files become absolute paths (relative to ``cwd``), output flags and
@@ -132,7 +131,7 @@ def renderer_args(args: Sequence[str], default_F: float, floatfile: str, cwd: Op
     ``-nonoise -nopgm`` are appended (nanoBragg-compatible flags).
     """
     base = Path(cwd or os.getcwd())
-    out: List[str] = []
+    out: list[str] = []
     for g in _walk(list(args)):
         if g[0] in OUTPUT_FLAGS:
             continue
@@ -150,12 +149,12 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _run(program: List[str], args: List[str], shape: Tuple[int, int], log,
-         timeout: Optional[float] = None) -> np.ndarray:
+def _run(program: list[str], args: list[str], shape: tuple[int, int], log,
+         timeout: float | None = None) -> np.ndarray:
     with tempfile.TemporaryDirectory(prefix="defaultf-") as tmp:
         cmd = program + args
         try:
-            proc = subprocess.run(cmd, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True,
                                   timeout=timeout)
         except subprocess.TimeoutExpired:
             raise DefaultFMapError(f"{program[0]} ran past --timeout {timeout:g} s (stopped): "
@@ -177,9 +176,9 @@ def _changed(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return ~((a == b) | (np.isnan(a) & np.isnan(b)))
 
 
-def measure_defaultf_map(program: str, args: Sequence[str], *, cwd: Optional[str] = None, list_n: int = 20,
-                         compare_engine: bool = True, log=None, timeout: Optional[float] = None
-                         ) -> Tuple[np.ndarray, dict, Optional[np.ndarray]]:
+def measure_defaultf_map(program: str, args: Sequence[str], *, cwd: str | None = None, list_n: int = 20,
+                         compare_engine: bool = True, log=None, timeout: float | None = None
+                         ) -> tuple[np.ndarray, dict, np.ndarray | None]:
     """Measure PROGRAM's default_F map for nanoBragg ``args``.
 
     Each of the two runs is stopped (an error) after ``timeout`` seconds when given.
@@ -235,7 +234,7 @@ def measure_defaultf_map(program: str, args: Sequence[str], *, cwd: Optional[str
     mask = changed.astype(np.uint8)
     summary = {
         "schema": SCHEMA,
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "program": {"command": prog, "path": exe, "sha256": _sha256(Path(exe))},
         "args": list(args),
         "default_F": values,
@@ -265,15 +264,15 @@ def measure_defaultf_map(program: str, args: Sequence[str], *, cwd: Optional[str
     return mask, summary, reason
 
 
-def _engine_args(run_args: List[str]) -> List[str]:
+def _engine_args(run_args: list[str]) -> list[str]:
     """The measurement arguments minus the renderer-only output flags (first run's default_F kept)."""
     i = run_args.index("-floatfile")
     return run_args[:i] + run_args[i + 2:]
 
 
-def write_result(folder, mask: np.ndarray, summary: dict, reason: Optional[np.ndarray]) -> Path:
+def write_result(folder, mask: np.ndarray, summary: dict, reason: np.ndarray | None) -> Path:
     """Create ``folder`` (it must not exist) and write the mask, engine map and summary.json (last)."""
-    from .atomic_io import atomic_write_bytes, atomic_write_text
+    from .io.atomic_io import atomic_write_bytes, atomic_write_text
 
     d = Path(folder)
     try:
@@ -287,54 +286,3 @@ def write_result(folder, mask: np.ndarray, summary: dict, reason: Optional[np.nd
         summary["engine_reason_file"] = ENGINE_FILE
     atomic_write_text(d / "summary.json", json.dumps(summary, indent=2) + "\n", overwrite=False)
     return d
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``torchbragg defaultf-map --renderer PROGRAM [--out DIR] [--list N] [--no-engine] [--timeout S]
-    -- <nanoBragg args>``."""
-    from .arguments import ArgumentError
-    from .setup import SetupError
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    nb = []
-    if "--" in argv:
-        k = argv.index("--")
-        argv, nb = argv[:k], argv[k + 1:]
-    p = argparse.ArgumentParser(prog="torchbragg defaultf-map")
-    p.add_argument("--renderer", required=True)
-    p.add_argument("--out")
-    p.add_argument("--list", type=int, default=20)
-    p.add_argument("--no-engine", action="store_true")
-    p.add_argument("--timeout", type=float, default=None, help="seconds each renderer run may take")
-    try:
-        opts = p.parse_args(argv)
-    except SystemExit as exc:
-        return 2 if exc.code else 0
-    try:
-        if opts.timeout is not None and not (opts.timeout > 0 and opts.timeout != float("inf")):
-            raise DefaultFMapError(f"--timeout {opts.timeout}: expected a finite number of seconds > 0")
-        if opts.list < 0:
-            raise DefaultFMapError(f"--list {opts.list}: expected a count ≥ 0")
-        if not nb:
-            raise DefaultFMapError("no nanoBragg arguments after --")
-        if opts.out and os.path.lexists(opts.out):
-            raise DefaultFMapError(f"--out {opts.out}: already exists; give a new folder")
-        mask, summary, reason = measure_defaultf_map(opts.renderer, nb, list_n=opts.list,
-                                                     compare_engine=not opts.no_engine, timeout=opts.timeout)
-        if opts.out:
-            write_result(opts.out, mask, summary, reason)
-    except (DefaultFMapError, ArgumentError, SetupError, OSError, ValueError) as err:
-        print(f"torchbragg defaultf-map: error: {err}", file=sys.stderr)
-        return 2
-    c = summary["counts"]
-    print(f"changed pixels: {c['changed']} of {c['total']} (default_F {summary['default_F'][0]:g} "
-          f"and {summary['default_F'][1]:g})")
-    e = summary.get("engine")
-    if e:
-        print(f"engine fallback pixels: {e['fallback_pixels']}; agree {e['agree']}, only measured "
-              f"{e['only_measured']}, only engine {e['only_engine']}")
-        for d in e["disagreements"]:
-            print(f"  ({d['slow']}, {d['fast']}): measured {int(d['measured'])}, engine reason {d['engine_reason']}")
-    if opts.out:
-        print(f"wrote {opts.out}/summary.json")
-    return 0

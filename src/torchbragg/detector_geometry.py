@@ -18,11 +18,10 @@ Examples
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .kernel import LOOKUP_REASONS
+from .kernels.reasons import LOOKUP_REASONS
 
 __all__ = ["pixel_geometry", "beam_centre_pixel", "resolution_ring", "resolution_range",
            "default_ring_spacings", "table_box_mask", "structure_factor_source"]
@@ -30,7 +29,7 @@ __all__ = ["pixel_geometry", "beam_centre_pixel", "resolution_ring", "resolution
 
 def _first_lattice(sim) -> np.ndarray:
     """Real-space rows a, b, c in Å of the first phi step and mosaic domain."""
-    lat = sim._tensors.lattice  # [P, M, 3, 3], float64 on the simulation's device
+    lat = sim.kernel_tensors.lattice  # [P, M, 3, 3], float64 on the simulation's device
     return lat[0, 0].detach().cpu().numpy().astype(np.float64)
 
 
@@ -53,7 +52,7 @@ def _rotate_about(v: np.ndarray, axis: np.ndarray, angle: np.ndarray) -> np.ndar
     return axis * dot * (1 - c) + v * c + np.cross(np.broadcast_to(axis, v.shape), v) * sn
 
 
-def pixel_geometry(sim, slow, fast) -> Dict[str, np.ndarray]:
+def pixel_geometry(sim, slow, fast) -> dict[str, np.ndarray]:
     """Geometry of pixel centres (scalars or arrays of indices).
 
     Parameters
@@ -86,7 +85,7 @@ def pixel_geometry(sim, slow, fast) -> Dict[str, np.ndarray]:
             "hkl0": np.ceil(hkl - 0.5).astype(np.int64), "position_m": pos}
 
 
-def beam_centre_pixel(sim) -> Optional[Tuple[float, float]]:
+def beam_centre_pixel(sim) -> tuple[float, float] | None:
     """(slow, fast) where the direct beam meets the detector plane, in pixel
     units whose integers are pixel centres (napari's convention); ``None``
     when the beam misses the plane."""
@@ -144,7 +143,7 @@ def resolution_ring(sim, d_angstrom: float, points: int = 361) -> np.ndarray:
     return pts[ok]
 
 
-def resolution_range(sim) -> Tuple[float, float]:
+def resolution_range(sim) -> tuple[float, float]:
     """(finest, coarsest) resolution in Å over the detector's edge pixels
     (coarsest is ``inf`` when the beam centre is on the detector)."""
     ny, nx = sim.shape
@@ -167,7 +166,7 @@ def _nice(d: float) -> float:
     return round(best * 10 ** e, 10)
 
 
-def default_ring_spacings(sim, count: int = 5) -> List[float]:
+def default_ring_spacings(sim, count: int = 5) -> list[float]:
     """Round resolutions (Å, coarse to fine) for ``count`` rings spread evenly in
     2θ up to the largest circle around the beam centre that the detector holds
     (the finest edge resolution when the beam centre is off the detector)."""
@@ -183,7 +182,7 @@ def default_ring_spacings(sim, count: int = 5) -> List[float]:
     else:
         finest, _ = resolution_range(sim)
         tt_max = math.degrees(2 * math.asin(min(1.0, lam_A / (2 * finest))))
-    out: List[float] = []
+    out: list[float] = []
     for i in range(1, count + 1):
         tt = math.radians(tt_max * i / count)
         if tt <= 0:
@@ -194,7 +193,7 @@ def default_ring_spacings(sim, count: int = 5) -> List[float]:
     return out
 
 
-def table_box_mask(sim, step: int = 1) -> Optional[np.ndarray]:
+def table_box_mask(sim, step: int = 1) -> np.ndarray | None:
     """Which pixel centres' nearest reflection lies inside the HKL table's box.
 
     Parameters
@@ -225,13 +224,13 @@ def table_box_mask(sim, step: int = 1) -> Optional[np.ndarray]:
     return out
 
 
-def structure_factor_source(sim, h0: int, k0: int, l0: int) -> Tuple[float, str]:
+def structure_factor_source(sim, h0: int, k0: int, l0: int) -> tuple[float, str]:
     """F and where it comes from for one integer reflection, by the render's rule.
 
     Returns
     -------
     (float, str)
-        The structure factor and its lookup reason (``torchbragg.kernel.LOOKUP_REASONS``
+        The structure factor and its lookup reason (``torchbragg.kernels.LOOKUP_REASONS``
         names: ``table``, ``default_F:no_table``, ``default_F:outside_table``,
         ``default_F:unlisted``).
     """

@@ -14,8 +14,8 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 __all__ = ["new_bundle", "open_bundle", "is_bundle", "record_command", "utc_stamp"]
 
@@ -23,9 +23,9 @@ _ENV_KEYS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "TORC
              "TORCHINDUCTOR_CACHE_DIR")
 
 
-def utc_stamp(now: Optional[_dt.datetime] = None) -> str:
+def utc_stamp(now: _dt.datetime | None = None) -> str:
     """``YYYYMMDDTHHMMSSZ`` in UTC."""
-    now = now or _dt.datetime.now(_dt.timezone.utc)
+    now = now or _dt.datetime.now(_dt.UTC)
     return now.strftime("%Y%m%dT%H%M%SZ")
 
 
@@ -59,7 +59,7 @@ def open_bundle(path) -> Path:
     return Path(path) if is_bundle(path) else new_bundle(path)
 
 
-def _git_commit() -> Optional[str]:
+def _git_commit() -> str | None:
     try:
         here = Path(__file__).resolve().parent
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
@@ -69,12 +69,12 @@ def _git_commit() -> Optional[str]:
 
 
 def record_command(bundle, argv: Sequence[str], *, device: str = "cpu", dtype: str = "float64",
-                   note: Optional[str] = None) -> None:
+                   note: str | None = None) -> None:
     """Append the exact command line and the environment of a run to ``commands.txt``."""
     import torch
 
     lines = [
-        f"# {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}",
+        f"# {_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')}",
         f"cd {shlex.quote(os.getcwd())}",
         shlex.join([Path(argv[0]).name if argv else "bragg-tap"] + list(argv[1:])),
         f"#   python {platform.python_version()} torch {torch.__version__} on {platform.platform()}",

@@ -5,19 +5,23 @@ from __future__ import annotations
 import math
 import threading
 import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .arguments import parse_args
 from .config import SimulationConfig
-from .kernel import (ROW_STATS, FastPlan, KernelTensors, combine_row_statistics, evaluate_block,
-                     evaluation_ordinals, fallback_count_dtype, fast_enabled, fast_unsupported, fused_unsupported,
-                     interp_out_of_range, row_statistics)
+from .interpolation_switch_off import InterpolationSwitchOff
+from .kernels.build import compiled_kernels_enabled, slow_path_note
+from .kernels.cpu import CpuPlan
+from .kernels.eager import KernelTensors, evaluate_block, reduce_evaluations
+from .kernels.packing import compiled_kernels_unsupported, fallback_count_dtype
+from .kernels.reasons import FALLBACK_REASONS
+from .kernels.row_stats import ROW_STATS, combine_row_statistics, row_statistics
+from .resolve import R_E_SQR, ResolvedSetup, SetupError, resolve
 from .rotations import axis_rotation_matrix
-from .setup import R_E_SQR, ResolvedSetup, SetupError, resolve
 
 __all__ = ["Simulation", "RenderCancelled", "FallbackMap", "RenderStats"]
 
@@ -45,7 +49,7 @@ class FallbackMap:
         [slow, fast]: evaluations of each pixel that used default_F, in the
         smallest signed integer dtype that holds ``evaluations_per_pixel``: int8
         up to 127, int16 up to 32767, int32 beyond (see
-        :func:`torchbragg.kernel.fallback_count_dtype`). Sums promote to int64;
+        :func:`torchbragg.kernels.fallback_count_dtype`). Sums promote to int64;
         convert before other arithmetic (``counts.int()``).
     reason : torch.Tensor
         uint8 [slow, fast]: the dominant fallback reason of each pixel
@@ -56,7 +60,7 @@ class FallbackMap:
     counts: torch.Tensor
     reason: torch.Tensor
     evaluations_per_pixel: int
-    REASONS = {0: "table", 1: "default_F:no_table", 2: "default_F:outside_table", 3: "default_F:unlisted"}
+    REASONS = FALLBACK_REASONS
 
     def pixel_counts(self) -> dict:
         """Number of pixels whose dominant reason is each code."""
@@ -71,14 +75,14 @@ class RenderStats:
     max_I: float
     max_I_fast_m: float
     max_I_slow_m: float
-    max_pixel: Tuple[int, int]
+    max_pixel: tuple[int, int]
     mean: float
     rms: float
     rmsd: float
     solid_angle_sr: float
     pixels: int
 
-    def lines(self) -> List[str]:
+    def lines(self) -> list[str]:
         return [
             f"solid angle subtended by detector = {self.solid_angle_sr:g} steradian "
             f"( {100 * self.solid_angle_sr / 4 / math.pi:g}% sphere)",
@@ -108,10 +112,10 @@ class Simulation:
     """
 
     #: fused CPU render kernel: None follows ``TORCHBRAGG_FAST`` (on unless "0"), True/False forces it
-    use_fast_kernel: Optional[bool] = None
+    use_compiled_kernels: bool | None = None
 
-    def __init__(self, config: SimulationConfig, device: Union[str, torch.device] = "cpu",
-                 dtype: torch.dtype = torch.float32, chunk_rows: Optional[int] = None):
+    def __init__(self, config: SimulationConfig, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, chunk_rows: int | None = None):
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         self.config = config
@@ -132,24 +136,33 @@ class Simulation:
             raise SetupError(f"chunk_rows: expected a positive number of rows, got {chunk_rows}")
         self.chunk_rows = int(chunk_rows) if chunk_rows else max(
             1, DEFAULT_EVALUATIONS_PER_CHUNK // max(1, self.setup.fpixels * E))
-        self._cutoff_cache: Optional[Tuple[int, Optional[int]]] = None  # (rows scanned, cutoff)
-        self.last_stats: Optional[RenderStats] = None
+        #: C's interpolation switch-off search for this simulation
+        self.switch_off = InterpolationSwitchOff(self)
+        self.last_stats: RenderStats | None = None
         #: which kernel rendered the last image: "fused CPU kernel", "GPU kernel" or "eager kernel"
         #: (with "+ eager rows" where the row of C's interpolation switch-off was rendered eagerly)
-        self.last_kernel: Optional[str] = None
+        self.last_kernel: str | None = None
+        #: after a render that wanted a compiled kernel but could not build one: the one plain line
+        #: saying it took the PyTorch path, why, and how to get the fast one (else None)
+        self.last_kernel_note: str | None = None
 
     # ------------------------------------------------------------------ API
     @classmethod
-    def from_args(cls, args: Sequence[str], device: Union[str, torch.device] = "cpu",
-                  dtype: torch.dtype = torch.float32, cwd: Optional[str] = None,
-                  chunk_rows: Optional[int] = None) -> "Simulation":
+    def from_args(cls, args: Sequence[str], device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32, cwd: str | None = None,
+                  chunk_rows: int | None = None) -> Simulation:
         """Build a simulation from nanoBragg command-line arguments."""
         cfg = parse_args(list(args))
         cfg.cwd = str(cwd) if cwd is not None else None
         return cls(cfg, device=device, dtype=dtype, chunk_rows=chunk_rows)
 
     @property
-    def shape(self) -> Tuple[int, int]:
+    def kernel_tensors(self) -> KernelTensors:
+        """The set-up on the simulation's device and dtype, as the kernels read it."""
+        return self._tensors
+
+    @property
+    def shape(self) -> tuple[int, int]:
         """Image shape (slow, fast)."""
         return self.setup.shape_px
 
@@ -163,13 +176,13 @@ class Simulation:
         """Where the structure factors came from (kind, source, bounds, count, default_F, warnings)."""
         return dict(self.setup.hkl_source)
 
-    def render(self, progress: Optional[ProgressFn] = None, should_cancel: Optional[CancelFn] = None) -> torch.Tensor:
+    def render(self, progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> torch.Tensor:
         """Render the image: photons per pixel, ``[slow, fast]`` on the simulation's device."""
         image, _ = self._render(progress, should_cancel, fallback=False)
         return image
 
-    def render_with_fallback(self, progress: Optional[ProgressFn] = None,
-                             should_cancel: Optional[CancelFn] = None) -> Tuple[torch.Tensor, FallbackMap]:
+    def render_with_fallback(self, progress: ProgressFn | None = None,
+                             should_cancel: CancelFn | None = None) -> tuple[torch.Tensor, FallbackMap]:
         """Render the image and the per-pixel default_F fallback map.
 
         On the CPU the map's memory is recycled from earlier maps that nothing refers to
@@ -240,13 +253,13 @@ class Simulation:
             act = act & m[rows][:, cols]
         return act
 
-    def first_pixel(self) -> Optional[Tuple[int, int]]:
+    def first_pixel(self) -> tuple[int, int] | None:
         """The first pixel C renders (row-major inside the ROI and mask)."""
         if not hasattr(self, "_first_pixel"):
             self._first_pixel = self._find_first_pixel()
         return self._first_pixel
 
-    def _find_first_pixel(self) -> Optional[Tuple[int, int]]:
+    def _find_first_pixel(self) -> tuple[int, int] | None:
         xmin, xmax, ymin, ymax = self.setup.roi
         ymax, xmax = min(ymax, self.setup.spixels - 1), min(xmax, self.setup.fpixels - 1)
         if self.setup.mask is None:
@@ -255,198 +268,12 @@ class Simulation:
         hits = np.argwhere(sub)
         return (int(hits[0][0]) + ymin, int(hits[0][1]) + xmin) if len(hits) else None
 
-    def interpolation_cutoff(self, until_row: Optional[int] = None) -> Optional[int]:
+    def interpolation_cutoff(self, until_row: int | None = None) -> int | None:
         """Global evaluation ordinal where C switches interpolation off (None: never).
 
-        C turns tricubic interpolation off for the rest of the run at the first
-        lookup whose 4×4×4 neighbourhood leaves the table. The scan runs in
-        render order and stops at ``until_row`` when given (a tap only needs to
-        know whether the switch happened before its pixel).
-
-        It first tries a cheap proof that no evaluation of the image can leave
-        the table (:meth:`_table_holds_every_neighbourhood`); otherwise the
-        fused kernel scans the rows (:meth:`_scan_cutoff_fast`, the eager
-        kernel deciding evaluations within rounding of C's tests), or, without
-        it, the eager kernel does (:meth:`_scan_cutoff_eager`). All three give
-        the eager scan's ordinal.
+        See :meth:`torchbragg.interpolation_switch_off.InterpolationSwitchOff.cutoff`.
         """
-        kt = self._tensors
-        if not kt.interpolate:
-            return None
-        scanned, cutoff = self._cutoff_cache or (0, None)
-        ny, nx = self.shape
-        limit = ny if until_row is None else min(ny, until_row + 1)
-        if cutoff is not None or scanned >= limit:
-            return cutoff
-        if scanned == 0 and self._table_holds_every_neighbourhood():
-            self._cutoff_cache = (ny, None)
-            return None
-        plan = self._scan_plan()
-        with torch.no_grad():
-            if plan is not None:
-                cutoff = self._scan_cutoff_fast(plan, scanned, limit)
-            else:
-                cutoff = self._scan_cutoff_eager(scanned, limit)
-        self._cutoff_cache = (limit, cutoff)
-        return cutoff
-
-    def _scan_cutoff_eager(self, start: int, limit: int) -> Optional[int]:
-        """The switch-off ordinal among rows ``start .. limit-1``, by the eager kernel (None: none)."""
-        cols = torch.arange(self.shape[1], device=self.device)
-        for r0 in range(start, limit, self.chunk_rows):
-            hit = self._eager_block_cutoff(torch.arange(r0, min(limit, r0 + self.chunk_rows), device=self.device),
-                                           cols)
-            if hit is not None:
-                return hit
-        return None
-
-    def _eager_pixel_cutoff(self, slow: int, fast: int) -> Optional[int]:
-        """The first evaluation of one (rendered) pixel that switches interpolation off, by the eager kernel."""
-        return self._eager_block_cutoff(torch.tensor([slow], device=self.device),
-                                        torch.tensor([fast], device=self.device))
-
-    def _eager_block_cutoff(self, rows: torch.Tensor, cols: torch.Tensor) -> Optional[int]:
-        """The first evaluation of a block's rendered pixels whose lookup leaves the table (None: none)."""
-        kt = self._tensors
-        res = evaluate_block(kt, rows, cols, first_pixel=self.first_pixel(), want_hkl_only=True)
-        bad = interp_out_of_range(kt, res["hkl"]) & ~res["skipped"]
-        act = self.active_mask(rows, cols)
-        bad = bad & act.reshape(act.shape + (1,) * (bad.dim() - 2))
-        if not bool(bad.any()):
-            return None
-        ords = evaluation_ordinals(rows, cols, self.shape[1], res["E"], bad.shape)
-        return int(ords[bad].min())
-
-    def _scan_cutoff_fast(self, plan: FastPlan, start: int, limit: int) -> Optional[int]:
-        """The switch-off ordinal among rows ``start .. limit-1``, by the fused kernel's scan.
-
-        The scan returns the first evaluation that is not certainly harmless; one
-        within rounding of C's tests is decided by the eager kernel (its pixel),
-        and the scan goes on after that pixel when it does not switch off. The
-        first pixel, whose first phi loop keeps the unrotated crystal when
-        ``lattice_first`` applies, is always checked eagerly.
-        """
-        ny, nx = self.shape
-        E = self.evaluations_per_pixel
-        xmin, xmax, ymin, ymax = self.setup.roi
-        r_lo, r_hi = max(0, ymin, start), min(ny - 1, ymax, limit - 1)
-        c_lo, c_hi = max(0, xmin), min(nx - 1, xmax)
-        first = self.first_pixel()
-        if first is None or r_lo > r_hi or c_lo > c_hi:
-            return None
-        row, col = r_lo, c_lo
-        if self._tensors.lattice_first is not None and r_lo <= first[0] <= r_hi:
-            # nothing before the first pixel renders; it and the rest of its row come next
-            hit = self._eager_pixel_cutoff(*first)
-            if hit is not None:
-                return hit
-            row, col = first[0], first[1] + 1
-        while row <= r_hi:
-            if col > c_hi:
-                row, col = row + 1, c_lo
-                continue
-            if col > c_lo:  # the rest of a row
-                hit = plan.scan(row, 1, col, c_hi - col + 1)
-                if hit is None:
-                    row, col = row + 1, c_lo
-                    continue
-            else:
-                hit = plan.scan(row, r_hi - row + 1, c_lo, c_hi - c_lo + 1)
-                if hit is None:
-                    return None
-            ordinal, certain = hit
-            if certain:
-                return ordinal
-            prow, pcol = divmod(ordinal // E, nx)
-            exact = self._eager_pixel_cutoff(prow, pcol)
-            if exact is not None:
-                return exact
-            row, col = prow, pcol + 1
-        return None
-
-    def _scan_plan(self) -> Optional[FastPlan]:
-        """A fused-kernel plan whose switch-off scan applies here, or None (eager scan)."""
-        plan = self._fast_plan()
-        if not isinstance(plan, FastPlan):
-            # the render may be on the GPU while the scan runs on the CPU
-            if not self._compiled_kernels_on() or fused_unsupported(self._tensors) is not None:
-                return None
-            plan = self.__dict__.get("_scan_plan_cache")
-            if plan is None:
-                plan = self.__dict__["_scan_plan_cache"] = FastPlan(self._tensors, **self.plan_arguments())
-        return plan if plan.scan_function() is not None else None
-
-    def _table_holds_every_neighbourhood(self) -> bool:
-        """True when no evaluation of the image can leave the table (C never switches interpolation off).
-
-        A conservative bound, no render: every subpixel position lies in the box
-        spanned by the rendered region's corner subpixels and the detector
-        thickness; on tiles of it ``d·a = (pos·a)/|pos|`` is bounded by the
-        corners' ``pos·a`` and the nearest and farthest points of the tile, for
-        every lattice (phi step, mosaic domain, and the first pixel's unrotated
-        one) and source. False does not mean it switches off, only that the scan
-        has to look.
-        """
-        kt = self._tensors
-        s = self.setup
-        if kt.bounds is None or kt.curved:
-            return False
-        ny, nx = self.shape
-        xmin, xmax, ymin, ymax = s.roi
-        r_lo, r_hi = max(0, ymin), min(ny - 1, ymax)
-        c_lo, c_hi = max(0, xmin), min(nx - 1, xmax)
-        if r_lo > r_hi or c_lo > c_hi:
-            return True
-        f, sd, o, p0 = (np.asarray(t.detach().cpu(), dtype=np.float64) for t in (kt.fdet, kt.sdet, kt.odet, kt.pix0))
-        basis = np.stack([f, sd, o])
-        if not np.allclose(basis @ basis.T, np.eye(3), rtol=0, atol=1e-12):
-            return False  # the nearest-point bound below needs orthonormal detector axes
-        os_, sub = kt.oversample, kt.subpixel_size
-        T = kt.thick_offsets.numel()
-        lats = [np.asarray(kt.lattice.detach().cpu(), dtype=np.float64).reshape(-1, 3, 3)]
-        if kt.lattice_first is not None:
-            lats.append(np.asarray(kt.lattice_first.detach().cpu(), dtype=np.float64).reshape(-1, 3, 3))
-        lat = np.concatenate(lats).reshape(-1, 3)  # [L*3] rows a, b, c of every lattice
-        norm_a = np.linalg.norm(lat, axis=-1)
-        inc = np.asarray(kt.incident.detach().cpu(), dtype=np.float64)  # [S, 3]
-        il = np.asarray(kt.inv_lambda.detach().cpu(), dtype=np.float64)[:, None]  # [S, 1]
-        ia = inc @ lat.T  # [S, L*3]
-        hmin, hmax, kmin, kmax, lmin, lmax = kt.bounds
-        low = np.tile(np.array([hmin, kmin, lmin], dtype=np.float64) + 2.0, len(lat) // 3)  # C: h - 2 >= hmin
-        high = np.tile(np.array([hmax, kmax, lmax], dtype=np.float64) - 2.0, len(lat) // 3)  # h <= hmax - 2
-        margin = 1e-6 * (1.0 + np.abs(low).max() + np.abs(high).max())
-        fa, fb = (c_lo * os_ + 0.5) * sub, (c_hi * os_ + os_ - 0.5) * sub
-        sa, sb = (r_lo * os_ + 0.5) * sub, (r_hi * os_ + os_ - 0.5) * sub
-        ta, tb = sorted((0.0, float((T - 1) * kt.thickstep)))
-        pf, ps, po = -(p0 @ f), -(p0 @ sd), -(p0 @ o)  # the origin in detector coordinates
-        # coarse tiles first, finer ones while they may still succeed (the bound's slack shrinks with the tile)
-        cap = int(max(1, math.sqrt(4e6 / (8 * len(lat)))))  # [tiles, 8, L*3] stays near 32 MB
-        for nt in sorted({min(n, cap) for n in (8, 32, 128)}):
-            fe = np.linspace(fa, fb, min(nt, c_hi - c_lo + 1) + 1)
-            se = np.linspace(sa, sb, min(nt, r_hi - r_lo + 1) + 1)
-            F0, S0 = (x.reshape(-1) for x in np.meshgrid(fe[:-1], se[:-1]))  # tile ranges [F0, F1] x [S0, S1]
-            F1, S1 = (x.reshape(-1) for x in np.meshgrid(fe[1:], se[1:]))
-            corners = np.stack([Fc[:, None] * f + Sc[:, None] * sd + tc * o + p0
-                                for Fc in (F0, F1) for Sc in (S0, S1) for tc in (ta, tb)], axis=1)  # [tiles, 8, 3]
-            dist = np.linalg.norm(corners, axis=-1)
-            rmax = dist.max(-1)
-            # nearest point of a tile box to the origin: clamp the origin's detector coordinates
-            df, ds, dt = np.clip(pf, F0, F1) - pf, np.clip(ps, S0, S1) - ps, np.clip(po, ta, tb) - po
-            rmin = np.sqrt(df * df + ds * ds + dt * dt)
-            u = (corners.reshape(-1, 3) @ lat.T).reshape(len(F0), 8, -1)  # [tiles, 8, L*3]: pos·a
-            umin, umax = u.min(1), u.max(1)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                dhi = np.where(umax > 0, umax / rmin[:, None], umax / rmax[:, None]).max(0)
-                dlo = np.where(umin > 0, umin / rmax[:, None], umin / rmin[:, None]).min(0)
-                dhi, dlo = np.minimum(dhi, norm_a), np.maximum(dlo, -norm_a)  # d·a, |d| = 1
-                hi, lo = il * (dhi - ia), il * (dlo - ia)  # [S, L*3]
-                if np.all(lo >= low + margin) and np.all(hi <= high - margin):
-                    return True
-                # values at the corners themselves: outside there, finer tiles cannot prove it
-                d_at = (u / dist[..., None]).reshape(-1, len(lat))
-                if not (np.all(il * (d_at.min(0) - ia) >= low) and np.all(il * (d_at.max(0) - ia) <= high)):
-                    return False
-        return False
+        return self.switch_off.cutoff(until_row)
 
     def evaluate(self, rows: torch.Tensor, cols: torch.Tensor, detail: bool = False) -> dict:
         """Run the kernel on a block (used by rendering and taps)."""
@@ -455,91 +282,40 @@ class Simulation:
                               fpixels=self.setup.fpixels, first_pixel=self.first_pixel(), detail=detail)
 
     def reduce(self, res: dict) -> dict:
-        """Reduce per-evaluation results to pixel values, following C's factor rules.
-
-        Returns a dict with ``value`` (photons), ``I_sum`` (sum before scaling,
-        background included), and the factors applied at the end.
-        """
-        s = self.setup
-        inten = res["intensity"]
-        R, C = inten.shape[:2]
-        flat = inten.reshape(R, C, -1).to(torch.float64 if self.dtype == torch.float64 else inten.dtype)
-        omega, capture, polar = res["omega"], res["capture"], res["polar"]
-        T = capture.shape[2]
-        omega_first = omega[:, :, 0, 0, 0]
-        capture_last = capture[:, :, T - 1, 0, 0]
-        # polarisation: value at the first (subpixel, source) not skipped by -dmin
-        pol = polar.reshape(R, C, -1)
-        ok = ~res["dmin_skip"].reshape(R, C, -1)
-        first_ok = torch.argmax(ok.to(torch.int8), dim=-1)
-        polar_first = torch.where(ok.any(-1), torch.gather(pol, -1, first_ok[..., None])[..., 0],
-                                  torch.zeros_like(pol[..., 0]))
-        scale = R_E_SQR * s.fluence / s.steps
-        if not (s.oversample_thick or s.oversample_polar or s.oversample_omega):
-            I_sum = flat.sum(-1) + s.I_bg
-            value = I_sum * scale * capture_last * polar_first * omega_first
-            return {"value": value, "I_sum": I_sum, "omega_applied": omega_first,
-                    "capture_applied": capture_last, "polar_applied": polar_first}
-        # each evaluation's oversampled factors (capture, omega per subpixel; polar per source too)
-        evshape = inten.shape
-        mult = torch.ones(evshape, dtype=inten.dtype, device=inten.device)
-        sub_shape = evshape[:5] + (1,) * (len(evshape) - 5)
-        if s.oversample_thick:
-            mult = mult * capture.reshape(sub_shape)
-        if s.oversample_omega:
-            mult = mult * omega.reshape(sub_shape)
-        if s.oversample_polar:
-            mult = mult * polar.reshape(evshape[:6] + (1,) * (len(evshape) - 6))
-        if self.config.compat.oversample_running_product:
-            # C multiplies the running sum (background and earlier terms) by each factor inside the loop
-            mult = torch.where(res["skipped"], torch.ones_like(mult), mult).reshape(R, C, -1)
-            suffix = torch.flip(torch.cumprod(torch.flip(mult, [-1]), -1), [-1])
-            I_sum = (flat * suffix).sum(-1) + s.I_bg * suffix[..., 0]
-        else:
-            # -fix_oversample: each term weighted by its own factor, the background by their mean
-            mult = mult.reshape(R, C, -1).to(flat.dtype)
-            I_sum = (flat * mult).sum(-1) + s.I_bg * mult.mean(-1)
-        value = I_sum * scale
-        if not s.oversample_thick:
-            value = value * capture_last
-        if not s.oversample_polar:
-            value = value * polar_first
-        if not s.oversample_omega:
-            value = value * omega_first
-        return {"value": value, "I_sum": I_sum, "omega_applied": omega_first if not s.oversample_omega else None,
-                "capture_applied": capture_last if not s.oversample_thick else None,
-                "polar_applied": polar_first if not s.oversample_polar else None}
+        """Reduce per-evaluation results to pixel values (:func:`torchbragg.kernels.eager.reduce_evaluations`)."""
+        return reduce_evaluations(res, self.setup, dtype=self.dtype,
+                                  running_product=self.config.compat.oversample_running_product)
 
     def plan_arguments(self) -> dict:
-        """The keyword arguments of a compiled-kernel plan (:class:`~torchbragg.kernel.FastPlan`,
-        :class:`~torchbragg.gpu_kernel.GpuPlan`) for this simulation, besides its tensors."""
+        """The keyword arguments of a compiled-kernel plan (:class:`~torchbragg.kernels.cpu.CpuPlan`,
+        :class:`~torchbragg.kernels.gpu.GpuPlan`) for this simulation, besides its tensors."""
         s = self.setup
         return dict(I_bg=s.I_bg, scale=R_E_SQR * s.fluence / s.steps, fpixels=s.fpixels, mask=s.mask,
                     oversample_factors=(s.oversample_thick, s.oversample_polar, s.oversample_omega),
                     running_product=self.config.compat.oversample_running_product)
 
-    def _compiled_kernels_on(self) -> bool:
-        """``use_fast_kernel`` (instance or class attribute) when not None, else ``TORCHBRAGG_FAST``."""
-        return fast_enabled() if self.use_fast_kernel is None else bool(self.use_fast_kernel)
+    def compiled_kernels_on(self) -> bool:
+        """``use_compiled_kernels`` (instance or class attribute) when not None, else ``TORCHBRAGG_FAST``."""
+        return compiled_kernels_enabled() if self.use_compiled_kernels is None else bool(self.use_compiled_kernels)
 
-    def _fast_plan(self) -> Optional[FastPlan]:
+    def compiled_plan(self) -> CpuPlan | None:
         """The compiled-kernel plan for this simulation (fused CPU or GPU), or None where only the
-        eager kernel applies (see :meth:`_compiled_kernels_on`)."""
-        if not self._compiled_kernels_on():
+        eager kernel applies (see :meth:`compiled_kernels_on`)."""
+        if not self.compiled_kernels_on():
             return None
-        cached = self.__dict__.get("_fast_plan_cache")
+        cached = self.__dict__.get("_compiled_plan_cache")
         if cached is None:
             kt = self._tensors
             plan = None
             packing = self.plan_arguments()
-            if fast_unsupported(kt) is None:
-                plan = FastPlan(kt, **packing)
+            if compiled_kernels_unsupported(kt, "cpu") is None:
+                plan = CpuPlan(kt, **packing)
             elif kt.device.type == "cuda":
-                from .gpu_kernel import GpuPlan, gpu_unsupported
+                from .kernels.gpu import GpuPlan
 
-                if gpu_unsupported(kt) is None:
+                if compiled_kernels_unsupported(kt, "cuda") is None:
                     plan = GpuPlan(kt, **packing)
-            cached = self.__dict__["_fast_plan_cache"] = (plan,)
+            cached = self.__dict__["_compiled_plan_cache"] = (plan,)
         return cached[0]
 
     def _render(self, progress, should_cancel, fallback: bool):
@@ -552,8 +328,10 @@ class Simulation:
         cols = torch.arange(c_lo, c_hi + 1, device=self.device)
         cutoff = self.interpolation_cutoff()
         total = max(0, r_hi - r_lo + 1)
-        plan = self._fast_plan() if total > 0 and c_hi >= c_lo else None
+        plan = self.compiled_plan() if total > 0 and c_hi >= c_lo else None
+        self.last_kernel_note = None
         if plan is not None and plan.function(fallback) is None:
+            self.last_kernel_note = slow_path_note(plan.problem(fallback))
             plan = None  # no compiler: eager kernel
         # every pixel of the ROI is written (masked ones with 0): only pixels outside it need zeroing
         full = (r_lo, r_hi, c_lo, c_hi) == (0, ny - 1, 0, nx - 1)
@@ -624,7 +402,7 @@ class Simulation:
             return image, FallbackMap(counts=counts, reason=reason, evaluations_per_pixel=self.evaluations_per_pixel)
         return image, None
 
-    def _row_segments(self, plan, fallback: bool, cutoff: Optional[int], r_lo: int, r_hi: int, nx: int):
+    def _row_segments(self, plan, fallback: bool, cutoff: int | None, r_lo: int, r_hi: int, nx: int):
         """Row ranges and the kernel that renders each: ``[(mode, first_row, last_row), ...]``.
 
         ``mode`` is ``"eager"`` (eager kernel), ``"fast"`` (fused kernel,
@@ -738,11 +516,11 @@ class _RecycledBuffers:
 
     def __init__(self, max_bytes: int = 256 << 20):
         self.max_bytes = max_bytes
-        self._free: Dict[int, List[np.ndarray]] = {}
+        self._free: dict[int, list[np.ndarray]] = {}
         self._held = 0
         self._lock = threading.Lock()
 
-    def empty(self, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised CPU tensor (like ``torch.empty``) on recycled or new memory."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         nbytes = int(np.prod(shape)) * itemsize

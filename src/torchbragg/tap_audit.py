@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 __all__ = ["write_audit", "compare_with_c", "nearest_neighbour_rule", "AUDIT_NAME", "load_c_taps"]
 
@@ -23,7 +22,7 @@ _RULE_START = "<!-- rule:nearest-neighbour -->"
 _RULE_END = "<!-- /rule:nearest-neighbour -->"
 
 
-def nearest_neighbour_rule() -> Tuple[str, str]:
+def nearest_neighbour_rule() -> tuple[str, str]:
     """The nearest-neighbour lookup rule as written in ``specs/engine.md`` and where it was read."""
     for base in (Path(__file__).resolve().parents[2], Path.cwd()):
         spec = base / "specs" / "engine.md"
@@ -35,7 +34,7 @@ def nearest_neighbour_rule() -> Tuple[str, str]:
                             "repository root")
 
 
-def _norm_args(args) -> List[str]:
+def _norm_args(args) -> list[str]:
     out = []
     for a in args:
         try:
@@ -57,7 +56,7 @@ def load_c_taps(path) -> dict:
     return data
 
 
-def _find_c_pixel(c_taps: dict, args, pixel) -> Optional[Tuple[str, dict]]:
+def _find_c_pixel(c_taps: dict, args, pixel) -> tuple[str, dict] | None:
     want = _norm_args(args)
     for name, cfg in c_taps["configs"].items():
         if _norm_args(cfg["args"]) != want:
@@ -72,7 +71,7 @@ class AuditError(ValueError):
     """An input of the audit (bundle, tap JSON, C taps) that cannot be audited; names file and field."""
 
 
-def nonfinite_fields(value, where: str = "") -> List[str]:
+def nonfinite_fields(value, where: str = "") -> list[str]:
     """Paths of every NaN or infinite number in a JSON value (Python's json reads NaN/Infinity)."""
     if isinstance(value, bool):
         return []
@@ -85,7 +84,7 @@ def nonfinite_fields(value, where: str = "") -> List[str]:
     return []
 
 
-def compare_with_c(doc: dict, c_pixel: dict) -> List[str]:
+def compare_with_c(doc: dict, c_pixel: dict) -> list[str]:
     """Every mismatch between one engine tap document and the C rows of the same pixel."""
     problems = [f"engine tap has a non-finite number: {p}" for p in nonfinite_fields(doc)]
     problems += [f"C taps have a non-finite number: {p}" for p in nonfinite_fields(c_pixel)]
@@ -93,7 +92,7 @@ def compare_with_c(doc: dict, c_pixel: dict) -> List[str]:
     rows = c_pixel["rows"]
     if len(ours) != len(rows):
         problems.append(f"row count: engine {len(ours)}, C {len(rows)}")
-    for o, c in zip(ours, rows):
+    for o, c in zip(ours, rows, strict=False):  # a row-count mismatch is reported above
         where = (f"thick {c['thick']} subS {c['subS']} subF {c['subF']} source {c['source']} "
                  f"phi {c['phi']} mosaic {c['mos']}")
         key = [o["thick"], *o["subpixel_index"], o["source"], o["phi"], o["mosaic"]]
@@ -203,7 +202,7 @@ def _shape_message(err: BaseException) -> str:
 
 def _audit_one(path, doc, c_taps):
     """The report lines of one tap document and its mismatch count."""
-    out: List[str] = []
+    out: list[str] = []
     total_problems = 0
     if not isinstance(doc, dict):
         raise TypeError("the document is not a JSON object")
@@ -257,7 +256,7 @@ def _audit_one(path, doc, c_taps):
                         "| subS | subF | h engine | h C | k engine | k C | l engine | l C "
                         "| (h0,k0,l0) engine / C | F_cell engine / C | oob engine / C |",
                         "|---:|---:|---:|---:|---:|---:|---:|---:|:--|:--|:--|"]
-                for o, c in zip(doc["values"]["subpixels"], cpx["rows"]):
+                for o, c in zip(doc["values"]["subpixels"], cpx["rows"], strict=False):
                     out.append(f"| {c['subS']} | {c['subF']} | {o['hkl_fractional'][0]:.9g} | {c['h']:.9g} | "
                                f"{o['hkl_fractional'][1]:.9g} | {c['k']:.9g} | {o['hkl_fractional'][2]:.9g} | "
                                f"{c['l']:.9g} | {tuple(o['hkl_rounded'])} / {(c['h0'], c['k0'], c['l0'])} | "
@@ -275,7 +274,7 @@ def _audit_one(path, doc, c_taps):
 
 
 def _finish(bundle, docs, c_taps, total_problems, out):
-    from .atomic_io import atomic_write_bytes
+    from .io.atomic_io import atomic_write_bytes
 
     out += ["", "## Summary", ""]
     out.append(f"{len(docs)} pixel(s) audited" + (f"; {total_problems} mismatch(es) against C." if c_taps else

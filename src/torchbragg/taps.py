@@ -1,6 +1,6 @@
 """Pixel taps: the engine's own per-evaluation numbers for one pixel.
 
-A tap runs the rendering kernel (:func:`torchbragg.kernel.evaluate_block`) on a
+A tap runs the rendering kernel (:func:`torchbragg.kernels.eager.evaluate_block`) on a
 one-pixel block and keeps everything it computed, so the numbers it reports are
 the numbers the image was made from. Tap names:
 
@@ -27,15 +27,15 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .kernel import LOOKUP_REASONS
-from .setup import R_E_SQR
+from .kernels.reasons import LOOKUP_DESCRIPTIONS, LOOKUP_REASONS
+from .resolve import R_E_SQR
 
 __all__ = ["TAP_NAMES", "SCHEMA_VERSION", "PixelTap", "TapError", "run_tap", "format_tap_table",
            "tap_filename", "write_tap_json"]
@@ -72,9 +72,9 @@ class PixelTap:
     slow: int
     fast: int
     taps: tuple
-    rows: List[dict]
+    rows: list[dict]
     final_intensity: float
-    values: Dict[str, dict]
+    values: dict[str, dict]
     summary: str
     geometry: dict
     meta: dict = field(default_factory=dict)
@@ -99,12 +99,12 @@ class PixelTap:
         }
         return doc
 
-    def to_json_all(self) -> List[dict]:
+    def to_json_all(self) -> list[dict]:
         """One document per computed tap."""
         return [self.to_json(t) for t in self.values]
 
 
-def _lookup_summary(rows: List[dict], hkl_info: dict) -> str:
+def _lookup_summary(rows: list[dict], hkl_info: dict) -> str:
     used = [r for r in rows if not r["skipped"]]
     n = len(used)
     fallback = [r for r in used if r["lookup"].startswith("default_F")]
@@ -113,17 +113,12 @@ def _lookup_summary(rows: List[dict], hkl_info: dict) -> str:
                 "(all skipped by -dmin or a zero lattice factor)")
     if not fallback:
         interp = sum(r["lookup"] == "interpolated" for r in used)
-        how = "interpolated from the table" if interp == n else "taken from the HKL table"
+        how = LOOKUP_DESCRIPTIONS["interpolated" if interp == n else "table"]
         return f"0 of {n} evaluations used default_F: all {how}"
     reasons = {}
     for r in fallback:
         reasons[r["lookup"]] = reasons.get(r["lookup"], 0) + 1
-    words = {
-        "default_F:no_table": "no HKL table loaded",
-        "default_F:outside_table": "(h0,k0,l0) outside the table's bounds",
-        "default_F:unlisted": "inside the table's box but not listed in the file",
-    }
-    because = "; ".join(f"{words[k]}" + (f" ({v})" if len(reasons) > 1 else "") for k, v in reasons.items())
+    because = "; ".join(LOOKUP_DESCRIPTIONS[k] + (f" ({v})" if len(reasons) > 1 else "") for k, v in reasons.items())
     return f"{len(fallback)} of {n} evaluations used default_F: {because}"
 
 
@@ -178,7 +173,7 @@ def run_tap(sim, slow: int, fast: int, taps: Sequence[str] = ("hkl_subpixel",)) 
         summary += " (pixel outside -roi or masked: C does not render it)"
 
     geometry = _geometry(sim, res)
-    values: Dict[str, dict] = {}
+    values: dict[str, dict] = {}
     for name in taps:
         if name == "hkl_subpixel":
             values[name] = {
@@ -226,14 +221,14 @@ def run_tap(sim, slow: int, fast: int, taps: Sequence[str] = ("hkl_subpixel",)) 
         "config": _config_block(sim),
         "device": str(sim.device),
         "dtype": str(sim.dtype).replace("torch.", ""),
-        "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "timestamp_utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
         "engine": f"torchbragg {__import__('torchbragg').__version__}",
     }
     return PixelTap(slow=slow, fast=fast, taps=taps, rows=records, final_intensity=final, values=values,
                     summary=summary, geometry=geometry, meta=meta)
 
 
-def _maybe(t) -> Optional[float]:
+def _maybe(t) -> float | None:
     return None if t is None else float(t[0, 0])
 
 
@@ -248,7 +243,7 @@ def _subpixel_record(r: dict) -> dict:
     }
 
 
-def _f_cell_stats(records: List[dict], hkl_info: dict) -> dict:
+def _f_cell_stats(records: list[dict], hkl_info: dict) -> dict:
     used = [r for r in records if not r["skipped"]]
     counts = {name: 0 for name in LOOKUP_REASONS.values()}
     for r in used:
@@ -339,19 +334,19 @@ def format_tap_table(tap: PixelTap) -> str:
     return "\n".join(lines)
 
 
-def tap_filename(slow: int, fast: int, tap_id: str, tag: Optional[str] = None) -> str:
+def tap_filename(slow: int, fast: int, tap_id: str, tag: str | None = None) -> str:
     """``tap_<tap>_s<slow>_f<fast>[_<tag>].json``."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag) if tag else None
     return f"tap_{tap_id}_s{slow}_f{fast}{'_' + safe if safe else ''}.json"
 
 
-def write_tap_json(tap: PixelTap, folder, tag: Optional[str] = None, tap_id: str = "hkl_subpixel") -> Path:
+def write_tap_json(tap: PixelTap, folder, tag: str | None = None, tap_id: str = "hkl_subpixel") -> Path:
     """Write one tap document into ``folder`` without overwriting anything.
 
     An existing file of the same name is kept; the new one gets ``-2``, ``-3``
     ... before ``.json``. The write is atomic (no half-written JSON).
     """
-    from .atomic_io import atomic_write_bytes
+    from .io.atomic_io import atomic_write_bytes
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,6 @@ if str(ROOT / "src") not in sys.path:
 import shutil  # noqa: E402
 
 import pytest  # noqa: E402
-
 from inspector_helpers import DATA, SCREENSHOTS, register_manifest  # noqa: E402
 
 

@@ -26,8 +26,7 @@ class FakeMouseEvent:
 def napari_click(viewer, slow, fast, *, shift=False, drag_to=None):
     """Press (and move) and release through napari's mouse-callback machinery."""
     from napari.utils._proxies import ReadOnlyWrapper
-    from napari.utils.interactions import (mouse_move_callbacks, mouse_press_callbacks,
-                                           mouse_release_callbacks)
+    from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
 
     def ev(*a, **k):  # napari's canvas hands callbacks a read-only proxy of each event
         return ReadOnlyWrapper(FakeMouseEvent(*a, **k), exceptions=("handled",))

@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from bragg_inspector import controller as ctl
 from inspector_helpers import GOLDEN, load_json, needs_taps, small_args
 

@@ -9,17 +9,16 @@ import time
 
 import numpy as np
 import pytest
-
 from bragg_inspector import controller as ctl
 from gui_helpers import canvas_widget, napari_click, real_click
-from inspector_helpers import (DATA, GOLDEN, load_json, needs_engine, needs_taps, small_args,
-                               validate_tap_json)
+from inspector_helpers import DATA, GOLDEN, load_json, needs_engine, needs_taps, small_args, validate_tap_json
 
 pytestmark = [pytest.mark.gui]
 
 
 def engine_sim(args, cwd, dtype="float32"):
     import torch
+
     import torchbragg
 
     return torchbragg.Simulation.from_args(args, cwd=str(cwd), dtype=getattr(torch, dtype))
@@ -97,7 +96,7 @@ def _check_table_against_engine(insp, args, cwd, slow, fast):
     assert len(rows) == len(tap.rows) > 0
     keys = {"subS", "subF", "h", "k", "l", "h0", "k0", "l0", "F_cell", "F_latt", "lookup"}
     assert keys <= set(rows[0])
-    for shown, eng in zip(rows, tap.rows):
+    for shown, eng in zip(rows, tap.rows, strict=True):
         for k in rows[0]:
             if k == "default_F":
                 continue
@@ -107,7 +106,7 @@ def _check_table_against_engine(insp, args, cwd, slow, fast):
     tw = insp.tap_widget
     text = tw.table_text()
     assert len(text) == len(rows)
-    for i, (cells, shown) in enumerate(zip(text, rows)):
+    for i, (cells, shown) in enumerate(zip(text, rows, strict=True)):
         assert int(cells["subS"]) == shown["subS"] and int(cells["h0"]) == shown["h0"]
         assert float(cells["h"]) == pytest.approx(shown["h"], abs=6e-5)
         assert cells["lookup"] == shown["lookup"]
@@ -203,7 +202,7 @@ def test_shift_click_selection_and_export_roundtrip(insp, viewer, small_hkl, tmp
     assert len(paths) == 2 and all(p.parent == out and p.suffix == ".json" for p in paths)
     assert all(str(p) in insp.tap_widget.export_label.value for p in paths)
     sim = engine_sim(args, tmp_path)
-    for p, (s, f) in zip(paths, [(10, 50), (32, 32)]):
+    for p, (s, f) in zip(paths, [(10, 50), (32, 32)], strict=True):
         doc = load_json(p)
         validate_tap_json(doc)
         fresh = json.loads(json.dumps(sim.tap(s, f, taps=("hkl_subpixel", "geometry", "intensity")).to_json()))
@@ -285,6 +284,7 @@ GOLDEN_CASE = GOLDEN / "cases" / "hkl_partial_defaultF"
 @pytest.mark.skipif(not GOLDEN_CASE.is_dir(), reason="golden data not available")
 def test_compare_with_golden_case(insp, viewer, tmp_path, qtbot):
     import torchbragg.compare as tbc
+    import torchbragg.io.images as tbi
 
     case = load_json(GOLDEN / "cases.json")["hkl_partial_defaultF"]
     for f in GOLDEN_CASE.glob("*.hkl"):
@@ -292,7 +292,7 @@ def test_compare_with_golden_case(insp, viewer, tmp_path, qtbot):
     assert insp.simulate(case["args"], wait=True), insp.controller.last_error
     cmp = insp.open_reference(GOLDEN_CASE / "img.f32")
     assert cmp is not None, insp.controller.last_error
-    ref = tbc.load_image(GOLDEN_CASE / "img.f32", shape=case["shape"])
+    ref = tbi.load_image(GOLDEN_CASE / "img.f32", shape=case["shape"])
     expect = tbc.compare_images(ref, viewer.layers[ctl.SIM_LAYER].data).to_dict()
     for k in ("correlation", "rmse", "sum_ratio", "max_abs_diff"):
         assert cmp.metrics[k] == pytest.approx(expect[k])
@@ -327,6 +327,7 @@ SMV_CASE = GOLDEN / "cases" / "cubic_hkl_mosflm"
 @pytest.mark.skipif(not (SMV_CASE / "img.smv").is_file(), reason="golden SMV image not available")
 def test_compare_with_an_smv_reference(insp, viewer, tmp_path):
     import torchbragg.compare as tbc
+    import torchbragg.io.images as tbi
 
     case = load_json(GOLDEN / "cases.json")["cubic_hkl_mosflm"]
     for f in SMV_CASE.glob("*.hkl"):
@@ -335,7 +336,7 @@ def test_compare_with_an_smv_reference(insp, viewer, tmp_path):
     cmp = insp.open_reference(SMV_CASE / "img.smv")
     assert cmp is not None, insp.controller.last_error
     # counts converted to photons with the engine's rule (the log beside the file gives the scale)
-    ref, info = tbc.load_image_photons(SMV_CASE / "img.smv")
+    ref, info = tbi.load_image_photons(SMV_CASE / "img.smv")
     assert info["converted"], info
     np.testing.assert_allclose(viewer.layers[ctl.REF_LAYER].data, ref.astype(np.float32))
     expect = tbc.compare_images(ref.astype(np.float32), viewer.layers[ctl.SIM_LAYER].data).to_dict()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import statistics
 
 import pytest
-
 from bragg_inspector import _engine
 from bragg_inspector import controller as ctl
 from gui_helpers import napari_click, real_click, zoom_to
@@ -31,7 +30,7 @@ def test_clicks_fill_the_table_on_4096_tap_configuration(insp, viewer, qtbot):
     # the hover readout of the centre pixel: value, (h,k,l), d and the F source
     text = insp.hover(2048, 2048)
     assert text.startswith("[2048, 2048]  I 1.532  hkl (") and "→ (0,0,0)" in text
-    assert "d 7071 Å" in text and "F 100 (default_F: no HKL table)" in text and "4/4 evaluations" in text
+    assert "d 7071 Å" in text and "F 100 (default_F: no HKL table loaded)" in text and "4/4 evaluations" in text
     table_ms, total_ms = [], []
     for s, f in [(100, 200), (4000, 17), (1234, 3210), (2048, 2049), (0, 0), (4095, 4095), (3000, 1000)]:
         napari_click(viewer, s, f)  # the viewer's mouse-callback path

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from bragg_inspector import _npe2, controller as ctl
+from bragg_inspector import _npe2
+from bragg_inspector import controller as ctl
 from inspector_helpers import ROOT, load_json, needs_engine, needs_taps, small_args, validate_tap_json
 
 MANIFEST = ROOT / "inspector" / "bragg_inspector" / "napari.yaml"
@@ -135,7 +135,6 @@ def test_launcher_parse_keeps_nanobragg_flags():
 @pytest.mark.gui
 def test_launcher_opens_napari_docked_and_rendered(make_napari_viewer, monkeypatch, qtbot, small_hkl):
     import napari
-
     from bragg_inspector import launcher
     from bragg_inspector.controller import controller_for
 

@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from bragg_inspector import controller as ctl
 from gui_helpers import canvas_image
 from inspector_helpers import DATA, needs_taps, small_args

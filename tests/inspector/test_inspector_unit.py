@@ -6,11 +6,9 @@ import json
 
 import numpy as np
 import pytest
-
 from bragg_inspector import io as bio
 from bragg_inspector.args import get_flag_value, join_args, set_flag_value, split_args
-from bragg_inspector.model import (InspectorModel, format_cell, percentile_limits, row_uses_default_F,
-                                   table_columns)
+from bragg_inspector.model import InspectorModel, format_cell, percentile_limits, row_uses_default_F, table_columns
 from inspector_helpers import GOLDEN, needs_engine
 
 

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-
 from bragg_inspector import controller as ctl
 from inspector_helpers import needs_engine, small_args
 
@@ -59,7 +58,7 @@ def test_difference_tolerance_and_rerun(insp, viewer, small_hkl, tmp_path, qtbot
     cmp = insp.model.comparison
     over = viewer.layers[ctl.OVER_TOL_LAYER]
     assert over.visible and not over.editable
-    assert sorted(zip(*np.nonzero(over.data))) == sorted(spots)
+    assert sorted(zip(*np.nonzero(over.data), strict=True)) == sorted(spots)
     assert cmp.n_over_tolerance == 3 and "3 px" in w.metrics_label.value
     assert "3 pixels over" in w.status_label.value
     # the hover readout gives reference and difference

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from bragg_inspector import controller as ctl
 from inspector_helpers import needs_engine, small_args
 
@@ -15,10 +14,11 @@ pytestmark = [pytest.mark.gui]
 
 @needs_engine
 def test_first_picture_from_the_child_then_adopted(viewer, small_hkl, tmp_path, qtbot, monkeypatch):
-    import torchbragg
     from bragg_inspector import Inspector
     from bragg_inspector.launcher import _dock_after_first_picture
     from bragg_inspector.prerender import Prerender
+
+    import torchbragg
 
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the child's hand-over folder, checked below
     args = small_args(small_hkl)

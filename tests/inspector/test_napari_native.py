@@ -9,7 +9,6 @@ import shutil
 
 import numpy as np
 import pytest
-
 from bragg_inspector import controller as ctl
 from gui_helpers import canvas_widget, napari_click, pixel_to_canvas, real_click, zoom_to
 from inspector_helpers import GOLDEN, load_json, needs_taps, small_args
@@ -78,9 +77,8 @@ def test_panels_open_through_napari_plugin_machinery_on_a_plain_viewer(make_napa
 
 
 def test_plugins_menu_opens_the_panels_and_the_api_reuses_them(make_napari_viewer, qtbot):
-    from magicgui.widgets import Container
-
     from bragg_inspector import Inspector
+    from magicgui.widgets import Container
 
     viewer = make_napari_viewer(show=True)
     menu = viewer.window.plugins_menu
@@ -164,7 +162,7 @@ def test_rings_beam_centre_and_table_box_on_hkl_partial_defaultF(insp, viewer, t
     layer = insp.rings(True)
     ds = insp.controller.ring_d_spacings()
     assert layer is not None and len(layer.data) == len(ds) >= 3
-    for d, path in zip(ds, layer.data):
+    for d, path in zip(ds, layer.data, strict=True):
         px = np.round(path).astype(int)
         ok = (px[:, 0] >= 0) & (px[:, 0] < sim.shape[0]) & (px[:, 1] >= 0) & (px[:, 1] < sim.shape[1])
         got = dg.pixel_geometry(sim, px[ok, 0], px[ok, 1])["d_angstrom"]
@@ -407,3 +405,22 @@ def test_reopened_tap_json_shows_its_stored_table_when_clicked(insp, viewer, sma
     assert [r["lookup"] for r in rows] == [s["lookup"] for s in stored]
     assert "stored table" in other.tap_widget.pixel_label.value
     assert json.dumps(doc)  # the document itself is untouched
+
+
+def test_no_compiler_says_so_in_the_status_line(insp, viewer, small_hkl, monkeypatch, tmp_path, qtbot,
+                                                 screenshot_dir):
+    """Without a C++ compiler the image still renders, and one plain line says how and what to do."""
+    from torchbragg.kernels import cpu as cpu_kernel
+    from torchbragg.kernels.build import NO_COMPILER_MESSAGE, slow_path_note
+
+    monkeypatch.setattr(cpu_kernel, "_libraries", {})
+    monkeypatch.setattr(cpu_kernel, "_errors", {})
+    monkeypatch.setattr(cpu_kernel, "cxx_compiler", lambda: None)
+    monkeypatch.setenv("TORCHBRAGG_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("TORCHBRAGG_FAST", "1")
+    assert insp.simulate(small_args(small_hkl), wait=True), insp.controller.last_error
+    status = insp.simulation_widget.status_label.value
+    assert status.startswith(slow_path_note(NO_COMPILER_MESSAGE) + "; rendered ")
+    assert "eager kernel" in status and "\n" not in status
+    assert insp.simulation_widget.status_label.native.styleSheet() == "color: #f4a261;"
+    viewer.window._qt_window.grab().save(str(screenshot_dir / "no_compiler_status.png"))

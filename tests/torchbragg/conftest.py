@@ -18,9 +18,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -45,11 +45,11 @@ class GoldenCase:
     entry: dict = field(repr=False)
 
     @property
-    def args(self) -> List[str]:
+    def args(self) -> list[str]:
         return list(self.entry["args"])
 
     @property
-    def shape(self) -> Tuple[int, int]:
+    def shape(self) -> tuple[int, int]:
         return tuple(self.entry["shape"])
 
     @property
@@ -64,7 +64,7 @@ class GoldenCase:
     def log(self) -> str:
         return (self.folder / "log.txt").read_text()
 
-    def input_files(self) -> List[Path]:
+    def input_files(self) -> list[Path]:
         return sorted(p for p in self.folder.iterdir() if p.suffix in INPUT_SUFFIXES)
 
     def stage(self, dest: Path, extra: Iterable[str] = ()) -> Path:
@@ -77,7 +77,7 @@ class GoldenCase:
         return dest
 
     def simulation(self, dest: Path, dtype=torch.float32, extra_args: Sequence[str] = (),
-                   copy: Iterable[str] = (), chunk_rows: Optional[int] = None):
+                   copy: Iterable[str] = (), chunk_rows: int | None = None):
         """A :class:`torchbragg.Simulation` of the case, inputs staged in ``dest``."""
         import torchbragg
 
@@ -92,7 +92,7 @@ class GoldenCase:
         return sim, sim.render().detach().cpu().to(torch.float64).numpy()
 
 
-def load_cases(root: Path) -> Dict[str, GoldenCase]:
+def load_cases(root: Path) -> dict[str, GoldenCase]:
     """The cases of a golden folder (``cases.json`` + ``cases/<name>/``)."""
     index = root / "cases.json"
     if not index.is_file():
@@ -130,7 +130,7 @@ def assert_parity(out: np.ndarray, ref: np.ndarray, dtype=torch.float32, label: 
     return m
 
 
-def _parametrised_cases() -> List[GoldenCase]:
+def _parametrised_cases() -> list[GoldenCase]:
     shared = load_cases(SHARED_GOLDEN)
     return list(shared.values()) if shared else list(load_cases(SMALL_GOLDEN).values())
 
@@ -153,12 +153,12 @@ def shared_golden() -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_cases(shared_golden) -> Dict[str, GoldenCase]:
+def shared_cases(shared_golden) -> dict[str, GoldenCase]:
     return load_cases(shared_golden)
 
 
 @pytest.fixture(scope="session")
-def small_cases() -> Dict[str, GoldenCase]:
+def small_cases() -> dict[str, GoldenCase]:
     cases = load_cases(SMALL_GOLDEN)
     assert cases, f"no small reference cases in {SMALL_GOLDEN}"
     return cases
@@ -188,7 +188,7 @@ def parity():
 @pytest.fixture
 def needs_fast():
     """Skip where the fused CPU kernel cannot be compiled (no C++ compiler)."""
-    from torchbragg import kernel
+    from torchbragg.kernels.cpu import cpu_render_function
 
-    if kernel.fast_library(torch.float32, "square", False, False) is None:
+    if cpu_render_function(torch.float32, "square", False, False) is None:
         pytest.skip("the fused kernel could not be compiled here (no C++ compiler?)")

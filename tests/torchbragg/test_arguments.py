@@ -15,7 +15,7 @@ import pytest
 
 from torchbragg import ArgumentError, parse_args
 from torchbragg.c_random import random_misset
-from torchbragg.setup import resolve
+from torchbragg.resolve import resolve
 
 CELL = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "100"]
 
@@ -133,7 +133,7 @@ def test_automatic_choices_match_the_c_logs(golden_case):
         # golden README quirk 3: where 3 x size / (lambda distance / pixel) is a whole number the
         # last bit of rounding decides between n and n + 1 (3 or 4 for the XDS case, which C's
         # build rounded up); elsewhere the choice must be C's
-        size = max(n * float(np.linalg.norm(v)) for n, v in zip(s.N, s.a0))
+        size = max(n * float(np.linalg.norm(v)) for n, v in zip(s.N, s.a0, strict=True))
         exact = 3.0 * size / (s.lambda0 * s.distance / s.pixel_size)
         allowed = {round(exact), round(exact) + 1} if abs(exact - round(exact)) < 1e-9 else {math.ceil(exact)}
         assert int(recommend.group(1)) in allowed and s.recommended_oversample in allowed

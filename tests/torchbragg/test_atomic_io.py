@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from torchbragg.atomic_io import atomic_write_bytes, atomic_write_text, exclusive_path
+from torchbragg.io.atomic_io import atomic_write_bytes, atomic_write_text, exclusive_path
 
 
 def _leftovers(folder):

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import torchbragg
-from torchbragg import bench, cli, kernel
 from torchbragg import simulation as simulation_module
+from torchbragg.cli import bench
+from torchbragg.cli import command as cli
+from torchbragg.interpolation_switch_off import InterpolationSwitchOff
+from torchbragg.kernels import cpu as cpu_kernel
+from torchbragg.kernels import packing
+from torchbragg.kernels.build import NO_COMPILER_MESSAGE, slow_path_note
 
 MOSAIC_PHI = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "100", "-N", "5", "-lambda", "1.0",
               "-mosaic", "0.5", "-mosaic_dom", "5", "-phi", "0", "-osc", "0.5", "-phisteps", "3",
@@ -34,7 +42,7 @@ def _table_args(tmp_path, extra=()):
 
 def _render(args, fast, dtype=torch.float32, chunk_rows=None, fallback=False):
     sim = torchbragg.Simulation.from_args(args, dtype=dtype, chunk_rows=chunk_rows)
-    sim.use_fast_kernel = fast
+    sim.use_compiled_kernels = fast
     if fallback:
         image, fmap = sim.render_with_fallback()
     else:
@@ -58,7 +66,7 @@ def test_fast_path_equals_eager_path(tmp_path, case, dtype):
                                       "-roi", "3", "50", "5", "60"]}[case]
     eager_sim, eager, eager_map = _render(args, False, dtype, fallback=True)
     fast_sim, fast, fast_map = _render(args, True, dtype, fallback=True)
-    assert fast_sim._fast_plan() is not None and eager_sim._fast_plan() is None
+    assert fast_sim.compiled_plan() is not None and eager_sim.compiled_plan() is None
     scale = float(eager.abs().max())
     assert scale > 0
     tol = 1e-5 if dtype == torch.float32 else 1e-11
@@ -118,7 +126,7 @@ def test_fast_path_with_interpolation(tmp_path, table, dtype):
     eager_sim, eager, eager_map = _render(args, False, dtype, fallback=True)
     fast_sim, fast, fast_map = _render(args, True, dtype, fallback=True)
     cutoff = fast_sim.interpolation_cutoff()
-    modes = [m for m, _, _ in fast_sim._row_segments(fast_sim._fast_plan(), False, cutoff, 0, 47, 96)]
+    modes = [m for m, _, _ in fast_sim._row_segments(fast_sim.compiled_plan(), False, cutoff, 0, 47, 96)]
     if table == "never_switches_off":
         assert cutoff is None and modes == ["interp"]
     elif table == "switch_off_mid_image":
@@ -131,25 +139,45 @@ def test_fast_path_with_interpolation(tmp_path, table, dtype):
 def test_environment_switches_the_fast_path_off(monkeypatch):
     monkeypatch.setenv("TORCHBRAGG_FAST", "0")
     sim = torchbragg.Simulation.from_args(TAP_SMALL)
-    assert sim._fast_plan() is None
+    assert sim.compiled_plan() is None
     image = sim.render()
     monkeypatch.setenv("TORCHBRAGG_FAST", "1")
-    if kernel.fast_library(torch.float32, "square", False, False) is not None:
-        assert sim._fast_plan() is not None
+    if cpu_kernel.cpu_render_function(torch.float32, "square", False, False) is not None:
+        assert sim.compiled_plan() is not None
         assert torch.allclose(sim.render(), image, rtol=1e-5, atol=1e-5 * float(image.max()))
 
 
 def test_no_compiler_falls_back_to_the_eager_kernel(monkeypatch, tmp_path):
-    monkeypatch.setattr(kernel, "_fast_libs", {})
-    monkeypatch.setattr(kernel, "_fast_errors", {})
-    monkeypatch.setattr(kernel, "cxx_compiler", lambda: None)
+    monkeypatch.setattr(cpu_kernel, "_libraries", {})
+    monkeypatch.setattr(cpu_kernel, "_errors", {})
+    monkeypatch.setattr(cpu_kernel, "cxx_compiler", lambda: None)
     monkeypatch.setenv("TORCHBRAGG_CACHE_DIR", str(tmp_path / "empty-cache"))
     sim = torchbragg.Simulation.from_args(TAP_SMALL)
-    with pytest.warns(RuntimeWarning, match="fused render kernel unavailable"):
+    with pytest.warns(RuntimeWarning, match=r"rendering uses the slower PyTorch path .*: no C\+\+ compiler found"):
         image = sim.render()
-    assert "no C++ compiler" in kernel.fast_kernel_error(torch.float32, "square", False, False)
+    assert cpu_kernel.cpu_kernel_error(torch.float32, "square", False, False) == NO_COMPILER_MESSAGE
+    # the one plain line the command line and the inspector show: what happened, why and what to do
+    assert sim.last_kernel == "eager kernel"
+    assert sim.last_kernel_note == slow_path_note(NO_COMPILER_MESSAGE)
+    assert "\n" not in sim.last_kernel_note and "bash scripts/bootstrap.sh" in sim.last_kernel_note
     monkeypatch.setenv("TORCHBRAGG_FAST", "0")
-    assert torch.equal(torchbragg.Simulation.from_args(TAP_SMALL).render(), image)
+    chosen = torchbragg.Simulation.from_args(TAP_SMALL)
+    assert torch.equal(chosen.render(), image)
+    assert chosen.last_kernel_note is None  # the PyTorch path by choice: nothing to say
+
+
+def test_no_compiler_is_one_plain_line_from_the_command_line(tmp_path):
+    """A fresh machine without g++: the command says so in one line and still writes the image."""
+    env = {k: v for k, v in os.environ.items() if k != "CXX"}
+    env.update(PATH=str(Path(sys.executable).parent), TORCHBRAGG_CACHE_DIR=str(tmp_path / "empty-cache"),
+               TORCHBRAGG_FAST="1")
+    exe = Path(sys.executable).with_name("torchbragg")
+    proc = subprocess.run([str(exe), *TAP_SMALL, "-floatfile", "img.bin"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines == [f"torchbragg: warning: {slow_path_note(NO_COMPILER_MESSAGE)}"], proc.stderr
+    assert (tmp_path / "img.bin").stat().st_size == 4 * 64 * 64
 
 
 # --------------------------------------------------------------------------- the bench command
@@ -185,7 +213,12 @@ def test_bench_command_writes_a_report(tmp_path, capsys, monkeypatch):
     assert len(r["warm_s"]) == 2 and r["evaluations"] == 128 * 128 * 4
     assert r["tap_method"] in ("sim.tap", "sim.evaluate(detail=True)") and r["tap_pixel"] == [64, 64]
     assert r["fast_kernel"] is True
-    assert (r["kernel"], r["last_kernel"]) == ("FastPlan", "fused CPU kernel")
+    assert (r["kernel"], r["last_kernel"]) == ("CpuPlan", "fused CPU kernel")
+    # the PyTorch path (what a machine without a compiler renders with), timed beside it
+    pp = run["pytorch_path"]
+    assert pp["process"]["returncode"] == 0 and pp["last_kernel"] == "eager kernel"
+    assert pp["over_compiled"] == pytest.approx(pp["render_min_s"] / r["warm_min_s"]) and pp["over_compiled"] > 1
+    assert f"{pp['over_compiled']:.1f}x the compiled kernel's warm render" in text
     calls = log.read_text().splitlines()
     assert calls == [f"1 {' '.join(bench.CONFIGS['tap128'])}", f"{os.cpu_count()} {' '.join(bench.CONFIGS['tap128'])}"]
     c1 = entry["c"]["single_thread"]
@@ -234,7 +267,7 @@ def test_fast_statistics_equal_the_image_statistics(tmp_path, extra, dtype):
 
     import numpy as np
 
-    from torchbragg.smv import write_smv
+    from torchbragg.io.smv import write_smv
 
     mask = np.ones((24, 32), np.uint16)
     mask[3:6, 4:9] = 0
@@ -244,7 +277,7 @@ def test_fast_statistics_equal_the_image_statistics(tmp_path, extra, dtype):
     args = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "100", "-N", "5", "-pixel", "0.5",
             "-distance", "100", *extra]
     sim = torchbragg.Simulation.from_args(args, cwd=tmp_path, dtype=dtype)
-    assert sim._fast_plan() is not None
+    assert sim.compiled_plan() is not None
     image = sim.render()
     fast = sim.last_stats
     ref = sim._stats(image, fast.solid_angle_sr * sim.setup.steps)
@@ -256,9 +289,9 @@ def test_fast_statistics_equal_the_image_statistics(tmp_path, extra, dtype):
 # --------------------------------------------------------------------------- fallback map: counts dtype and flags
 @pytest.mark.usefixtures("needs_fast")
 def test_fallback_counts_are_the_smallest_integers_that_fit():
-    assert kernel.fallback_count_dtype(1) == kernel.fallback_count_dtype(127) == torch.int8
-    assert kernel.fallback_count_dtype(128) == kernel.fallback_count_dtype(32767) == torch.int16
-    assert kernel.fallback_count_dtype(32768) == torch.int32
+    assert packing.fallback_count_dtype(1) == packing.fallback_count_dtype(127) == torch.int8
+    assert packing.fallback_count_dtype(128) == packing.fallback_count_dtype(32767) == torch.int16
+    assert packing.fallback_count_dtype(32768) == torch.int32
     # 182^2 = 33124 subpixels per pixel: int32 counts, fused kernel and eager kernel agree
     args = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "100", "-N", "5", "-lambda", "1",
             "-distance", "100", "-detpixels", "2", "-pixel", "0.1", "-oversample", "182"]
@@ -342,7 +375,7 @@ SCAN_EXTRAS = {
 def scan_folder(tmp_path):
     import numpy as np
 
-    from torchbragg.smv import write_smv
+    from torchbragg.io.smv import write_smv
 
     _interp_tables(tmp_path)
     mask = np.ones((48, 96), np.uint16)
@@ -369,12 +402,12 @@ def test_fused_switch_off_scan_equals_the_eager_scan(scan_folder, table, extra, 
 
     sim = fresh()
     ny, nx = sim.shape
-    eager = sim._scan_cutoff_eager(0, ny)
-    plan = sim._scan_plan()
+    eager = sim.switch_off.scan_eager(0, ny)
+    plan = sim.switch_off.scan_plan()
     assert plan is not None
-    assert sim._scan_cutoff_fast(plan, 0, ny) == eager
+    assert sim.switch_off.scan_compiled(plan, 0, ny) == eager
     # the proof never claims "never" where the scan switches off; the wide table is proved
-    proof = sim._table_holds_every_neighbourhood()
+    proof = sim.switch_off.table_holds_every_neighbourhood()
     assert not proof or eager is None
     if table == "k_wide.hkl" and extra != "curved":  # (a curved detector sees wider angles: no proof)
         assert eager is None and proof
@@ -387,14 +420,14 @@ def test_fused_switch_off_scan_equals_the_eager_scan(scan_folder, table, extra, 
     for row in (0, 20, 35, 47):
         part = fresh()
         upto = part.interpolation_cutoff(until_row=row)
-        expect = sim._scan_cutoff_eager(0, row + 1)
+        expect = sim.switch_off.scan_eager(0, row + 1)
         assert upto == expect, row
         assert part.interpolation_cutoff() == eager, row
     # evaluations within rounding of C's tests go to the eager kernel: a wide margin makes many of them
     unsure = fresh()
-    p = unsure._scan_plan()
-    p.dparams[kernel._D_OFF["scan_eps"]] = 0.3
-    assert unsure._scan_cutoff_fast(p, 0, ny) == eager
+    p = unsure.switch_off.scan_plan()
+    p.dparams[packing.D_OFFSETS["scan_eps"]] = 0.3
+    assert unsure.switch_off.scan_compiled(p, 0, ny) == eager
 
 
 @pytest.mark.usefixtures("needs_fast")
@@ -403,19 +436,19 @@ def test_switch_off_scan_uses_the_proof_then_the_fused_scan(scan_folder, monkeyp
         raise AssertionError("eager scan used")
 
     wide = torchbragg.Simulation.from_args(SCAN_BASE + ["-hkl", "k_wide.hkl"], cwd=scan_folder)
-    monkeypatch.setattr(kernel.FastPlan, "scan", boom)
-    monkeypatch.setattr(torchbragg.Simulation, "_scan_cutoff_eager", boom)
+    monkeypatch.setattr(cpu_kernel.CpuPlan, "scan", boom)
+    monkeypatch.setattr(InterpolationSwitchOff, "scan_eager", boom)
     assert wide.interpolation_cutoff() is None  # proved: no scan at all
     monkeypatch.undo()
     short = torchbragg.Simulation.from_args(SCAN_BASE + ["-hkl", "k_short.hkl"], cwd=scan_folder)
-    expect = short._scan_cutoff_eager(0, 48)
-    monkeypatch.setattr(torchbragg.Simulation, "_scan_cutoff_eager", boom)
+    expect = short.switch_off.scan_eager(0, 48)
+    monkeypatch.setattr(InterpolationSwitchOff, "scan_eager", boom)
     assert short.interpolation_cutoff() == expect
     monkeypatch.undo()
     # without the fused kernel the eager scan runs
     eager = torchbragg.Simulation.from_args(SCAN_BASE + ["-hkl", "k_short.hkl"], cwd=scan_folder)
-    eager.use_fast_kernel = False
-    assert eager._scan_plan() is None and eager.interpolation_cutoff() == expect
+    eager.use_compiled_kernels = False
+    assert eager.switch_off.scan_plan() is None and eager.interpolation_cutoff() == expect
 
 
 @pytest.mark.usefixtures("needs_fast")
@@ -423,13 +456,13 @@ def test_switch_off_scan_threads_and_slices(scan_folder):
     """Any thread count gives the first hit in C's order, however the rows are sliced."""
     args = SCAN_BASE + ["-hkl", "k_short.hkl", "-mosaic", "0.5", "-mosaic_dom", "3", "-seed", "1"]
     sim = torchbragg.Simulation.from_args(args, cwd=scan_folder)
-    expect = sim._scan_cutoff_eager(0, 48)
-    plan = sim._scan_plan()
+    expect = sim.switch_off.scan_eager(0, 48)
+    plan = sim.switch_off.scan_plan()
     old = torch.get_num_threads()
     try:
         for threads in (1, 2, 3, 7):
             torch.set_num_threads(threads)
-            assert sim._scan_cutoff_fast(plan, 0, 48) == expect, threads
+            assert sim.switch_off.scan_compiled(plan, 0, 48) == expect, threads
             hit = plan.scan(0, 48, 0, 96, threads=threads)
             assert hit is not None and hit[0] == expect and hit[1]
     finally:
@@ -443,7 +476,7 @@ def test_wide_table_config_files(tmp_path):
     assert bench.prepare_files(bench.CONFIGS["interp128"], tmp_path) == []  # already there
     assert "interp_wide60.hkl" in bench.CONFIGS["interp4096"]
     sim = torchbragg.Simulation.from_args(bench.CONFIGS["interp128"], cwd=tmp_path)
-    assert sim.setup.interpolate and sim._table_holds_every_neighbourhood()
+    assert sim.setup.interpolate and sim.switch_off.table_holds_every_neighbourhood()
 
 
 @pytest.mark.usefixtures("needs_fast")

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import torchbragg
-from torchbragg.cli import main, run_simulation
-from torchbragg.smv import read_smv
+from torchbragg.cli.command import main, run_simulation
+from torchbragg.io.smv import read_smv
 
 CASE = "cubic_hkl_mosflm"
 
@@ -188,7 +188,7 @@ def test_statistics_with_roi_follow_c():
 
 
 def test_statistics_with_mask_follow_c(tmp_path):
-    from torchbragg.smv import write_smv
+    from torchbragg.io.smv import write_smv
 
     mask = np.ones((24, 32), np.uint16)
     mask[3:6, 4:9] = 0

@@ -7,14 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torchbragg.compare import (
-    compare_images,
-    format_comparison,
-    load_image,
-    load_image_info,
-    main_compare,
-)
-from torchbragg.smv import write_smv
+from torchbragg.cli.compare import main_compare
+from torchbragg.compare import compare_images, format_comparison
+from torchbragg.io.images import load_image, load_image_info
+from torchbragg.io.smv import write_smv
 
 GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden"
 
@@ -248,7 +244,7 @@ def test_golden_smv_against_float_image():
 def test_smv_counts_converted_to_photons(tmp_path, capsys):
     import shutil
 
-    from torchbragg.compare import load_image_photons, main_compare
+    from torchbragg.io.images import load_image_photons
 
     case = Path(__file__).resolve().parents[1] / "data" / "golden_small" / "cases" / "cubic_hkl_mosflm"
     ref, info = load_image_photons(case / "img.smv")

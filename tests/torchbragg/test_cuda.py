@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import torchbragg
-from torchbragg.gpu_kernel import GpuPlan
+from torchbragg.kernels.gpu import GpuPlan
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -20,7 +20,7 @@ DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64,
 
 
 def _gpu_plan(sim) -> GpuPlan:
-    plan = sim._fast_plan()
+    plan = sim.compiled_plan()
     assert isinstance(plan, GpuPlan), plan
     assert plan.function(False) is not None, "GPU kernel did not compile or load"
     return plan
@@ -79,7 +79,7 @@ def test_cuda_tap_equals_cpu_tap():
     a = torchbragg.Simulation.from_args(args, device="cuda").tap(128, 128, ["hkl_subpixel", "f_cell", "intensity"])
     b = torchbragg.Simulation.from_args(args).tap(128, 128, ["hkl_subpixel", "f_cell", "intensity"])
     assert len(a.rows) == len(b.rows) == 4
-    for ra, rb in zip(a.rows, b.rows):
+    for ra, rb in zip(a.rows, b.rows, strict=True):
         assert (ra["h0"], ra["k0"], ra["l0"], ra["F_cell"], ra["lookup"]) == (rb["h0"], rb["k0"], rb["l0"],
                                                                              rb["F_cell"], rb["lookup"])
         assert (ra["h"], ra["k"], ra["l"]) == pytest.approx((rb["h"], rb["k"], rb["l"]), abs=1e-9)
@@ -94,8 +94,8 @@ def test_cuda_eager_kernel(extra):
     args[args.index("-detpixels") + 1] = "64"
     args += extra
     gpu = torchbragg.Simulation.from_args(args, device="cuda")
-    gpu.use_fast_kernel = False
-    assert gpu._fast_plan() is None
+    gpu.use_compiled_kernels = False
+    assert gpu.compiled_plan() is None
     a = gpu.render().cpu()
     b = torchbragg.Simulation.from_args(args).render()
     assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())

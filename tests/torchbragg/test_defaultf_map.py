@@ -6,7 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from torchbragg.defaultf_map import compare_fallback, fallback_labels, main, renderer_args
+from torchbragg.cli.defaultf_map import main
+from torchbragg.defaultf_map import compare_fallback, fallback_labels, renderer_args
 
 HKL = "\n".join(f"{h} {k} {l} 10" for h in range(-1, 2) for k in range(-1, 2) for l in range(-1, 2)
                 if (h + k + l) % 2 == 0) + "\n"

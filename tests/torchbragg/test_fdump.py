@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torchbragg.hkl_table import (
+from torchbragg.io.hkl_table import (
     HKLFormatError,
     HKLWarning,
     fdump_bytes,

@@ -2,7 +2,7 @@
 
 Expected numbers are derived here by hand from the C program's set-up rules
 (each rule is paraphrased in a comment next to its use) and compared with
-``torchbragg.setup.resolve(parse_args(...))``.  All lengths are metres.
+``torchbragg.resolve.resolve(parse_args(...))``.  All lengths are metres.
 
 A detector of 120 (fast) x 80 (slow) pixels of 0.1 mm at 100 mm is used for the
 convention tests, so that fast/slow and X/Y mix-ups cannot cancel out.
@@ -20,9 +20,9 @@ import torch
 
 import torchbragg
 from torchbragg import parse_args
-from torchbragg.cli import run_simulation
-from torchbragg.setup import resolve
-from torchbragg.smv import read_smv, read_smv_header, write_smv
+from torchbragg.cli.command import run_simulation
+from torchbragg.io.smv import read_smv, read_smv_header, write_smv
+from torchbragg.resolve import resolve
 
 CELL = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "100"]
 DET = ["-detpixels_f", "120", "-detpixels_s", "80", "-pixel", "0.1", "-distance", "100"]

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 import torchbragg
-from torchbragg.cli import run_simulation
-from torchbragg.smv import read_smv
+from torchbragg.cli.command import run_simulation
+from torchbragg.io.smv import read_smv
 
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64, id="float64")]
 

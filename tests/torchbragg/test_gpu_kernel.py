@@ -12,12 +12,14 @@ device-code error fails here rather than on a GPU machine.
 from __future__ import annotations
 
 import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 import torchbragg
-from torchbragg.gpu_kernel import GpuPlan, gpu_source, gpu_unsupported, nvrtc_compile, nvrtc_library
+from torchbragg.kernels.gpu import GpuPlan, gpu_source, nvrtc_compile, nvrtc_library
+from torchbragg.kernels.packing import compiled_kernels_unsupported
 
 DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.float64, id="float64")]
 TAP = ["-cell", "100", "100", "100", "90", "90", "90", "-N", "5", "-default_F", "100", "-lambda", "0.5",
@@ -28,7 +30,7 @@ def gpu_emulated(sim: torchbragg.Simulation) -> GpuPlan:
     """Make ``sim`` render with the host build of the GPU kernel; returns the plan."""
     plan = GpuPlan(sim._tensors, emulate=True, **sim.plan_arguments())
     assert plan.function(False) is not None, "the host build of gpu_render.cu failed"
-    sim.__dict__["_fast_plan_cache"] = (plan,)
+    sim.__dict__["_compiled_plan_cache"] = (plan,)
     return plan
 
 
@@ -77,7 +79,7 @@ def test_gpu_kernel_shapes_sources_and_layers(flags, dtype):
     assert float((a.double() - b.double()).abs().max()) <= tol * float(a.double().abs().max())
     # and both compiled kernels give the eager (reference) kernel's image
     eager = torchbragg.Simulation.from_args(args, dtype=dtype)
-    eager.use_fast_kernel = False
+    eager.use_compiled_kernels = False
     ref = eager.render().double()
     for img in (a, b):
         assert float((img.double() - ref).abs().max()) <= tol * float(ref.abs().max())
@@ -117,7 +119,7 @@ def test_gpu_kernel_mask_and_roi(tmp_path):
 
 def test_gpu_plan_refuses_what_it_cannot_render():
     sim = torchbragg.Simulation.from_args(TAP + ["-detpixels", "16"])
-    assert gpu_unsupported(sim._tensors) == "not a CUDA render"
+    assert compiled_kernels_unsupported(sim._tensors, "cuda") == "not a CUDA render"
     # fractional N with a square crystal (from a crystal size) is the eager kernel's alone
     sim._tensors = dataclasses.replace(sim._tensors, N=(4.5, 5.0, 5.0))
     with pytest.raises(ValueError, match="fractional N"):
@@ -132,12 +134,12 @@ def test_curved_detector_in_every_kernel(extra, dtype):
     args = TAP[:-8] + ["-detpixels", "40", "-oversample", "2", "-curved_det", "-distance", "50",
                         "-pixel", "1"] + extra
     eager = torchbragg.Simulation.from_args(args, dtype=dtype)
-    eager.use_fast_kernel = False
+    eager.use_compiled_kernels = False
     a = eager.render().double()
     flat = torchbragg.Simulation.from_args([x for x in args if x != "-curved_det"], dtype=dtype).render().double()
     assert float((a - flat).abs().max()) > 0.1 * float(a.abs().max())  # the curvature matters here
     a_fused, b, fused, gpu = both(args, dtype)
-    assert fused._fast_plan() is not None
+    assert fused.compiled_plan() is not None
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     for img in (a_fused, b):
         assert float((a - img.double()).abs().max()) <= tol * float(a.abs().max())
@@ -165,8 +167,10 @@ def test_every_cuda_variant_compiles_for_hopper(dtype, shape):
 @pytest.mark.skipif(not _nvrtc_available(), reason="NVRTC library not installed")
 def test_nvrtc_errors_name_the_file_and_line():
     with pytest.raises(RuntimeError, match=r"gpu_render\.cu\(\d+\).*undefined"):
-        nvrtc_compile(gpu_source(torch.float32, "square", False, False, False).replace(
-            "acc += (double)I;", "acc += (double)I + not_a_name;"), 90)
+        source = gpu_source(torch.float32, "square", False, False, False)
+        broken = source.text().replace("double acc = 0.0,", "double acc = not_a_name,")  # compiled in every variant
+        assert broken != source.text()
+        nvrtc_compile(source.with_text(broken), 90)
 
 
 def test_gpu_kernel_in_many_launches_equals_one(reference_case, tmp_path):
@@ -196,8 +200,8 @@ def test_tables_under_four_entries_along_an_axis_are_interpolated_eagerly(tmp_pa
     lines = [f"{h} {k} {l} 10" for h in range(-1, 2) for k in range(-3, 4) for l in range(-3, 4)]
     (tmp_path / "thin.hkl").write_text("\n".join(lines) + "\n")
     sim = torchbragg.Simulation.from_args(TAP + ["-detpixels", "8", "-hkl", "thin.hkl", "-interpolate"], cwd=tmp_path)
-    fused = sim._fast_plan()
+    fused = sim.compiled_plan()
     gpu = GpuPlan(sim._tensors, emulate=True, **sim.plan_arguments())
     for plan in (fused, gpu):
-        assert not plan.packing.interpolates if hasattr(plan, "packing") else not plan.interpolates
+        assert not plan.interpolates
         assert plan.function(False, interp=True) is None and plan.function(False) is not None

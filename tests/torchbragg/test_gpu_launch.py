@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import torchbragg
-from torchbragg import gpu_kernel
-from torchbragg.gpu_kernel import GpuPlan, gpu_source, nvrtc_library
+from torchbragg.kernels import gpu as gpu_kernel
+from torchbragg.kernels.gpu import GpuPlan, gpu_source, nvrtc_library
 
 FAKE_DRIVER = r"""
 #include <dlfcn.h>
@@ -78,7 +78,7 @@ int cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
 @pytest.fixture
 def fake_cuda(tmp_path, monkeypatch):
     """torch.cuda's few calls and libcuda replaced; GPU plans then launch through the stand-in driver."""
-    from torchbragg.kernel import cxx_compiler
+    from torchbragg.kernels.build import cxx_compiler
 
     cxx = cxx_compiler()
     if cxx is None:
@@ -105,7 +105,7 @@ def _cuda_mode(sim) -> GpuPlan:
     """A GpuPlan of ``sim`` in CUDA mode (emulate=False) whose tensors stay on the CPU."""
     plan = GpuPlan(sim._tensors, emulate=True, **sim.plan_arguments())
     plan.emulate = False
-    sim.__dict__["_fast_plan_cache"] = (plan,)
+    sim.__dict__["_compiled_plan_cache"] = (plan,)
     return plan
 
 
@@ -119,7 +119,7 @@ def test_render_through_the_driver_launch(fake_cuda, tmp_path, extra):
     args = ["-cell", "100", "100", "100", "90", "90", "90", "-hkl", "partial.hkl", "-default_F", "50", "-N", "3",
             "-lambda", "1.0", "-distance", "100", "-pixel", "0.4", "-detpixels", "48", "-oversample", "2"] + extra
     ref_sim = torchbragg.Simulation.from_args(args, cwd=tmp_path)  # the emulated plan is the reference
-    ref_sim.__dict__["_fast_plan_cache"] = (GpuPlan(ref_sim._tensors, emulate=True, **ref_sim.plan_arguments()),)
+    ref_sim.__dict__["_compiled_plan_cache"] = (GpuPlan(ref_sim._tensors, emulate=True, **ref_sim.plan_arguments()),)
     ref, ref_map = ref_sim.render_with_fallback()
     assert set(ref_map.reason.unique().tolist()) == {0, 2, 3} and float(ref.abs().max()) > 0  # all to get wrong
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torchbragg.hkl_table import HKLFormatError, HKLTable, HKLWarning, read_hkl
+from torchbragg.io.hkl_table import HKLFormatError, HKLTable, HKLWarning, read_hkl
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "file_formats"
 GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden"
@@ -233,7 +233,7 @@ LINE_RULES = {  # each needs the line-by-line reader: the fast path must step as
 
 @pytest.mark.parametrize("name", PLAIN_CASES)
 def test_plain_files_take_the_fast_path_with_the_same_table(tmp_path, name, monkeypatch):
-    from torchbragg import hkl_table
+    from torchbragg.io import hkl_table
 
     path = tmp_path / "t.hkl"
     path.write_text(PLAIN_CASES[name])
@@ -261,6 +261,6 @@ def test_plain_files_take_the_fast_path_with_the_same_table(tmp_path, name, monk
 
 @pytest.mark.parametrize("name", LINE_RULES)
 def test_files_with_line_rules_are_read_line_by_line(name):
-    from torchbragg import hkl_table
+    from torchbragg.io import hkl_table
 
     assert hkl_table._parse_plain(LINE_RULES[name].encode()) is None

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torchbragg.cli import main
+from torchbragg.cli.command import main
 
 BASE = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "100", "-detpixels", "32"]
 
@@ -75,7 +75,7 @@ def test_negative_roi_bounds_follow_c(tmp_path, capsys):
 
 def test_chunk_rows_python_entry_rejects_negative():
     from torchbragg import Simulation
-    from torchbragg.setup import SetupError
+    from torchbragg.resolve import SetupError
 
     with pytest.raises(SetupError, match="chunk_rows"):
         Simulation.from_args(BASE, chunk_rows=-5)
@@ -89,7 +89,7 @@ def test_hkl_index_beyond_limit_names_line(tmp_path, capsys):
 
 
 def test_hkl_reader_is_bounded(monkeypatch, tmp_path):
-    from torchbragg import hkl_table
+    from torchbragg.io import hkl_table
 
     monkeypatch.setattr(hkl_table, "HKL_MAX_BYTES", 1000)
     t0 = time.perf_counter()
@@ -113,7 +113,7 @@ def test_outputs_are_one_transaction(tmp_path, capsys):
 
 
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch, capsys):
-    from torchbragg import pgm
+    from torchbragg.io import pgm
 
     ok = tmp_path / "ok.f32"
     ok.write_bytes(b"old")
@@ -160,7 +160,7 @@ def test_symlink_written_through_and_mode_kept(tmp_path, capsys):
 
 
 def test_cancel_between_staging_and_commit_keeps_old_files(tmp_path):
-    from torchbragg.atomic_io import OutputSet, atomic_write_bytes
+    from torchbragg.io.atomic_io import OutputSet, atomic_write_bytes
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.write_bytes(b"old-a")
@@ -237,7 +237,7 @@ def test_audit_passes_clean_and_fails_nan(tmp_path):
                                                                 for r in d["values"]["subpixels"]]}}, c),
 ])
 def test_audit_malformed_inputs_are_one_line(tmp_path, mutate, capsys):
-    from torchbragg.tap_cli import main as tap_main
+    from torchbragg.cli.tap import main as tap_main
 
     bundle, cpath = _tap_bundle(tmp_path, mutate)
     code = tap_main(["audit", str(bundle), "--c-taps", str(cpath)])
@@ -251,7 +251,7 @@ def test_audit_malformed_inputs_are_one_line(tmp_path, mutate, capsys):
 def test_bragg_tap_cuda_on_cpu_build(capsys):
     import torch
 
-    from torchbragg.tap_cli import main as tap_main
+    from torchbragg.cli.tap import main as tap_main
 
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
@@ -304,8 +304,8 @@ def test_bragg_tap_signal_exits_cleanly(tmp_path, sig, code, delay):
 
 
 def test_source_file_and_smv_header_are_bounded(tmp_path, capsys, monkeypatch):
-    import torchbragg.setup as tb_setup
-    from torchbragg.smv import SMVFormatError, read_smv_header
+    import torchbragg.resolve as tb_setup
+    from torchbragg.io.smv import SMVFormatError, read_smv_header
 
     code, _out, err = run(BASE + ["-sourcefile", "/dev/zero"], capsys)
     assert code == 2 and "-sourcefile /dev/zero: not a regular file" in err

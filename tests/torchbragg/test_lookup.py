@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import torchbragg
-from torchbragg.kernel import LOOKUP_CODES, LOOKUP_REASONS, evaluate_block
+from torchbragg.kernels import LOOKUP_CODES, LOOKUP_REASONS, evaluate_block
 
 CELL100 = ["-cell", "100", "100", "100", "90", "90", "90"]
 R_TABLE, R_NONE, R_OUTSIDE, R_UNLISTED, R_INTERP = (LOOKUP_CODES[n] for n in (

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torchbragg.matrix_file import MatrixFormatError, mosflm_reciprocal_vectors, read_mosflm_matrix
+from torchbragg.io.matrix_file import MatrixFormatError, mosflm_reciprocal_vectors, read_mosflm_matrix
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "file_formats"
 GOLDEN = Path(__file__).resolve().parents[2].parent / "shared" / "golden"
@@ -39,7 +39,7 @@ def test_reciprocal_vectors_are_columns_over_lambda():
         "b": (-0.00049256, 0.00164443, -0.00517652),
         "c": (0.00409003, -0.00225814, -0.00167105),
     }
-    for got, want in zip((a_star, b_star, c_star), log_table.values()):
+    for got, want in zip((a_star, b_star, c_star), log_table.values(), strict=True):
         assert [f"{x:11.8f}" for x in got] == [f"{x:11.8f}" for x in want]
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import torchbragg
-from torchbragg.gpu_kernel import GpuPlan
-from torchbragg.setup import R_E_SQR
+from torchbragg.kernels.gpu import GpuPlan
+from torchbragg.resolve import R_E_SQR
 
 BASE = torchbragg.TAP_CONFIG_ARGS[:-4] + [
     "-detpixels", "24", "-oversample", "2", "-mosaic", "0.5", "-mosaic_domains", "2", "-dispersion", "0.1",
@@ -29,7 +29,7 @@ FLAG_SETS = [["-oversample_omega"], ["-oversample_thick"], ["-oversample_polar"]
 def _explicit_pixel(args, slow, fast, running_product: bool) -> float:
     """The pixel value from a tap's per-evaluation numbers and the rule, written as a plain loop."""
     sim = torchbragg.Simulation.from_args(args, dtype=torch.float64)
-    sim.use_fast_kernel = False
+    sim.use_compiled_kernels = False
     s = sim.setup
     res = sim.evaluate(torch.tensor([slow]), torch.tensor([fast]), detail=True)
     T, os_, S = s.thicksteps, s.oversample, len(s.source_lambdas)
@@ -80,7 +80,7 @@ def test_rule_equals_an_explicit_loop(flags, fix):
     args = BASE + flags + (["-fix_oversample"] if fix else [])
     sim = torchbragg.Simulation.from_args(args, dtype=torch.float64)
     image = sim.render()  # the fused kernel
-    assert sim._fast_plan() is not None
+    assert sim.compiled_plan() is not None
     for slow, fast in ((12, 12), (3, 20), (23, 0)):
         want = _explicit_pixel(args, slow, fast, running_product=not fix)
         assert float(image[slow, fast]) == pytest.approx(want, rel=1e-12), (slow, fast)
@@ -92,10 +92,10 @@ def test_rule_equals_an_explicit_loop(flags, fix):
 def test_eager_fused_and_gpu_kernels_agree(flags, fix, dtype):
     args = BASE + flags + (["-fix_oversample"] if fix else [])
     eager = torchbragg.Simulation.from_args(args, dtype=dtype)
-    eager.use_fast_kernel = False
+    eager.use_compiled_kernels = False
     fused = torchbragg.Simulation.from_args(args, dtype=dtype)
     gpu = torchbragg.Simulation.from_args(args, dtype=dtype)
-    gpu.__dict__["_fast_plan_cache"] = (GpuPlan(gpu._tensors, emulate=True, **gpu.plan_arguments()),)
+    gpu.__dict__["_compiled_plan_cache"] = (GpuPlan(gpu._tensors, emulate=True, **gpu.plan_arguments()),)
     a = eager.render().double()
     tol = 1e-12 if dtype == torch.float64 else 3e-6
     for sim in (fused, gpu):
@@ -141,18 +141,18 @@ def test_interpolating_render_with_oversample_factors(tmp_path, fix):
             "-pixel", "0.8", "-Xbeam", "0", "-Ybeam", "12.8", "-roi", "12", "20", "0", "31",
             "-oversample_omega", "-oversample_polar"] + (["-fix_oversample"] if fix else [])
     eager = torchbragg.Simulation.from_args(args, dtype=torch.float64, cwd=tmp_path)
-    eager.use_fast_kernel = False
+    eager.use_compiled_kernels = False
     a = eager.render()
     cutoff = eager.interpolation_cutoff()
     assert cutoff is not None and 5 < cutoff // eager.evaluations_per_pixel // 32 < 25  # switches off mid-image
     fused = torchbragg.Simulation.from_args(args, dtype=torch.float64, cwd=tmp_path)
     gpu = torchbragg.Simulation.from_args(args, dtype=torch.float64, cwd=tmp_path)
-    gpu.__dict__["_fast_plan_cache"] = (GpuPlan(gpu._tensors, emulate=True, **gpu.plan_arguments()),)
+    gpu.__dict__["_compiled_plan_cache"] = (GpuPlan(gpu._tensors, emulate=True, **gpu.plan_arguments()),)
     assert eager.last_kernel == "eager kernel"
     for sim, name in ((fused, "fused CPU kernel"), (gpu, "GPU kernel")):
         b = sim.render()
         assert sim.last_kernel == name + " + eager rows"  # the switch-off row
         assert float(b.abs().max()) > 0
-        assert [m for m, _, _ in sim._row_segments(sim._fast_plan(), False, cutoff, 0, 31, 32)] == [
+        assert [m for m, _, _ in sim._row_segments(sim.compiled_plan(), False, cutoff, 0, 31, 32)] == [
             "interp", "eager", "fast"]
         assert float((a - b).abs().max()) <= 1e-12 * float(a.abs().max())

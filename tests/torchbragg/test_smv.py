@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from torchbragg.pgm import pgm_auto_scale, read_pgm, write_pgm
-from torchbragg.smv import (
+from torchbragg.io.pgm import pgm_auto_scale, read_pgm, write_pgm
+from torchbragg.io.smv import (
     SMVFormatError,
     c_beam_centers_mm,
     intfile_auto_scale,

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import torchbragg
-from torchbragg.cli import main
-from torchbragg.hkl_table import read_fdump, read_hkl
+from torchbragg.cli.command import main
+from torchbragg.io.hkl_table import read_fdump, read_hkl
 
 BASE = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "100", "-N", "5", "-lambda", "1",
         "-distance", "100", "-detpixels", "48", "-pixel", "0.8", "-oversample", "1"]

@@ -22,7 +22,7 @@ import torch
 
 from torchbragg import Simulation
 from torchbragg.arguments import ENGINE_FLAGS, FLAGS
-from torchbragg.kernel import LOOKUP_REASONS
+from torchbragg.kernels import LOOKUP_REASONS
 from torchbragg.tap_audit import nearest_neighbour_rule
 from torchbragg.taps import TAP_NAMES
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from torchbragg import tap_cli
+from torchbragg.cli import tap as tap_cli
 from torchbragg.report_bundle import is_bundle, new_bundle
 from torchbragg.tap_audit import nearest_neighbour_rule, write_audit
 
@@ -127,7 +127,7 @@ def test_audit_names_mismatches(tmp_path, capsys):
 
 def test_bragg_tap_console_script_runs_as_a_process(tmp_path):
     exe = Path(sys.executable).parent / "bragg-tap"
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "torchbragg.tap_cli"]
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "torchbragg.cli.tap"]
     p = subprocess.run(cmd + ["--pixel", "3", "4", "--json", "--out-dir", str(tmp_path), "--"] + SMALL,
                        capture_output=True, text=True, timeout=120, env={**os.environ})
     assert p.returncode == 0, p.stderr

@@ -61,7 +61,7 @@ def test_tap_reproduces_c_rows(sims, name, cfg, px):
     slow, fast = px["pixel_slow_fast"]
     tap = sim.tap(slow, fast)
     assert len(tap.rows) == len(px["rows"])
-    for ours, c in zip(tap.rows, px["rows"]):
+    for ours, c in zip(tap.rows, px["rows"], strict=True):
         assert (ours["thick"], ours["subS"], ours["subF"], ours["source"], ours["phi"], ours["mosaic"]) == (
             c["thick"], c["subS"], c["subF"], c["source"], c["phi"], c["mos"])
         for key in "hkl":

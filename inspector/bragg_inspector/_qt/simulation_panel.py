@@ -8,18 +8,29 @@ import html
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from magicgui.widgets import (
+    CheckBox,
+    ComboBox,
+    Container,
+    FileEdit,
+    FloatSpinBox,
+    Label,
+    LineEdit,
+    ProgressBar,
+    PushButton,
+    TextEdit,
+)
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QSizePolicy
-from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label, LineEdit,
-                              ProgressBar, PushButton, TextEdit)
 
 from ..args import join_args, split_args
 from ..controller import KEY_HELP, KEYS, controller_for
+from ..io import image_suffixes
 
 if TYPE_CHECKING:
     import napari
 
-STATUS_STYLE = {"error": "color: #ff6b6b;", "busy": "color: #ffd166;", "info": ""}
+STATUS_STYLE = {"error": "color: #ff6b6b;", "busy": "color: #ffd166;", "warning": "color: #f4a261;", "info": ""}
 
 
 def _devices(_widget=None) -> list[str]:
@@ -120,7 +131,8 @@ class SimulationPanel(Container):
                                              "torchbragg): its default_F map is measured from two renders")
         self.measure_button = PushButton(text="Measure with program")
         self.cmp_legend = Label(value="", name="default_F_comparison_legend")
-        self.ref_file = FileEdit(mode="r", filter="Images (*.f32 *.bin *.raw *.img *.smv);;All files (*)",
+        patterns = " ".join(f"*{suffix}" for suffix in image_suffixes())
+        self.ref_file = FileEdit(mode="r", filter=f"Images ({patterns});;All files (*)",
                                  nullable=True, name="reference_file", label="reference")
         self.ref_shape = LineEdit(value="", name="reference_shape", label="shape",
                                   tooltip="slow×fast of a raw float reference without a .json sidecar "

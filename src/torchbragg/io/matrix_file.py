@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Tuple, Union
+from typing import Union
 
 import numpy as np
 
@@ -145,7 +145,7 @@ def read_mosflm_matrix(path: PathLike) -> np.ndarray:
 
 def mosflm_reciprocal_vectors(
     matrix: np.ndarray, wavelength_A: float
-) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Reciprocal-cell vectors from a MOSFLM ``A`` matrix, as the C program does.
 
     Parameters

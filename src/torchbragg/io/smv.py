@@ -81,8 +81,9 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Union
 
 import numpy as np
 
@@ -103,7 +104,7 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: SMV ``TYPE`` names and their numpy element types (byte order applied later).
-SMV_TYPES: Dict[str, str] = {
+SMV_TYPES: dict[str, str] = {
     "unsigned_short": "u2",
     "signed_short": "i2",
     "short": "i2",
@@ -141,10 +142,10 @@ class SMVFormatError(ValueError):
 
 def _g(value: float) -> str:
     """Format like C's ``%g``."""
-    return "%g" % float(value)
+    return f"{float(value):g}"
 
 
-def _header_block(path: PathLike) -> Tuple[str, int, int]:
+def _header_block(path: PathLike) -> tuple[str, int, int]:
     """Return ``(header_text, header_bytes, file_size)`` for an SMV file."""
     p = Path(path)
     size = p.stat().st_size
@@ -174,8 +175,8 @@ def _header_block(path: PathLike) -> Tuple[str, int, int]:
     return block[1:end].decode("latin-1"), header_bytes, size
 
 
-def _parse_header(text: str) -> Dict[str, str]:
-    fields: Dict[str, str] = {}
+def _parse_header(text: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         for part in line.split(";"):
             part = part.strip()
@@ -189,7 +190,7 @@ def _parse_header(text: str) -> Dict[str, str]:
     return fields
 
 
-def read_smv_header(path: PathLike) -> Dict[str, str]:
+def read_smv_header(path: PathLike) -> dict[str, str]:
     """Read the ``KEY=VALUE`` header of an SMV file.
 
     Parameters
@@ -229,7 +230,7 @@ def _int_field(path: PathLike, header: Mapping[str, str], key: str) -> int:
     return value
 
 
-def read_smv(path: PathLike) -> Tuple[Dict[str, str], np.ndarray]:
+def read_smv(path: PathLike) -> tuple[dict[str, str], np.ndarray]:
     """Read an SMV image.
 
     Parameters
@@ -409,7 +410,7 @@ def write_smv(
 
 def c_beam_centers_mm(
     *, fbeam_mm: float, sbeam_mm: float, detsize_s_mm: float, pixel_size_mm: float
-) -> Dict[str, Tuple[float, float]]:
+) -> dict[str, tuple[float, float]]:
     """Convention-specific beam centres the C program derives from Fbeam/Sbeam.
 
     Parameters
@@ -454,11 +455,11 @@ def smv_header_fields(
     phi_deg: float = 0.0,
     osc_range_deg: float = 0.0,
     twotheta_deg: float = 0.0,
-    osc_start_deg: Optional[float] = None,
+    osc_start_deg: float | None = None,
     detector_sn: str = "000",
     beamline: str = "fake",
-    extra: Optional[Mapping[str, object]] = None,
-) -> Dict[str, str]:
+    extra: Mapping[str, object] | None = None,
+) -> dict[str, str]:
     """Build the header entries the C program writes after ``SIZE2``.
 
     Parameters
@@ -501,7 +502,7 @@ def smv_header_fields(
         :func:`write_smv`.
     """
 
-    def pair(name: str, value: Sequence[float], n: int = 2) -> Tuple[float, ...]:
+    def pair(name: str, value: Sequence[float], n: int = 2) -> tuple[float, ...]:
         values = tuple(float(v) for v in value)
         if len(values) != n:
             raise ValueError(f"{name} needs {n} values, got {len(values)}")
@@ -563,8 +564,8 @@ def intfile_auto_scale(image: np.ndarray) -> float:
 
 
 def to_intimage(
-    image: np.ndarray, scale: Optional[float] = None, adc_offset: float = 40.0
-) -> Tuple[np.ndarray, float]:
+    image: np.ndarray, scale: float | None = None, adc_offset: float = 40.0
+) -> tuple[np.ndarray, float]:
     """Convert a float image to the C program's ``-intfile`` pixels.
 
     Parameters

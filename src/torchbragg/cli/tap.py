@@ -19,8 +19,8 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -36,6 +36,13 @@ def _fail(message: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``bragg-tap`` command line.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        Its options; nanoBragg arguments follow ``--``.
+    """
     p = _Parser(prog="bragg-tap", description="Tap pixels of a nanoBragg simulation: which reflection and "
                 "structure factor every subpixel used. nanoBragg arguments follow '--'.")
     p.add_argument("--pixel", nargs=2, type=int, action="append", metavar=("SLOW", "FAST"), required=True,
@@ -53,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _audit(argv: List[str]) -> int:
-    from .tap_audit import write_audit
+def _audit(argv: list[str]) -> int:
+    from ..tap_audit import write_audit
 
     p = _Parser(prog="bragg-tap audit", description="Write comparison/tap5_hkl_audit.md for a bundle.")
     p.add_argument("bundle")
@@ -64,14 +71,14 @@ def _audit(argv: List[str]) -> int:
         path = write_audit(ns.bundle, ns.c_taps)
     except (OSError, ValueError) as err:
         return _fail(str(err))
-    from .report_bundle import record_command
+    from ..report_bundle import record_command
 
     record_command(ns.bundle, ["bragg-tap", "audit"] + list(argv), note=f"wrote {path}")
     print(path)
     return 0
 
 
-def _writable_folder(path: Path) -> Optional[str]:
+def _writable_folder(path: Path) -> str | None:
     """Create ``path`` if needed; return an error message when it cannot be written."""
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -82,14 +89,14 @@ def _writable_folder(path: Path) -> Optional[str]:
     return None
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bragg-tap`` console script (SIGINT/SIGTERM: exit 130/143, one line)."""
-    from .cli import run_command
+    from .command import run_command
 
     return run_command("bragg-tap", _main, argv, lambda: "no tap file was left half-written")
 
 
-def _main(argv: Optional[Sequence[str]] = None) -> int:
+def _main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     original = list(argv)
     if argv and argv[0] == "audit":
@@ -97,7 +104,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             return _audit(argv[1:])
         except SystemExit as exc:
             return int(exc.code or 0)
-    nb_args: List[str] = []
+    nb_args: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
         argv, nb_args = argv[:cut], argv[cut + 1:]
@@ -108,11 +115,11 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
 
     import torch
 
-    from . import TAP_CONFIG_ARGS
-    from .arguments import ArgumentError
-    from .setup import SetupError
-    from .simulation import Simulation
-    from .taps import TAP_NAMES, TapError, format_tap_table, write_tap_json
+    from .. import TAP_CONFIG_ARGS
+    from ..arguments import ArgumentError
+    from ..resolve import SetupError
+    from ..simulation import Simulation
+    from ..taps import TAP_NAMES, TapError, format_tap_table, write_tap_json
 
     taps = [t.strip() for t in ns.taps.split(",") if t.strip()]
     unknown = [t for t in taps if t not in TAP_NAMES]
@@ -138,7 +145,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     folder = None
     bundle = None
     if ns.bundle:
-        from .report_bundle import is_bundle
+        from ..report_bundle import is_bundle
 
         err = None if is_bundle(ns.bundle) else _writable_folder(Path(ns.bundle))
         if err:
@@ -163,7 +170,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(str(err))
 
     if ns.bundle:
-        from .report_bundle import open_bundle, record_command
+        from ..report_bundle import open_bundle, record_command
 
         bundle = open_bundle(ns.bundle)
         folder = bundle / "py_taps"

@@ -16,8 +16,9 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence, TextIO
+from typing import TextIO
 
 import numpy as np
 
@@ -58,9 +59,9 @@ class TerminalProgress:
 
 def split_engine_options(argv: Sequence[str]):
     """Separate this engine's options (-device, -dtype, -chunk_rows) from nanoBragg's."""
-    from .arguments import ArgumentError
+    from ..arguments import ArgumentError
 
-    rest: List[str] = []
+    rest: list[str] = []
     opts = {"device": "cpu", "dtype": "float32", "chunk_rows": None, "dtype_given": None}
     i = 0
     argv = list(argv)
@@ -122,12 +123,12 @@ def _describe_setup(sim, out: TextIO) -> None:
     p(f"  Fbeam={s.fbeam:g} Sbeam={s.sbeam:g}")
     p(f"  Xclose={s.xclose:g} Yclose={s.yclose:g}")
     p(f"  Fclose={s.fclose:g} Sclose={s.sclose:g}")
-    p("  DIRECTION_OF_DETECTOR_X-AXIS= %g %g %g" % tuple(s.fdet))
-    p("  DIRECTION_OF_DETECTOR_Y-AXIS= %g %g %g" % tuple(s.sdet))
-    p("  DIRECTION_OF_DETECTOR_Z-AXIS= %g %g %g" % tuple(s.odet))
-    p("  INCIDENT_BEAM_DIRECTION= %g %g %g" % tuple(s.beam))
-    p("  spindle ROTATION_AXIS= %g %g %g" % tuple(s.spindle))
-    p("  dials origin= %g %g %g" % tuple(s.dials_origin))
+    p("  DIRECTION_OF_DETECTOR_X-AXIS= {:g} {:g} {:g}".format(*s.fdet))
+    p("  DIRECTION_OF_DETECTOR_Y-AXIS= {:g} {:g} {:g}".format(*s.sdet))
+    p("  DIRECTION_OF_DETECTOR_Z-AXIS= {:g} {:g} {:g}".format(*s.odet))
+    p("  INCIDENT_BEAM_DIRECTION= {:g} {:g} {:g}".format(*s.beam))
+    p("  spindle ROTATION_AXIS= {:g} {:g} {:g}".format(*s.spindle))
+    p("  dials origin= {:g} {:g} {:g}".format(*s.dials_origin))
     p(f"  {len(s.source_lambdas)} sources")
     p(f"  {len(s.mosaic_umats)} mosaic domains over mosaic spread of {s.mosaic_spread * 180 / math.pi:g} degrees")
     p(f"  {s.phisteps} phi steps from {s.phi0 * 180 / math.pi:g} to {(s.phi0 + s.osc) * 180 / math.pi:g} degrees")
@@ -145,7 +146,7 @@ def _describe_setup(sim, out: TextIO) -> None:
 
 def header_fields(sim) -> dict:
     """SMV header entries for this simulation, as C writes them."""
-    from .smv import smv_header_fields
+    from ..io.smv import smv_header_fields
 
     s = sim.setup
     return smv_header_fields(
@@ -167,7 +168,7 @@ def check_output_paths(cfg) -> None:
     """Refuse, before any work, an output that could not be written (specs/cli.md §1.2)."""
     import os
 
-    from .setup import SetupError
+    from ..resolve import SetupError
 
     base = Path(cfg.cwd) if cfg.cwd else Path.cwd()
 
@@ -201,9 +202,9 @@ def check_output_paths(cfg) -> None:
             raise SetupError(f"{flag} {name}: the same file as {seen[real]}")
         seen[real] = f"{flag} {name}"
         try:  # os.access is not the whole truth (read-only mounts, /proc, root): try a temporary there
-            from .atomic_io import _blocked_signals
+            from ..io.atomic_io import blocked_signals
 
-            with _blocked_signals():
+            with blocked_signals():
                 fd, probe = tempfile.mkstemp(prefix=f".{Path(real).name}.", suffix=".tmp", dir=folder)
                 os.close(fd)
                 os.unlink(probe)
@@ -213,8 +214,8 @@ def check_output_paths(cfg) -> None:
 
 def write_outputs(sim, image: np.ndarray, out: TextIO) -> None:
     """Write the files named by -floatfile/-intfile/-pgmfile/-noisefile (atomically)."""
-    from .atomic_io import atomic_write_bytes
-    from .smv import to_intimage, write_smv
+    from ..io.atomic_io import atomic_write_bytes
+    from ..io.smv import to_intimage, write_smv
 
     o = sim.config.output
     base = Path(sim.config.cwd) if sim.config.cwd else Path.cwd()
@@ -239,14 +240,14 @@ def write_outputs(sim, image: np.ndarray, out: TextIO) -> None:
         write_smv(where(o.intfile), ints, header_fields(sim))
         print(f"writing {o.intfile} as 2-byte integers", file=out)
     if o.pgmfile:
-        from .pgm import write_pgm
+        from ..io.pgm import write_pgm
 
         pscale = o.pgm_scale if o.pgm_scale > 0 else (250.0 / (5.0 * stats.rmsd) if stats and stats.rmsd > 0 else scale)
         write_pgm(where(o.pgmfile), img32, pscale)
         print(f"pgm_scale = {pscale:g}", file=out)
         print(f"writing {o.pgmfile} as 1-byte integers", file=out)
     if o.write_fdump:
-        from .hkl_table import write_fdump
+        from ..io.hkl_table import write_fdump
 
         if sim.setup.hkl is None:
             print(f"WARNING: -write_fdump {o.write_fdump}: no HKL table was read, nothing written", file=out)
@@ -254,7 +255,7 @@ def write_outputs(sim, image: np.ndarray, out: TextIO) -> None:
             write_fdump(where(o.write_fdump), sim.setup.hkl)
             print(f"writing structure factors to {o.write_fdump} (Fdump.bin format)", file=out)
     if o.noisefile:
-        from .c_random import poisson_noise_image
+        from ..c_random import poisson_noise_image
 
         seed = o.seed
         if seed is None:
@@ -266,14 +267,14 @@ def write_outputs(sim, image: np.ndarray, out: TextIO) -> None:
         print(f"writing {o.noisefile} as 2-byte integers", file=out)
 
 
-def run_simulation(argv: Sequence[str], out: Optional[TextIO] = None, err: Optional[TextIO] = None) -> int:
+def run_simulation(argv: Sequence[str], out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Render nanoBragg arguments like the C program; returns the exit code."""
     import torch
 
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
 
-    from .simulation import RenderCancelled, Simulation
+    from ..simulation import RenderCancelled, Simulation
 
     global _OUTPUTS_WRITTEN
     _OUTPUTS_WRITTEN = False
@@ -296,7 +297,7 @@ def run_simulation(argv: Sequence[str], out: Optional[TextIO] = None, err: Optio
         raise RenderCancelled("interrupted; nothing was written") from None
     img = image.detach().to("cpu", torch.float32).numpy()
     if not np.isfinite(img).all():  # finite flags, but intensities beyond the render's precision
-        from .setup import SetupError
+        from ..resolve import SetupError
 
         st = sim.setup
         compounding = (any((st.oversample_thick, st.oversample_polar, st.oversample_omega))
@@ -318,11 +319,11 @@ def run_simulation(argv: Sequence[str], out: Optional[TextIO] = None, err: Optio
     for line in sim.last_stats.lines():
         print(line, file=out)
     if sim.config.output.printout_pixel is not None:
-        from .taps import format_tap_table
+        from ..taps import format_tap_table
 
         f, s = sim.config.output.printout_pixel
         print(format_tap_table(sim.tap(s, f, taps=("hkl_subpixel", "intensity", "geometry"))), file=out)
-    from .atomic_io import OutputSet
+    from ..io.atomic_io import OutputSet
 
     lines = io.StringIO()
     with OutputSet():  # every file or none: temporaries renamed only when all were written
@@ -334,7 +335,7 @@ def run_simulation(argv: Sequence[str], out: Optional[TextIO] = None, err: Optio
 
 
 def _help_flags(out: TextIO) -> None:
-    from .arguments import ENGINE_FLAGS, FLAGS
+    from ..arguments import ENGINE_FLAGS, FLAGS
 
     print("nanoBragg flags understood by torchbragg:", file=out)
     for name in sorted(FLAGS, key=str.lower):
@@ -393,7 +394,7 @@ def _one_line_warnings(prog: str) -> None:
     warnings.showwarning = show
 
 
-def run_command(prog: str, body, argv: Optional[Sequence[str]] = None, aftermath=None) -> int:
+def run_command(prog: str, body, argv: Sequence[str] | None = None, aftermath=None) -> int:
     """Run a console script's ``body(argv)`` with SIGINT/SIGTERM turned into exit 130/143
     and one line on standard error (``aftermath()`` says what happened to the outputs).
 
@@ -417,7 +418,7 @@ def run_command(prog: str, body, argv: Optional[Sequence[str]] = None, aftermath
         code, what = 143, "terminated"
     finally:
         if main_thread and not as_command:
-            for sig, handler in zip((signal.SIGINT, signal.SIGTERM), previous):
+            for sig, handler in zip((signal.SIGINT, signal.SIGTERM), previous, strict=True):
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     if main_thread and as_command:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -431,16 +432,16 @@ def run_command(prog: str, body, argv: Optional[Sequence[str]] = None, aftermath
     return code
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``torchbragg`` console script."""
     return run_command("torchbragg", _main, argv,
                        lambda: "after its files were written" if _OUTPUTS_WRITTEN else "no output file was changed")
 
 
-def _main(argv: Optional[Sequence[str]] = None) -> int:
-    from .arguments import ArgumentError
-    from .setup import SetupError
-    from .simulation import RenderCancelled
+def _main(argv: Sequence[str] | None = None) -> int:
+    from ..arguments import ArgumentError
+    from ..resolve import SetupError
+    from ..simulation import RenderCancelled
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):

@@ -2,11 +2,12 @@
 
 One CUDA thread renders one pixel: every (thickness, subpixel, source, phi,
 mosaic) evaluation of it in C's loop order, with the arithmetic of the fused
-CPU kernel (:class:`torchbragg.kernel.FastPlan`), whose parameter packing it
-reuses. The source is compiled by NVRTC, the CUDA runtime compiler that comes
-with PyTorch's CUDA wheels (no nvcc, no host compiler), into a cubin for the
+CPU kernel (:class:`torchbragg.kernels.cpu.CpuPlan`), over the same parameter
+packing (:class:`torchbragg.kernels.packing.KernelParameters`) and the same
+physics (``kernel_math.h``). The source is compiled by NVRTC, the CUDA runtime
+compiler that comes with PyTorch's CUDA wheels (no nvcc, no host compiler), into a cubin for the
 device's architecture, cached on disk next to the CPU kernels
-(:func:`torchbragg.kernel.kernel_cache_dir`), and launched through the CUDA
+(:func:`torchbragg.kernels.build.kernel_cache_dir`), and launched through the CUDA
 driver API on PyTorch's current stream, writing straight into the image
 tensor.
 
@@ -18,7 +19,7 @@ machines without a GPU, and compiles the CUDA build with NVRTC where the NVRTC
 library is installed.
 
 ``TORCHBRAGG_FAST=0`` switches this kernel off as it does the CPU one; a
-set-up the kernel does not cover (:func:`gpu_unsupported`) or a machine
+set-up the kernel does not cover (:func:`~torchbragg.kernels.packing.compiled_kernels_unsupported`) or a machine
 without NVRTC falls back to the eager PyTorch kernel with a warning.
 """
 
@@ -32,46 +33,38 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
-from .kernel import (RENDER_ARGTYPES, ROW_STATS, SHAPE_CODES, FastPlan, KernelTensors, cached_file,
-                     compile_shared_library, cxx_compiler, fused_unsupported, kernel_source, row_statistics)
+from .build import NativeSource, cached_build, compile_shared_library, cxx_compiler, slow_path_note
+from .eager import KernelTensors
+from .packing import RENDER_ARGTYPES, KernelParameters, compiled_kernels_unsupported, variant_defines
+from .row_stats import ROW_STATS, row_statistics
 
-__all__ = ["GpuPlan", "gpu_unsupported", "gpu_source", "host_library", "nvrtc_compile", "nvrtc_library"]
+__all__ = ["GpuPlan", "gpu_source", "host_library", "nvrtc_compile", "nvrtc_library"]
 
-SOURCE_PATH = Path(__file__).with_name("gpu_render.cu")
 #: threads per CUDA block
 BLOCK_THREADS = 128
 _lock = threading.Lock()
 
 
-def gpu_unsupported(kt: KernelTensors) -> Optional[str]:
-    """Why the GPU kernel cannot render this set-up (None: it can)."""
-    if kt.device.type != "cuda":
-        return "not a CUDA render"
-    return fused_unsupported(kt)
+def gpu_source(dtype: torch.dtype, shape: str, table: bool, count: bool, interp: bool, over: int = 0) -> NativeSource:
+    """``gpu_render.cu`` with the switches of one variant (see :func:`~torchbragg.kernels.packing.variant_defines`).
 
-
-def gpu_source(dtype: torch.dtype, shape: str, table: bool, count: bool, interp: bool, over: int = 0) -> str:
-    """The kernel source of one variant: parameter indices, variant switches, gpu_render.cu (with
-    kernel_math.h)."""
-    double = dtype == torch.float64
-    lines = [f"#define TB_REAL {'double' if double else 'float'}", f"#define TB_DOUBLE {int(double)}",
-             f"#define TB_SHAPE {SHAPE_CODES[shape]}", f"#define TB_TABLE {int(table)}",
-             f"#define TB_COUNT {int(count)}", f"#define TB_INTERP {int(interp and table)}",
-             f"#define TB_OVER {int(over)}"]
-    return kernel_source("\n".join(lines) + "\n" + SOURCE_PATH.read_text())
+    Returns
+    -------
+    NativeSource
+    """
+    return NativeSource("gpu_render.cu", tuple(variant_defines(dtype, shape, table, count, interp, over)))
 
 
 # ----------------------------------------------------------------- NVRTC
-def _library_candidates(stem: str) -> List[str]:
+def _library_candidates(stem: str) -> list[str]:
     """Where a CUDA library may be: the loader's path, pip's nvidia-* packages, CUDA_HOME."""
     major = (torch.version.cuda or "").split(".")[0]
     names = ([f"{stem}.so.{major}"] if major else []) + [f"{stem}.so"]
-    found: List[str] = list(names)
+    found: list[str] = list(names)
     roots = [p for p in sys.path if p and os.path.isdir(os.path.join(p, "nvidia"))]
     for root in roots:
         found += sorted(glob.glob(os.path.join(root, "nvidia", "*", "lib", f"{stem}.so*")), reverse=True)
@@ -81,7 +74,7 @@ def _library_candidates(stem: str) -> List[str]:
     return [f for f in found if not f.endswith((".alt.so", ".alt.so.12", ".alt.so.13"))]
 
 
-_nvrtc: Optional[ctypes.CDLL] = None
+_nvrtc: ctypes.CDLL | None = None
 
 
 def nvrtc_library() -> ctypes.CDLL:
@@ -102,14 +95,14 @@ def nvrtc_library() -> ctypes.CDLL:
                   "or nvidia-cuda-nvrtc")
 
 
-def nvrtc_version() -> Tuple[int, int]:
+def nvrtc_version() -> tuple[int, int]:
     lib = nvrtc_library()
     major, minor = ctypes.c_int(), ctypes.c_int()
     lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
     return major.value, minor.value
 
 
-def _supported_archs() -> List[int]:
+def _supported_archs() -> list[int]:
     lib = nvrtc_library()
     n = ctypes.c_int()
     if lib.nvrtcGetNumSupportedArchs(ctypes.byref(n)) != 0:
@@ -119,14 +112,31 @@ def _supported_archs() -> List[int]:
     return list(archs)
 
 
-def nvrtc_compile(source: str, arch: int, options: Tuple[str, ...] = (),
-                  name: str = "gpu_render.cu") -> Tuple[bytes, str]:
-    """Compile CUDA C++ with NVRTC for ``sm_<arch>`` (e.g. 90 for an H100).
+def nvrtc_compile(source: NativeSource, arch: int, options: tuple[str, ...] = ()) -> tuple[bytes, str]:
+    """Compile a CUDA source with NVRTC for ``sm_<arch>`` (e.g. 90 for an H100).
 
-    Returns ``(image, kind)``: a cubin (``kind == "cubin"``) when NVRTC knows the
-    architecture, else PTX for the newest architecture it knows (``"ptx"``, which
-    the driver compiles on load). Raises RuntimeError with NVRTC's log on errors.
+    Parameters
+    ----------
+    source : NativeSource
+        The file (its headers go to NVRTC as its header list) and its ``-D`` switches.
+    arch : int
+        The compute capability, major * 10 + minor.
+    options : tuple of str
+        More NVRTC options.
+
+    Returns
+    -------
+    (bytes, str)
+        ``(image, kind)``: a cubin (``kind == "cubin"``) when NVRTC knows the
+        architecture, else PTX for the newest architecture it knows (``"ptx"``,
+        which the driver compiles on load).
+
+    Raises
+    ------
+    RuntimeError
+        With NVRTC's log (file and line) when the source does not compile.
     """
+    name = source.name
     lib = nvrtc_library()
     known = _supported_archs()
     if not known or arch in known:
@@ -134,14 +144,19 @@ def nvrtc_compile(source: str, arch: int, options: Tuple[str, ...] = (),
     else:
         lower = [a for a in known if a <= arch] or known
         target, kind = f"--gpu-architecture=compute_{max(lower)}", "ptx"
-    opts = [target, "--std=c++17", *options]
+    opts = [target, "--std=c++17", *source.define_flags(), *options]
+    headers = source.headers()
+    n_headers = len(headers)
+    header_texts = (ctypes.c_char_p * n_headers)(*[t.encode() for t in headers.values()])
+    header_names = (ctypes.c_char_p * n_headers)(*[k.encode() for k in headers])
     prog = ctypes.c_void_p()
 
     def check(rc, what):
         if rc != 0:
             raise RuntimeError(f"NVRTC {what}: {lib.nvrtcGetErrorString(rc).decode()}")
 
-    check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None), "create")
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), source.text().encode(), name.encode(), n_headers,
+                                 header_texts, header_names), "create")
     try:
         arr = (ctypes.c_char_p * len(opts))(*[o.encode() for o in opts])
         rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
@@ -169,7 +184,7 @@ class _Driver:
     def __init__(self, library: str = "libcuda.so.1"):
         self.lib = ctypes.CDLL(library)
         self._check(self.lib.cuInit(0), "cuInit")
-        self.modules: Dict[tuple, tuple] = {}
+        self.modules: dict[tuple, tuple] = {}
 
     def _check(self, rc: int, what: str) -> None:
         if rc != 0:
@@ -209,7 +224,7 @@ class _Driver:
                                             ctypes.c_void_p(stream), params, None), "cuLaunchKernel")
 
 
-_driver: Optional[_Driver] = None
+_driver: _Driver | None = None
 
 
 def _get_driver() -> _Driver:
@@ -221,11 +236,11 @@ def _get_driver() -> _Driver:
 
 
 # ----------------------------------------------------------------- plans
-_variants: Dict[tuple, object] = {}
-_errors: Dict[tuple, str] = {}
+_variants: dict[tuple, object] = {}
+_errors: dict[tuple, str] = {}
 
 
-def _host_function(source: str):
+def _host_function(source: NativeSource):
     """``tb_render_host`` of the source built as plain C++ (cached)."""
     fn = ctypes.CDLL(str(host_library(source))).tb_render_host
     fn.argtypes = RENDER_ARGTYPES
@@ -233,14 +248,27 @@ def _host_function(source: str):
     return fn
 
 
-def host_library(source: str) -> Path:
-    """The shared library of a kernel source built for the host (cached), exporting ``tb_render_host``."""
+#: the host build's compiler flags (``-x c++``: the .cu file compiled as C++)
+HOST_FLAGS = ["-O2", "-std=c++17", "-shared", "-fPIC"]
+
+
+def host_library(source: NativeSource) -> Path:
+    """The shared library of the GPU source built for the host (cached), exporting ``tb_render_host``.
+
+    Parameters
+    ----------
+    source : NativeSource
+        ``gpu_render.cu`` and its switches (:func:`gpu_source`).
+
+    Returns
+    -------
+    pathlib.Path
+    """
     cxx = cxx_compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
-    flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-x", "c++"]
-    return cached_file("tb_gpu_", (source, cxx, *flags, "host"), ".so",
-                       lambda out: compile_shared_library(cxx, (flags,), source, out, source_suffix=".cu"))
+    return cached_build("tb_gpu_", source, (cxx, *HOST_FLAGS, "host"), ".so",
+                        lambda out: compile_shared_library(cxx, (HOST_FLAGS,), source, out, extra=("-x", "c++")))
 
 
 def _with_index(device: torch.device) -> torch.device:
@@ -250,7 +278,7 @@ def _with_index(device: torch.device) -> torch.device:
     return device
 
 
-def _cuda_function(source: str, device: torch.device):
+def _cuda_function(source: NativeSource, device: torch.device):
     index = device.index if device.index is not None else torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(index)
     arch = 10 * major + minor
@@ -260,7 +288,7 @@ def _cuda_function(source: str, device: torch.device):
         with open(tmp, "wb") as fh:
             fh.write(image)
 
-    path = cached_file("tb_gpu_", (source, f"sm_{arch}", "nvrtc %d.%d" % nvrtc_version()), ".bin", build)
+    path = cached_build("tb_gpu_", source, (f"sm_{arch}", "nvrtc {}.{}".format(*nvrtc_version())), ".bin", build)
     image = path.read_bytes()
     if not image.startswith(b"\x7fELF"):
         image += b"\0"  # PTX text is loaded as a NUL-terminated string
@@ -269,12 +297,21 @@ def _cuda_function(source: str, device: torch.device):
     return index, fn
 
 
-class GpuPlan:
-    """The GPU kernel bound to one simulation: parameters on the device, compiled variants.
+class GpuPlan(KernelParameters):
+    """The GPU kernel bound to one simulation: its packed parameters on the device, compiled variants.
 
-    Same interface as :class:`~torchbragg.kernel.FastPlan` (``function``, ``run``), so
-    :class:`~torchbragg.simulation.Simulation` renders with either. ``emulate=True`` runs the
-    kernel's per-pixel code on the CPU (a host build of ``gpu_render.cu``), for tests.
+    The interface of :class:`~torchbragg.kernels.cpu.CpuPlan` (``function``, ``run``), so
+    :class:`~torchbragg.simulation.Simulation` renders with either.
+
+    Parameters
+    ----------
+    kt : KernelTensors
+        The set-up (on a CUDA device, or any with ``emulate``).
+    emulate : bool
+        Run the kernel's per-pixel code on the CPU (a host build of ``gpu_render.cu``), for tests.
+    **packing
+        ``I_bg``, ``scale``, ``fpixels``, ``mask``, ``oversample_factors``, ``running_product``:
+        see :class:`~torchbragg.kernels.packing.KernelParameters`.
     """
 
     #: what ``Simulation.last_kernel`` calls this kernel
@@ -287,47 +324,48 @@ class GpuPlan:
     min_pixels_per_chunk = 1 << 20
 
     def __init__(self, kt: KernelTensors, *, I_bg: float, scale: float, fpixels: int,
-                 mask: Optional[np.ndarray] = None, emulate: bool = False,
-                 oversample_factors: Tuple[bool, bool, bool] = (False, False, False), running_product: bool = True):
-        why = fused_unsupported(kt) if emulate else gpu_unsupported(kt)
+                 mask: np.ndarray | None = None, emulate: bool = False,
+                 oversample_factors: tuple[bool, bool, bool] = (False, False, False), running_product: bool = True):
+        why = compiled_kernels_unsupported(kt, None if emulate else "cuda")
         if why is not None:
             raise ValueError(why)
-        self.kt = kt
+        super().__init__(kt, I_bg=I_bg, scale=scale, fpixels=fpixels, mask=mask,
+                         oversample_factors=oversample_factors, running_product=running_product)
         self.emulate = bool(emulate)
         #: where the parameters live and the outputs must be; "cuda" gets its index (tensors made
         #: on torch.device("cuda") report cuda:N, and the two do not compare equal)
         self.device = torch.device("cpu") if emulate else _with_index(kt.device)
-        self.dtype = kt.dtype
-        self.packing = FastPlan(kt, I_bg=I_bg, scale=scale, fpixels=fpixels, mask=mask,
-                                oversample_factors=oversample_factors, running_product=running_product)
-        pk, dev = self.packing, self.device
-        self.evaluations_per_pixel = pk.evaluations_per_pixel
-        self.count_dtype = pk.count_dtype
-        self.dparams = torch.from_numpy(pk.dparams).to(dev)
-        self.iparams = torch.from_numpy(pk.iparams).to(dev)
-        self.lattice = torch.from_numpy(pk.lattice).to(dev)
-        self.src = torch.from_numpy(pk.src).to(dev)
-        self.table = None if pk.table is None else pk.table.to(dev)
-        self._flagged = None
-        self.mask = None if pk.mask is None else torch.from_numpy(pk.mask).to(dev)
+        dev = self.device
+        #: the packed arrays on the device (the host ones stay as KernelParameters holds them)
+        self.on_device = {
+            "dparams": torch.from_numpy(self.dparams).to(dev),
+            "iparams": torch.from_numpy(self.iparams).to(dev),
+            "lattice": torch.from_numpy(self.lattice).to(dev),
+            "src": torch.from_numpy(self.src).to(dev),
+            "table": None if self.table is None else self.table.to(dev),
+            "mask": None if self.mask is None else torch.from_numpy(self.mask).to(dev),
+        }
+        self._flagged_dev = None
+        self._wide_dev = None
 
-    def flagged_table(self) -> torch.Tensor:
-        if self._flagged is None:
-            self._flagged = self.packing.flagged_table().to(self.device)
-        return self._flagged
+    def device_flagged_table(self) -> torch.Tensor:
+        """:meth:`~KernelParameters.flagged_table` on the device."""
+        if self._flagged_dev is None:
+            self._flagged_dev = self.flagged_table().to(self.device)
+        return self._flagged_dev
 
-    def wide_table(self) -> torch.Tensor:
-        """The table in float64 for the interpolating variants (the same values)."""
-        if getattr(self, "_wide", None) is None:
-            self._wide = self.packing.wide_table().to(self.device)
-        return self._wide
+    def device_wide_table(self) -> torch.Tensor:
+        """:meth:`~KernelParameters.wide_table` on the device."""
+        if self._wide_dev is None:
+            self._wide_dev = self.wide_table().to(self.device)
+        return self._wide_dev
 
     def function(self, count: bool, interp: bool = False):
         """The compiled variant (compiling it on first use), or None with a warning."""
         table = self.table is not None
-        if interp and table and not self.packing.interpolates:
+        if interp and table and not self.interpolates:
             return None  # a table under 4 entries along an axis: the eager kernel interpolates
-        over = self.packing.over
+        over = self.over
         key = (self.emulate, str(self.device), self.dtype, self.kt.shape, table, bool(count), bool(interp and table),
                over)
         with _lock:
@@ -338,22 +376,27 @@ class GpuPlan:
         try:
             fn = _host_function(source) if self.emulate else _cuda_function(source, self.device)
         except Exception as err:  # no NVRTC / driver / compiler: the eager kernel renders
-            _errors[key] = f"{type(err).__name__}: {err}"
-            warnings.warn(f"torchbragg: GPU render kernel unavailable ({err}); using the eager kernel",
-                          RuntimeWarning, stacklevel=3)
+            _errors[key] = f"GPU kernel: {type(err).__name__}: {err}"
+            warnings.warn(f"torchbragg: {slow_path_note(_errors[key])}", RuntimeWarning, stacklevel=3)
         with _lock:
             _variants[key] = fn
         return fn
+
+    def problem(self, count: bool, interp: bool = False) -> str | None:
+        """Why :meth:`function` returned None (no NVRTC, driver or compiler), else None."""
+        table = self.table is not None
+        return _errors.get((self.emulate, str(self.device), self.dtype, self.kt.shape, table, bool(count),
+                            bool(interp and table), self.over))
 
     def scan_function(self):
         return None  # C's interpolation switch-off scan runs on the CPU (Simulation._scan_plan)
 
     def run(self, row0: int, nrows: int, col0: int, ncols: int, image: torch.Tensor,
-            counts: Optional[torch.Tensor] = None, reasons: Optional[torch.Tensor] = None,
-            threads: Optional[int] = None, interp: bool = False, stats: bool = True) -> Optional[np.ndarray]:
-        """Render rows ``row0 ..``, columns ``col0 ..`` into ``image`` (see :meth:`FastPlan.run`).
+            counts: torch.Tensor | None = None, reasons: torch.Tensor | None = None,
+            threads: int | None = None, interp: bool = False, stats: bool = True) -> np.ndarray | None:
+        """Render rows ``row0 ..``, columns ``col0 ..`` into ``image`` (see :meth:`CpuPlan.run`).
 
-        Returns the ``[nrows, 8]`` row statistics (:data:`~torchbragg.kernel.ROW_STATS`),
+        Returns the ``[nrows, 8]`` row statistics (:data:`~torchbragg.kernels.row_stats.ROW_STATS`),
         reduced on the device; with ``stats=False`` only launches the kernel (asynchronously on
         the current stream; for timing the kernel alone) and returns None.
         """
@@ -370,12 +413,13 @@ class GpuPlan:
         if nrows <= 0 or ncols <= 0:
             return np.zeros((0, len(ROW_STATS)))
         omega = torch.empty((nrows, ncols), dtype=torch.float64, device=self.device)
-        table = self.table
+        dev = self.on_device
+        table = dev["table"]
         if count and table is not None and not interp:
-            table = self.flagged_table()
+            table = self.device_flagged_table()
         if interp and table is not None:
-            table = self.wide_table()
-        ptrs = [self.dparams, self.iparams, self.lattice, self.src, table, self.mask]
+            table = self.device_wide_table()
+        ptrs = [dev["dparams"], dev["iparams"], dev["lattice"], dev["src"], table, dev["mask"]]
         args = [ctypes.c_void_p(t.data_ptr() if t is not None else None) for t in ptrs]
         args += [ctypes.c_int64(row0), ctypes.c_int64(nrows), ctypes.c_int64(col0), ctypes.c_int64(ncols),
                  ctypes.c_void_p(image.data_ptr()), ctypes.c_int64(image.stride(0)),
@@ -396,5 +440,6 @@ class GpuPlan:
                 driver.launch(cu_fn, grid, BLOCK_THREADS, stream, args)
         if not stats:
             return None
-        active = None if self.mask is None else self.mask[row0:row0 + nrows, col0:col0 + ncols] != 0
+        mask = dev["mask"]
+        active = None if mask is None else mask[row0:row0 + nrows, col0:col0 + ncols] != 0
         return row_statistics(image, active, omega.sum(-1))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -92,8 +92,8 @@ class ResolvedSetup:
     twotheta: float
     curved: bool
     point_pixel: bool
-    roi: Tuple[int, int, int, int]  # fast min, fast max, slow min, slow max (inclusive)
-    mask: Optional[np.ndarray]
+    roi: tuple[int, int, int, int]  # fast min, fast max, slow min, slow max (inclusive)
+    mask: np.ndarray | None
     thicksteps: int
     thickstep: float
     thick: float
@@ -119,9 +119,9 @@ class ResolvedSetup:
     # crystal
     a0: np.ndarray  # real-space vectors, metres (rows a, b, c)
     a_star: np.ndarray  # reciprocal vectors, 1/Å (rows a*, b*, c*), unrotated
-    cell: Tuple[float, float, float, float, float, float]
+    cell: tuple[float, float, float, float, float, float]
     V_cell: float
-    N: Tuple[float, float, float]
+    N: tuple[float, float, float]
     shape: str
     fudge: float
     spindle: np.ndarray
@@ -142,14 +142,14 @@ class ResolvedSetup:
     interpolate: bool
     steps: int
     # structure factors
-    hkl: Optional[object]  # torchbragg.hkl_table.HKLTable or None
+    hkl: object | None  # torchbragg.io.hkl_table.HKLTable or None
     default_F: float
     hkl_source: dict = field(default_factory=dict)
-    log: List[str] = field(default_factory=list)
-    notes: List[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
-    def shape_px(self) -> Tuple[int, int]:
+    def shape_px(self) -> tuple[int, int]:
         """Image shape (slow, fast)."""
         return (self.spixels, self.fpixels)
 
@@ -159,7 +159,7 @@ class ResolvedSetup:
         return self.phi0 + self.phistep * np.arange(self.phisteps)
 
 
-def _path(cfg: SimulationConfig, name: Optional[str]) -> Optional[Path]:
+def _path(cfg: SimulationConfig, name: str | None) -> Path | None:
     if name is None:
         return None
     p = Path(name)
@@ -198,7 +198,7 @@ def _div_steps(steps: int, rng: float, step: float, unset_range_default: float =
     return steps, rng, step
 
 
-def c_header_value(text: str, keyword: str) -> Optional[float]:
+def c_header_value(text: str, keyword: str) -> float | None:
     """Read a number from an SMV header the way C does.
 
     C takes the *last* occurrence of ``keyword`` as a substring anywhere in the
@@ -217,9 +217,9 @@ def c_header_value(text: str, keyword: str) -> Optional[float]:
     return float(m.group(1)) if m else 0.0
 
 
-def _read_header(cfg: SimulationConfig, log: List[str]):
+def _read_header(cfg: SimulationConfig, log: list[str]):
     """Apply geometry from -mask and -img SMV headers, like C does before parsing flags."""
-    from . import smv
+    from .io import smv
 
     det = cfg.detector
     state = {}
@@ -238,7 +238,7 @@ def _read_header(cfg: SimulationConfig, log: List[str]):
         height, width = np.asarray(image).shape
         state["fpixels"], state["spixels"] = width, height
 
-        def value(key):
+        def value(key, text=text):
             return c_header_value(text, key)
 
         pix = value("PIXEL_SIZE")
@@ -264,20 +264,76 @@ def _read_header(cfg: SimulationConfig, log: List[str]):
 
 
 def resolve(cfg: SimulationConfig) -> ResolvedSetup:
-    """Turn a configuration into the numbers of one render (C's set-up rules)."""
-    from .hkl_table import read_fdump, read_hkl
+    """Turn a configuration into the numbers of one render (C's set-up rules).
 
-    log: List[str] = []
-    notes: List[str] = []
-    det, beam, xtal, samp = cfg.detector, cfg.beam, cfg.crystal, cfg.sampling
-    conv = det.convention.upper()
+    One function per section of nanoBragg's set-up, in C's order (which is also the order of
+    the warnings in :attr:`ResolvedSetup.log` and of the checks that reject bad input).
+
+    Parameters
+    ----------
+    cfg : SimulationConfig
+        The configuration (:func:`torchbragg.parse_args` makes one from nanoBragg flags).
+
+    Returns
+    -------
+    ResolvedSetup
+        Every number of the render, SI float64.
+
+    Raises
+    ------
+    SetupError
+        For a configuration nanoBragg cannot render or that would exceed :data:`LIMITS`.
+    """
+    log: list[str] = []
+    notes: list[str] = []
+    conv = cfg.detector.convention.upper()
     if conv not in CONVENTIONS:
-        raise SetupError(f"unknown detector convention {det.convention!r}; expected one of {', '.join(CONVENTIONS)}")
-
+        raise SetupError(f"unknown detector convention {cfg.detector.convention!r}; expected one of "
+                         f"{', '.join(CONVENTIONS)}")
     hdr, mask = _read_header(cfg, log)
     args = set(cfg.args or [])
+    size = _detector_size(cfg, hdr, mask, args)
+    given = _given_geometry(cfg, hdr, args)
+    frame = _beam_centre_and_pivot(cfg, conv, size, given, log, notes)
+    steps = _steps(cfg, hdr, args, log, notes)
+    placed = _detector_placement(cfg, size, given, frame, steps.thick)
+    crystal = _crystal(cfg, given.lambda0, placed.distance, size.pixel, log)
+    table, interpolate, hkl_source = _structure_factors(cfg, crystal.interpolate)
+    source_dirs, source_lambdas, divsteps = _sources(cfg, frame.beam_v, frame.polar_v, frame.vert, given.lambda0,
+                                                     *steps.divergence)
+    from .c_random import mosaic_umats
 
-    # ---------------- detector size -----------------------------------------
+    umats = mosaic_umats(steps.mosaic_spread, steps.domains, cfg.crystal.mosaic_seed)
+    fluence, water_size, I_bg = _fluence_and_background(cfg)
+    roi, evaluations = _roi_and_counts(cfg, size, len(source_lambdas), steps, crystal.oversample)
+    det, beam, xtal, samp = cfg.detector, cfg.beam, cfg.crystal, cfg.sampling
+    hsteps, hrange, hstep, vsteps, vrange, vstep, dsteps, dispersion, dstep = steps.divergence
+    return ResolvedSetup(
+        convention=conv, pivot=frame.pivot, fpixels=size.fpixels, spixels=size.spixels, pixel_size=size.pixel,
+        detsize_f=size.detsize_f, detsize_s=size.detsize_s, fdet=placed.fdet, sdet=placed.sdet, odet=placed.odet,
+        pix0=placed.pix0, distance=placed.distance, close_distance=placed.close_distance, xbeam=frame.xbeam,
+        ybeam=frame.ybeam, fbeam=placed.fbeam, sbeam=placed.sbeam, xclose=frame.xclose, yclose=frame.yclose,
+        fclose=placed.fclose, sclose=placed.sclose, orgx=placed.orgx, orgy=placed.orgy,
+        dials_origin=placed.dials_origin, twotheta=placed.twotheta, curved=det.curved, point_pixel=det.point_pixel,
+        roi=roi, mask=mask, thicksteps=steps.tsteps, thickstep=steps.tstep, thick=steps.thick, mu=steps.mu,
+        beam=frame.beam_v, polar_vector=frame.polar_v, vert_vector=frame.vert, kahn=beam.kahn_factor,
+        nopolar=beam.nopolar, lambda0=given.lambda0, source_dirs=source_dirs, source_lambdas=source_lambdas,
+        fluence=fluence, dmin=beam.dmin_A * 1e-10, divsteps=divsteps, dispsteps=dsteps, hdivrange=hrange,
+        vdivrange=vrange, hdivstep=hstep, vdivstep=vstep, dispersion=dispersion,
+        a0=crystal.a_real * 1e-10, a_star=crystal.a_star, cell=crystal.cell, V_cell=crystal.V_cell, N=crystal.N,
+        shape=xtal.shape, fudge=xtal.fudge, spindle=frame.spindle, phi0=steps.phi0, phistep=steps.phistep,
+        phisteps=steps.phisteps, osc=steps.osc, mosaic_spread=steps.mosaic_spread, mosaic_umats=umats,
+        water_size=water_size, I_bg=I_bg, oversample=crystal.oversample,
+        recommended_oversample=crystal.recommended, oversample_thick=samp.oversample_thick,
+        oversample_polar=samp.oversample_polar, oversample_omega=samp.oversample_omega,
+        interpolate=bool(interpolate), steps=evaluations, hkl=table, default_F=xtal.default_F,
+        hkl_source=hkl_source, log=log, notes=notes,
+    )
+
+
+def _detector_size(cfg: SimulationConfig, hdr: dict, mask, args: set) -> SimpleNamespace:
+    """Pixel size, pixel counts and detector size (``-pixel``, ``-detpixels``, ``-detsize``, an -img header)."""
+    det = cfg.detector
     pixel = det.pixel_mm / 1000.0
     if "pixel" in hdr and "-pixel" not in args:
         pixel = hdr["pixel"]
@@ -303,6 +359,12 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
     if mask is not None and mask.shape != (spixels, fpixels):
         raise SetupError(f"-mask {det.mask_path}: image is {mask.shape[1]}x{mask.shape[0]} pixels, "
                          f"detector is {fpixels}x{spixels}")
+    return SimpleNamespace(pixel=pixel, fpixels=fpixels, spixels=spixels, detsize_f=detsize_f, detsize_s=detsize_s)
+
+
+def _given_geometry(cfg: SimulationConfig, hdr: dict, args: set) -> SimpleNamespace:
+    """The distances, beam centres, origins and wavelength as given (flags, else the -img header; NaN: unset)."""
+    det, beam = cfg.detector, cfg.beam
 
     def pick(user_mm, key, scale=1e-3):
         if user_mm is not None:
@@ -312,22 +374,29 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
     distance = pick(det.distance_mm, "distance")
     if math.isnan(distance):
         distance = 0.1
-    close_distance = pick(det.close_distance_mm, "close_distance")
-    xbeam = pick(det.xbeam_mm, "xbeam")
-    ybeam = pick(det.ybeam_mm, "ybeam")
-    xclose = det.xclose_mm / 1000.0 if det.xclose_mm is not None else math.nan
-    yclose = det.yclose_mm / 1000.0 if det.yclose_mm is not None else math.nan
-    orgx = det.orgx if det.orgx is not None else hdr.get("orgx", math.nan)
-    orgy = det.orgy if det.orgy is not None else hdr.get("orgy", math.nan)
     lambda0 = beam.wavelength_A * 1e-10
     if "lambda0" in hdr and not (args & {"-lambda", "-wavelength", "-wave", "-energy"}):
         lambda0 = hdr["lambda0"]
     if lambda0 <= 0:
         raise SetupError(f"wavelength must be positive, got {lambda0 * 1e10} Å")
+    return SimpleNamespace(
+        distance=distance, close_distance=pick(det.close_distance_mm, "close_distance"),
+        xbeam=pick(det.xbeam_mm, "xbeam"), ybeam=pick(det.ybeam_mm, "ybeam"),
+        xclose=det.xclose_mm / 1000.0 if det.xclose_mm is not None else math.nan,
+        yclose=det.yclose_mm / 1000.0 if det.yclose_mm is not None else math.nan,
+        orgx=det.orgx if det.orgx is not None else hdr.get("orgx", math.nan),
+        orgy=det.orgy if det.orgy is not None else hdr.get("orgy", math.nan),
+        lambda0=lambda0)
 
-    # ---------------- beam centre defaults -----------------------------------
-    fclose = (orgx - 0.5) * pixel if not math.isnan(orgx) else detsize_f / 2.0
-    sclose = (orgy - 0.5) * pixel if not math.isnan(orgy) else detsize_s / 2.0
+
+def _beam_centre_and_pivot(cfg: SimulationConfig, conv: str, size: SimpleNamespace, given: SimpleNamespace,
+                           log: list[str], notes: list[str]) -> SimpleNamespace:
+    """The convention's axes and default beam centre, its pivot, and user vectors (CUSTOM)."""
+    det, beam, xtal = cfg.detector, cfg.beam, cfg.crystal
+    pixel, detsize_f, detsize_s = size.pixel, size.detsize_f, size.detsize_s
+    xbeam, ybeam, xclose, yclose = given.xbeam, given.ybeam, given.xclose, given.yclose
+    fclose = (given.orgx - 0.5) * pixel if not math.isnan(given.orgx) else detsize_f / 2.0
+    sclose = (given.orgy - 0.5) * pixel if not math.isnan(given.orgy) else detsize_s / 2.0
     if math.isnan(xclose):
         xclose = fclose
     if math.isnan(yclose):
@@ -394,11 +463,15 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
         log.append("WARNING: auto-generating odet_vector")
         odet = unit(np.cross(fdet, sdet))
     polar_v = unit(vecs["polar"])
-    spindle = unit(vecs["spindle"])
-    twotheta_axis = vecs["twotheta"]
-    vert = unit(np.cross(beam_v, polar_v))
+    return SimpleNamespace(
+        xbeam=xbeam, ybeam=ybeam, xclose=xclose, yclose=yclose, fclose=fclose, sclose=sclose, fbeam=fbeam,
+        sbeam=sbeam, pivot=pivot, beam_v=beam_v, fdet=fdet, sdet=sdet, odet=odet, polar_v=polar_v,
+        spindle=unit(vecs["spindle"]), twotheta_axis=vecs["twotheta"], vert=unit(np.cross(beam_v, polar_v)))
 
-    # ---------------- step counts ------------------------------------------
+
+def _phi_steps(cfg: SimulationConfig, hdr: dict, args: set) -> tuple[float, float, int, float]:
+    """``(osc, phistep, phisteps, phi0)`` in radians (C's rules for -osc, -phistep, -phisteps)."""
+    xtal = cfg.crystal
     osc = xtal.osc_deg / RTD if xtal.osc_deg is not None else hdr.get("osc", -1.0)
     phistep = xtal.phistep_deg / RTD if xtal.phistep_deg is not None else -1.0
     phisteps = xtal.phisteps if xtal.phisteps is not None else -1
@@ -428,25 +501,12 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
         else:
             if phistep < 0.0:
                 phistep = osc / phisteps
+    return osc, phistep, phisteps, phi0
 
-    mrad = 1e-3
-    hsteps, hrange, hstep = _div_steps(
-        beam.hdivsteps if beam.hdivsteps is not None else -1,
-        beam.hdivrange_mrad * mrad if beam.hdivrange_mrad is not None else -1.0,
-        beam.hdivstep_mrad * mrad if beam.hdivstep_mrad is not None else -1.0)
-    vsteps, vrange, vstep = _div_steps(
-        beam.vdivsteps if beam.vdivsteps is not None else -1,
-        beam.vdivrange_mrad * mrad if beam.vdivrange_mrad is not None else -1.0,
-        beam.vdivstep_mrad * mrad if beam.vdivstep_mrad is not None else -1.0)
-    dsteps, dispersion, dstep = _div_steps(
-        beam.dispsteps if beam.dispsteps is not None else -1, beam.dispersion_percent / 100.0, -1.0)
-    hint = "give fewer -hdivsteps/-vdivsteps/-divsteps/-dispsteps or larger -hdivstep/-vdivstep"
-    for n, what in ((hsteps, "horizontal divergence steps"), (vsteps, "vertical divergence steps"),
-                    (dsteps, "dispersion steps"), (phisteps, "phi steps")):
-        _check_count(f"the number of {what}", n, hint if what != "phi steps" else "give fewer -phisteps")
-    _check_count("the number of sources (divergence x dispersion steps)", hsteps * vsteps * dsteps, hint, "sources")
 
-    # detector thickness (C's own variant of the rule)
+def _thickness_steps(cfg: SimulationConfig, log: list[str], notes: list[str]) -> tuple[int, float, float, float]:
+    """``(layers, thickness m, layer step m, mu 1/m)``: C's own variant of the step rule for the sensor."""
+    det = cfg.detector
     thick = det.thick_um * 1e-6
     tsteps = det.thicksteps if det.thicksteps is not None else -1
     tstep = -1.0
@@ -476,7 +536,12 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
     if thick <= 0.0 or tstep <= 0.0 or tsteps <= 0:
         tsteps, thick, tstep = 1, 0.0, 0.0
     _check_count("the number of sensor layers", tsteps, "give fewer -detector_thicksteps")
+    return tsteps, thick, tstep, mu
 
+
+def _mosaic_steps(cfg: SimulationConfig, log: list[str]) -> tuple[float, int]:
+    """``(mosaic spread rad, domains)`` (C's rules for -mosaic and -mosaic_domains)."""
+    xtal = cfg.crystal
     if xtal.mosaic_deg is not None and xtal.mosaic_deg > 180.0:
         raise SetupError(f"-mosaic {xtal.mosaic_deg:g}: a mosaic spread is at most 180 degrees")
     if xtal.fudge < 0.0 and xtal.shape != "square":
@@ -502,11 +567,49 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
             log.append("WARNING: zero mosaic spread specified.  setting mosaic_domains = 1")
             domains = 1
     _check_count("the number of mosaic domains", domains, "give fewer -mosaic_domains")
+    return mosaic_spread, domains
+
+
+def _steps(cfg: SimulationConfig, hdr: dict, args: set, log: list[str], notes: list[str]) -> SimpleNamespace:
+    """Step counts: phi, divergence and dispersion, sensor layers, mosaic domains."""
+    beam = cfg.beam
+    osc, phistep, phisteps, phi0 = _phi_steps(cfg, hdr, args)
+    mrad = 1e-3
+    hsteps, hrange, hstep = _div_steps(
+        beam.hdivsteps if beam.hdivsteps is not None else -1,
+        beam.hdivrange_mrad * mrad if beam.hdivrange_mrad is not None else -1.0,
+        beam.hdivstep_mrad * mrad if beam.hdivstep_mrad is not None else -1.0)
+    vsteps, vrange, vstep = _div_steps(
+        beam.vdivsteps if beam.vdivsteps is not None else -1,
+        beam.vdivrange_mrad * mrad if beam.vdivrange_mrad is not None else -1.0,
+        beam.vdivstep_mrad * mrad if beam.vdivstep_mrad is not None else -1.0)
+    dsteps, dispersion, dstep = _div_steps(
+        beam.dispsteps if beam.dispsteps is not None else -1, beam.dispersion_percent / 100.0, -1.0)
+    hint = "give fewer -hdivsteps/-vdivsteps/-divsteps/-dispsteps or larger -hdivstep/-vdivstep"
+    for n, what in ((hsteps, "horizontal divergence steps"), (vsteps, "vertical divergence steps"),
+                    (dsteps, "dispersion steps"), (phisteps, "phi steps")):
+        _check_count(f"the number of {what}", n, hint if what != "phi steps" else "give fewer -phisteps")
+    _check_count("the number of sources (divergence x dispersion steps)", hsteps * vsteps * dsteps, hint, "sources")
+    tsteps, thick, tstep, mu = _thickness_steps(cfg, log, notes)
+    mosaic_spread, domains = _mosaic_steps(cfg, log)
     if phisteps < 1:
         raise SetupError(f"no phi steps (-osc {osc * RTD:g} with -phistep {phistep * RTD:g}): give a positive "
                          "-osc or -phisteps")
+    return SimpleNamespace(
+        osc=osc, phistep=phistep, phisteps=phisteps, phi0=phi0,
+        divergence=(hsteps, hrange, hstep, vsteps, vrange, vstep, dsteps, dispersion, dstep),
+        tsteps=tsteps, thick=thick, tstep=tstep, mu=mu, mosaic_spread=mosaic_spread, domains=domains)
 
-    # ---------------- detector placement -------------------------------------
+
+def _detector_placement(cfg: SimulationConfig, size: SimpleNamespace, given: SimpleNamespace,
+                        frame: SimpleNamespace, thick: float) -> SimpleNamespace:
+    """The detector turned (-detector_rot*, -twotheta) about its pivot: pix0, axes, distances, centres."""
+    det = cfg.detector
+    pixel = size.pixel
+    beam_v, fdet, sdet, odet = frame.beam_v, frame.fdet, frame.sdet, frame.odet
+    fclose, sclose, fbeam, sbeam, pivot = frame.fclose, frame.sclose, frame.fbeam, frame.sbeam, frame.pivot
+    twotheta_axis = frame.twotheta_axis
+    distance, close_distance = given.distance, given.close_distance
     rx, ry, rz = det.rotx_deg / RTD, det.roty_deg / RTD, det.rotz_deg / RTD
     twotheta = det.twotheta_deg / RTD
     ratio = float(beam_v @ rotate_xyz(odet, rx, ry, rz))
@@ -540,12 +643,18 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
     fbeam = float(fdet @ impact)
     sbeam = float(sdet @ impact)
     distance = close_distance / ratio
-    orgx = fclose / pixel + 0.5
-    orgy = sclose / pixel + 0.5
     dials_origin = 1000.0 * np.array([pix0 @ np.array([0, 0, 1.0]), pix0 @ np.array([0, 1.0, 0]),
                                       pix0 @ np.array([-1.0, 0, 0])])
+    return SimpleNamespace(
+        pix0=pix0, fdet=fdet, sdet=sdet, odet=odet, fclose=fclose, sclose=sclose, close_distance=close_distance,
+        fbeam=fbeam, sbeam=sbeam, distance=distance, orgx=fclose / pixel + 0.5, orgy=sclose / pixel + 0.5,
+        dials_origin=dials_origin, twotheta=twotheta)
 
-    # ---------------- crystal --------------------------------------------------
+
+def _crystal(cfg: SimulationConfig, lambda0: float, distance: float, pixel: float,
+             log: list[str]) -> SimpleNamespace:
+    """The lattice, the crystal's size in unit cells, automatic interpolation and oversampling."""
+    xtal, beam, samp = cfg.crystal, cfg.beam, cfg.sampling
     a_star, a_real, cell, V_cell = _lattice(cfg, lambda0, log)
     Na, Nb, Nc = (float(n) for n in xtal.N)
     interpolate = xtal.interpolate
@@ -597,13 +706,20 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
         log.append(f"         but reciprocal pixel size is {reciprocal_pixel_size * 1e10:g} A")
         log.append("         intensity may vary significantly across a pixel!")
         log.append(f"         recommend -oversample {recommended} to work around this")
+    return SimpleNamespace(a_star=a_star, a_real=a_real, cell=cell, V_cell=V_cell, N=(Na, Nb, Nc),
+                           interpolate=interpolate, oversample=oversample, recommended=recommended)
 
-    # ---------------- structure factors ---------------------------------------
+
+def _structure_factors(cfg: SimulationConfig, interpolate: bool):
+    """``(table or None, interpolate, description)``: the -hkl table (or Fdump.bin with -use_fdump)."""
+    from .io.hkl_table import read_fdump, read_hkl
+
+    xtal = cfg.crystal
     table = None
     hkl_path = _path(cfg, xtal.hkl_path)
     here = Path(cfg.cwd) if cfg.cwd else Path.cwd()
     fdump_here = here / "Fdump.bin"
-    hkl_warnings: List[str] = []
+    hkl_warnings: list[str] = []
     if hkl_path is not None:
         if not hkl_path.exists():
             raise SetupError(f"-hkl {xtal.hkl_path}: no such file")
@@ -622,22 +738,14 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
                 "(no -hkl given); pass -hkl Fdump.bin or -use_fdump to read it")
     if table is None and xtal.default_F == 0.0:
         raise SetupError("no structure factors: give -hkl FILE or a non-zero -default_F")
-    if table is not None and table.count == 0:
+    if table is None or table.count == 0:
         interpolate = False
-    if table is None:
-        interpolate = False
-    hkl_source = _describe_source(table, xtal.default_F, hkl_warnings)
+    return table, interpolate, _describe_source(table, xtal.default_F, hkl_warnings)
 
-    # ---------------- sources ------------------------------------------------------
-    source_dirs, source_lambdas, divsteps = _sources(cfg, beam_v, polar_v, vert, lambda0, hsteps, hrange, hstep,
-                                                     vsteps, vrange, vstep, dsteps, dispersion, dstep)
 
-    # ---------------- mosaic -------------------------------------------------------
-    from .c_random import mosaic_umats
-
-    umats = mosaic_umats(mosaic_spread, domains, xtal.mosaic_seed)
-
-    # ---------------- fluence and background -----------------------------------
+def _fluence_and_background(cfg: SimulationConfig) -> tuple[float, float, float]:
+    """``(fluence photons/m², water size m, background I_bg)``."""
+    beam, xtal = cfg.beam, cfg.crystal
     fluence = beam.fluence
     beamsize = beam.beamsize_mm / 1000.0
     flux = beam.flux
@@ -649,7 +757,14 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
     water_size = xtal.water_um * 1e-6
     water_F, water_MW = 2.57, 18.0
     I_bg = water_F * water_F * R_E_SQR * fluence * water_size ** 3 * 1e6 * AVOGADRO / water_MW
+    return fluence, water_size, I_bg
 
+
+def _roi_and_counts(cfg: SimulationConfig, size: SimpleNamespace, n_sources: int, steps: SimpleNamespace,
+                    oversample: int) -> tuple[tuple[int, int, int, int], int]:
+    """``(roi, evaluations per subpixel layer)``: the -roi box (C's rules) and the work it holds, checked."""
+    det = cfg.detector
+    fpixels, spixels = size.fpixels, size.spixels
     roi = det.roi
     if roi is None:
         roi = (0, fpixels, 0, spixels)
@@ -665,34 +780,15 @@ def resolve(cfg: SimulationConfig) -> ResolvedSetup:
                 raise SetupError(f"-roi {' '.join(str(v) for v in det.roi)}: the {axis} range starts outside "
                                  f"the detector ({fpixels}x{spixels} pixels, 0-based)")
         roi = (xmin, min(xmax, fpixels), ymin, min(ymax, spixels))
-    _check_count("the number of sources", len(source_lambdas), "give a shorter -sourcefile", "sources")
-    steps = len(source_lambdas) * domains * phisteps * oversample * oversample
+    _check_count("the number of sources", n_sources, "give a shorter -sourcefile", "sources")
+    evaluations = n_sources * steps.domains * steps.phisteps * oversample * oversample
     per_pixel = _check_count("the evaluations per pixel (sources x phi steps x mosaic domains x layers x "
-                             "oversample²)", steps * tsteps, "lower -oversample, the step counts or -mosaic_domains",
-                             "steps_per_pixel")
+                             "oversample²)", evaluations * steps.tsteps,
+                             "lower -oversample, the step counts or -mosaic_domains", "steps_per_pixel")
     rendered = (min(roi[1], fpixels - 1) - roi[0] + 1) * (min(roi[3], spixels - 1) - roi[2] + 1)
     _check_count("the number of evaluations (evaluations per pixel x rendered pixels)", per_pixel * rendered,
                  "lower -oversample, the step counts, or render a smaller -roi", "evaluations")
-
-    return ResolvedSetup(
-        convention=conv, pivot=pivot, fpixels=fpixels, spixels=spixels, pixel_size=pixel,
-        detsize_f=detsize_f, detsize_s=detsize_s, fdet=fdet, sdet=sdet, odet=odet, pix0=pix0,
-        distance=distance, close_distance=close_distance, xbeam=xbeam, ybeam=ybeam, fbeam=fbeam, sbeam=sbeam,
-        xclose=xclose, yclose=yclose, fclose=fclose, sclose=sclose, orgx=orgx, orgy=orgy,
-        dials_origin=dials_origin, twotheta=twotheta, curved=det.curved, point_pixel=det.point_pixel,
-        roi=tuple(int(v) for v in roi), mask=mask, thicksteps=tsteps, thickstep=tstep, thick=thick, mu=mu,
-        beam=beam_v, polar_vector=polar_v, vert_vector=vert, kahn=beam.kahn_factor, nopolar=beam.nopolar,
-        lambda0=lambda0, source_dirs=source_dirs, source_lambdas=source_lambdas, fluence=fluence,
-        dmin=beam.dmin_A * 1e-10, divsteps=divsteps, dispsteps=dsteps, hdivrange=hrange, vdivrange=vrange,
-        hdivstep=hstep, vdivstep=vstep, dispersion=dispersion,
-        a0=a_real * 1e-10, a_star=a_star, cell=cell, V_cell=V_cell, N=(Na, Nb, Nc), shape=xtal.shape,
-        fudge=xtal.fudge, spindle=spindle, phi0=phi0, phistep=phistep, phisteps=phisteps, osc=osc,
-        mosaic_spread=mosaic_spread, mosaic_umats=umats, water_size=water_size, I_bg=I_bg,
-        oversample=oversample, recommended_oversample=recommended, oversample_thick=samp.oversample_thick,
-        oversample_polar=samp.oversample_polar, oversample_omega=samp.oversample_omega,
-        interpolate=bool(interpolate), steps=steps, hkl=table, default_F=xtal.default_F,
-        hkl_source=hkl_source, log=log, notes=notes,
-    )
+    return tuple(int(v) for v in roi), evaluations
 
 
 def _is_fdump(path: Path) -> bool:
@@ -703,7 +799,7 @@ def _is_fdump(path: Path) -> bool:
     return b"\n\f" in head
 
 
-def _describe_source(table, default_F: float, warnings_: List[str]) -> dict:
+def _describe_source(table, default_F: float, warnings_: list[str]) -> dict:
     if table is None:
         return {"kind": "none", "source": None, "bounds": None, "count": 0, "default_F": default_F,
                 "warnings": warnings_,
@@ -713,9 +809,9 @@ def _describe_source(table, default_F: float, warnings_: List[str]) -> dict:
             "default_F": default_F, "warnings": warnings_, "describe": table.describe()}
 
 
-def _lattice(cfg: SimulationConfig, lambda0: float, log: List[str]):
+def _lattice(cfg: SimulationConfig, lambda0: float, log: list[str]):
     """Reciprocal (1/Å) and real (Å) lattice vectors as rows, like C."""
-    from .matrix_file import read_mosflm_matrix
+    from .io.matrix_file import read_mosflm_matrix
 
     xtal = cfg.crystal
     user_cell = xtal.cell is not None
@@ -775,7 +871,7 @@ def _lattice(cfg: SimulationConfig, lambda0: float, log: List[str]):
             seed = int(time.time())
             log.append(f"-misset random with no seed: using -misset_seed {seed}")
         misset = random_misset(seed)
-        log.append("random orientation misset angles: %f %f %f deg" % tuple(m * RTD for m in misset))
+        log.append("random orientation misset angles: {:f} {:f} {:f} deg".format(*(m * RTD for m in misset)))
     elif xtal.misset_deg is not None:
         misset = tuple(m / RTD for m in xtal.misset_deg)
     if misset is not None:
@@ -799,7 +895,7 @@ def _lattice(cfg: SimulationConfig, lambda0: float, log: List[str]):
                float(real[0] @ real[1]) / la[0] / la[1]]
     angles = [math.degrees(math.acos(max(-1.0, min(1.0, c)))) for c in cosines]
     cell = (la[0], la[1], la[2], angles[0], angles[1], angles[2])
-    log.append("Unit Cell: %g %g %g %g %g %g" % cell)
+    log.append("Unit Cell: {:g} {:g} {:g} {:g} {:g} {:g}".format(*cell))
     log.append(f"volume = {V_cell:g} A^3")
     return a_star, real, cell, V_cell
 
@@ -847,7 +943,7 @@ def _sources(cfg, beam_v, polar_v, vert, lambda0, hsteps, hrange, hstep, vsteps,
     return np.array(dirs), np.array(lams), divsteps
 
 
-def _read_source_file(path: Path) -> List[List[float]]:
+def _read_source_file(path: Path) -> list[list[float]]:
     import re
 
     if path is None or not path.exists():
@@ -858,7 +954,7 @@ def _read_source_file(path: Path) -> List[List[float]]:
         raise SetupError(f"-sourcefile {path}: {path.stat().st_size} bytes, above the limit of "
                          f"{SOURCE_FILE_MAX_BYTES} bytes for a source list")
     rows = []
-    with open(path, "r", encoding="utf-8", errors="replace") as handle:
+    with open(path, encoding="utf-8", errors="replace") as handle:
         lines = handle.read(SOURCE_FILE_MAX_BYTES + 1).splitlines()
     for lineno, line in enumerate(lines, 1):
         text = line.split("#", 1)[0].strip()

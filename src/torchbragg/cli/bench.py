@@ -23,6 +23,11 @@ process so that nothing is already loaded or compiled:
     renders, ``fallback_over_render``, the ratio of their minima, and
     ``fallback_over_render_pairs_median``, the median of the back-to-back
     pairs' ratios (the issue allows 1.10);
+``pytorch_path``
+    in another fresh process, the same render with the compiled kernels off
+    (what a machine without a C++ compiler gets): seconds per render, ns per
+    evaluation and ``over_compiled``, its ratio to the compiled warm render
+    (``--no-pytorch-path`` skips it; at 4096² it takes half a minute);
 
 and the peak resident memory of every process (``wait4`` on the child). With
 ``--c-binary PATH`` the C program runs on the same arguments in the same
@@ -56,16 +61,25 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+
+from ..config import TAP_CONFIG_ARGS
 
 __all__ = ["CONFIGS", "main", "run_bench", "SCHEMA", "prepare_files", "write_wide_table"]
 
 SCHEMA = "torchbragg-bench/1"
 
-_TAP = ["-cell", "100", "100", "100", "90", "90", "90", "-N", "5", "-default_F", "100", "-lambda", "0.5",
-        "-distance", "500", "-pixel", "0.05", "-oversample", "2"]
+
+
+def _tap(pixels: int) -> list[str]:
+    """The tap configuration (:data:`torchbragg.TAP_CONFIG_ARGS`) at ``pixels``² pixels."""
+    args = list(TAP_CONFIG_ARGS)
+    at = args.index("-detpixels")
+    args[at + 1] = str(pixels)
+    return args
+
 _DEFAULT_F = ["-default_F", "100", "-cell", "100", "100", "100", "90", "90", "90", "-lambda", "6.2",
               "-distance", "100"]
 
@@ -76,19 +90,19 @@ _INTERP = ["-cell", "100", "100", "100", "90", "90", "90", "-default_F", "50", "
            "-distance", "500", "-pixel", "0.05"]
 
 #: named configurations: nanoBragg arguments
-CONFIGS: Dict[str, List[str]] = {
-    "tap4096": _TAP + ["-detpixels", "4096"],
+CONFIGS: dict[str, list[str]] = {
+    "tap4096": _tap(4096),
     "defaultF4096": _DEFAULT_F + ["-detpixels", "4096"],
     # |h| <= 56.2 at the corners of 4096 x 0.05 mm at 500 mm, 0.5 Å: -60..60 keeps every neighbourhood
     "interp4096": _INTERP + ["-hkl", "interp_wide60.hkl", "-detpixels", "4096"],
     # the tap configuration with the other crystal shapes and with C's oversampled solid angle
-    "round4096": _TAP + ["-detpixels", "4096", "-round_xtal"],
-    "gauss4096": _TAP + ["-detpixels", "4096", "-gauss_xtal"],
-    "omega4096": _TAP + ["-detpixels", "4096", "-oversample_omega", "-fix_oversample"],
-    "tap1024": _TAP + ["-detpixels", "1024"],
-    "tap512": _TAP + ["-detpixels", "512"],
+    "round4096": _tap(4096) + ["-round_xtal"],
+    "gauss4096": _tap(4096) + ["-gauss_xtal"],
+    "omega4096": _tap(4096) + ["-oversample_omega", "-fix_oversample"],
+    "tap1024": _tap(1024),
+    "tap512": _tap(512),
     "defaultF512": _DEFAULT_F + ["-detpixels", "512"],
-    "tap128": _TAP + ["-detpixels", "128"],
+    "tap128": _tap(128),
     "interp128": _INTERP + ["-hkl", "interp_wide6.hkl", "-detpixels", "128"],
 }
 
@@ -107,11 +121,12 @@ def write_wide_table(path, n: int) -> Path:
     with open(path, "w") as fh:
         for h in r.tolist():
             F = 100.0 + 0.5 * h - 0.25 * k + 0.125 * l
-            fh.write("".join(f"{h} {b} {c} {f:g}\n" for b, c, f in zip(k.tolist(), l.tolist(), F.tolist())))
+            rows = zip(k.tolist(), l.tolist(), F.tolist(), strict=True)
+            fh.write("".join(f"{h} {b} {c} {f:g}\n" for b, c, f in rows))
     return path
 
 
-def prepare_files(args: Sequence[str], folder) -> List[Path]:
+def prepare_files(args: Sequence[str], folder) -> list[Path]:
     """Write the generated input files a configuration names (``interp_wide<n>.hkl``) into ``folder``."""
     made = []
     for a in args:
@@ -138,7 +153,7 @@ def _child(spec_json: str) -> int:
     import torch
 
     import torchbragg
-    from torchbragg import kernel
+    from torchbragg.kernels.build import kernel_cache_dir
 
     # interpreter start-up and imports (torch, numpy, torchbragg), from the parent's spawn time
     startup = time.time() - spec["spawn_time"]
@@ -155,7 +170,7 @@ def _child(spec_json: str) -> int:
     t0 = time.perf_counter()
     sim = torchbragg.Simulation.from_args(spec["args"], device=device, dtype=dtype)
     out["setup_s"] = time.perf_counter() - t0
-    plan = sim._fast_plan() if hasattr(sim, "_fast_plan") else None
+    plan = sim.compiled_plan() if hasattr(sim, "compiled_plan") else None
     if getattr(sim.setup, "interpolate", False):  # C's switch-off scan (part of the first render otherwise)
         t0 = time.perf_counter()
         out["cutoff"] = sim.interpolation_cutoff()
@@ -239,15 +254,49 @@ def _child(spec_json: str) -> int:
         out["fallback_warm_min_s"] = min(fb)
         out["fallback_over_render"] = min(fb) / min(plain)
         # each pair ran back to back under the same load: the median of their ratios is the steadier figure
-        out["fallback_over_render_pairs_median"] = statistics.median(b / a for a, b in zip(plain, fb))
+        out["fallback_over_render_pairs_median"] = statistics.median(b / a for a, b in zip(plain, fb, strict=True))
         out["peak_rss_with_fallback_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    out["kernel_cache_dir"] = str(kernel.kernel_cache_dir())
+    out["kernel_cache_dir"] = str(kernel_cache_dir())
+    print(_MARK + json.dumps(out), flush=True)
+    return 0
+
+
+def _pytorch_path_child(spec_json: str) -> int:
+    """Body of the process timing the PyTorch path (no compiled kernel); prints one JSON line.
+
+    One render, repeated up to ``repeats`` times while each takes under two seconds (a slow
+    render's own warm-up is small beside it); the minimum is reported.
+    """
+    spec = json.loads(spec_json)
+    import torch
+
+    import torchbragg
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    device = spec["device"]
+    dtype = torch.float64 if spec["dtype"] == "float64" else torch.float32
+    sim = torchbragg.Simulation.from_args(spec["args"], device=device, dtype=dtype)
+    sim.use_compiled_kernels = False
+    times = []
+    while True:
+        t0 = time.perf_counter()
+        sim.render()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        if times[-1] >= 2.0 or len(times) >= max(1, int(spec["repeats"])):
+            break
+    ny, nx = sim.shape
+    evals = ny * nx * sim.evaluations_per_pixel
+    out = {"render_s": times, "render_min_s": min(times), "ns_per_eval": 1e9 * min(times) / evals,
+           "last_kernel": sim.last_kernel}
     print(_MARK + json.dumps(out), flush=True)
     return 0
 
 
 # -------------------------------------------------------------------- parent
-def _run_process(cmd: Sequence[str], env: Optional[dict] = None, cwd: Optional[str] = None,
+def _run_process(cmd: Sequence[str], env: dict | None = None, cwd: str | None = None,
                  timeout: float = 3600.0) -> dict:
     """Run a command; wall time, exit status, peak RSS and CPU times of that process."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -283,7 +332,7 @@ def _env(**extra) -> dict:
     return env
 
 
-def _cli_command(args: Sequence[str], dtype: str, device: str) -> List[str]:
+def _cli_command(args: Sequence[str], dtype: str, device: str) -> list[str]:
     return [sys.executable, "-m", "torchbragg", *args, "-dtype", dtype, "-device", device]
 
 
@@ -294,7 +343,7 @@ def _summary(proc: dict) -> dict:
     return keep
 
 
-def _measure_config(name: str, args: List[str], dtype: str, opts) -> dict:
+def _measure_config(name: str, args: list[str], dtype: str, opts) -> dict:
     res: dict = {}
     base_env = {"TORCHBRAGG_FAST": "0" if opts.eager else None}
     if opts.threads:
@@ -314,17 +363,30 @@ def _measure_config(name: str, args: List[str], dtype: str, opts) -> dict:
         spec = {"args": args, "dtype": dtype, "device": opts.device, "repeats": opts.repeats,
                 "threads": opts.threads, "spawn_time": time.time()}
         child = _run_process([sys.executable, "-c",
-                              "import sys; from torchbragg.bench import _child; sys.exit(_child(sys.argv[1]))",
+                              "import sys; from torchbragg.cli.bench import _child; sys.exit(_child(sys.argv[1]))",
                               json.dumps(spec)], env=_env(**base_env), cwd=work)
         render = {"process": _summary(child)}
         for line in child["stdout"].splitlines():
             if line.startswith(_MARK):
                 render.update(json.loads(line[len(_MARK):]))
         res["render"] = render
+        if not opts.eager and not opts.no_pytorch_path:
+            # the speed a machine without a C++ compiler gets, measured in the same run
+            child = _run_process([sys.executable, "-c",
+                                  "import sys; from torchbragg.cli.bench import _pytorch_path_child; "
+                                  "sys.exit(_pytorch_path_child(sys.argv[1]))", json.dumps(spec)],
+                                 env=_env(**base_env), cwd=work)
+            path = {"process": _summary(child)}
+            for line in child["stdout"].splitlines():
+                if line.startswith(_MARK):
+                    path.update(json.loads(line[len(_MARK):]))
+            if path.get("render_min_s") and render.get("warm_min_s"):
+                path["over_compiled"] = path["render_min_s"] / render["warm_min_s"]
+            res["pytorch_path"] = path
     return res
 
 
-def _tap_process(opts) -> Optional[dict]:
+def _tap_process(opts) -> dict | None:
     exe = shutil.which("bragg-tap")
     if exe is None:
         cand = Path(sys.executable).with_name("bragg-tap")
@@ -338,7 +400,7 @@ def _tap_process(opts) -> Optional[dict]:
     return out
 
 
-def _c_runs(args: List[str], binary: str) -> dict:
+def _c_runs(args: list[str], binary: str) -> dict:
     out = {"binary": os.path.abspath(binary)}
     for label, threads in (("single_thread", 1), ("all_threads", os.cpu_count() or 1)):
         with tempfile.TemporaryDirectory(prefix="nanoBragg-bench-") as work:
@@ -370,17 +432,18 @@ def _host() -> dict:
 
 def run_bench(opts) -> dict:
     """Measure every requested configuration; returns the JSON document."""
-    from . import __version__
+    from .. import __version__
 
     names = [n.strip() for n in opts.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         raise ValueError(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(CONFIGS)}")
     dtypes = ["float32", "float64"] if opts.dtype == "both" else [opts.dtype]
-    doc = {"schema": SCHEMA, "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    doc = {"schema": SCHEMA, "created_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "torchbragg": __version__, "command": ["torchbragg", "bench", *opts.argv], "host": _host(),
            "options": {"device": opts.device, "dtypes": dtypes, "repeats": opts.repeats, "threads": opts.threads,
-                       "eager": opts.eager, "write_image": opts.write_image},
+                       "eager": opts.eager, "pytorch_path": not (opts.eager or opts.no_pytorch_path),
+                       "write_image": opts.write_image},
            "configs": {}}
     for name in names:
         args = CONFIGS[name]
@@ -472,7 +535,16 @@ def format_table(doc: dict) -> str:
             if rr.get("process", {}).get("error"):
                 lines.append(f"    render process failed: {rr['process']['error'].splitlines()[-1]}")
             if not rr.get("fast_kernel", True):
-                lines.append("    (eager kernel: fused kernel off or unavailable)")
+                lines.append("    (PyTorch path: the compiled kernel is off or unavailable)")
+            pp = run.get("pytorch_path")
+            if pp:
+                if pp.get("process", {}).get("error"):
+                    lines.append(f"    PyTorch path failed: {pp['process']['error'].splitlines()[-1]}")
+                elif pp.get("render_min_s"):
+                    ratio = pp.get("over_compiled")
+                    lines.append(f"    PyTorch path (no compiled kernel): {_fmt(pp['render_min_s'])} per render, "
+                                 f"{pp['ns_per_eval']:.1f} ns/eval, peak RSS {pp['process']['peak_rss_mib']:.0f}Mi"
+                                 + (f"; {ratio:.1f}x the compiled kernel's warm render" if ratio else ""))
             if rr.get("gpu"):
                 lines.append(f"    {rr.get('kernel', '?')} on {rr['gpu']}, peak GPU memory "
                              f"{rr.get('gpu_peak_memory_mib', 0):.0f} MiB")
@@ -513,10 +585,10 @@ def format_table(doc: dict) -> str:
 
 
 def _write_report(doc: dict, out_dir: str) -> Path:
-    from .atomic_io import atomic_write_text
+    from ..io.atomic_io import atomic_write_text
 
     base = Path(out_dir)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     for i in range(1000):
         folder = base / (stamp if i == 0 else f"{stamp}-{i}")
         try:
@@ -544,6 +616,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--c-seconds", type=float, default=None, metavar="X",
                    help="C program single-thread seconds for the ratios when no binary is at hand")
     p.add_argument("--eager", action="store_true", help="time the eager kernel (TORCHBRAGG_FAST=0)")
+    p.add_argument("--no-pytorch-path", action="store_true",
+                   help="skip timing the PyTorch path (what a machine without a C++ compiler renders with)")
     p.add_argument("--write-image", action="store_true",
                    help="let the command-line runs write -floatfile (to a temporary folder)")
     p.add_argument("--no-first-ever", action="store_true", help="skip the empty-kernel-cache run")
@@ -554,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``torchbragg bench``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

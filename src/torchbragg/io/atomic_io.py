@@ -17,9 +17,9 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Union
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "exclusive_path", "OutputSet"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "exclusive_path", "OutputSet", "blocked_signals"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -69,7 +69,7 @@ def exclusive_path(path: PathLike) -> Path:
     return p
 
 
-def _replace_target(dest: Path) -> Tuple[Path, int]:
+def _replace_target(dest: Path) -> tuple[Path, int]:
     """Where a replacing write really goes and the mode it keeps.
 
     Like C's ``fopen(name, "w")``, a destination that is a symbolic link is written
@@ -84,8 +84,14 @@ def _replace_target(dest: Path) -> Tuple[Path, int]:
     return real, mode
 
 
-def _blocked_signals():
-    """Block SIGINT/SIGTERM for a short step that must not be split (main thread only)."""
+def blocked_signals():
+    """Block SIGINT/SIGTERM for a short step that must not be split (main thread only).
+
+    Returns
+    -------
+    contextlib.AbstractContextManager
+        A context inside which the two signals wait until it exits; a no-op off the main thread.
+    """
     import contextlib
     import signal
     import threading
@@ -116,10 +122,10 @@ class OutputSet:
     """
 
     def __init__(self) -> None:
-        self._staged: List[Tuple[Path, Path, str]] = []  # (temporary, destination, name shown)
-        self._previous: Optional["OutputSet"] = None
+        self._staged: list[tuple[Path, Path, str]] = []  # (temporary, destination, name shown)
+        self._previous: OutputSet | None = None
 
-    def __enter__(self) -> "OutputSet":
+    def __enter__(self) -> OutputSet:
         global _ACTIVE
         self._previous, _ACTIVE = _ACTIVE, self
         return self
@@ -133,7 +139,7 @@ class OutputSet:
             self.rollback()
 
     @property
-    def temporaries(self) -> List[Path]:
+    def temporaries(self) -> list[Path]:
         return [t for t, _, _ in self._staged]
 
     def stage(self, path: PathLike, data: bytes) -> Path:
@@ -141,7 +147,7 @@ class OutputSet:
         real, mode = _replace_target(dest)
         folder = real.parent if str(real.parent) else Path(".")
         try:
-            with _blocked_signals():  # the temporary is recorded the moment it exists
+            with blocked_signals():  # the temporary is recorded the moment it exists
                 fd, tmp_name = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=folder)
                 self._staged.append((Path(tmp_name), real, str(dest)))
             with os.fdopen(fd, "wb") as handle:
@@ -154,7 +160,7 @@ class OutputSet:
         return dest
 
     def commit(self) -> None:
-        with _blocked_signals():
+        with blocked_signals():
             try:
                 for tmp, real, shown in self._staged:
                     try:
@@ -174,7 +180,7 @@ class OutputSet:
                 pass
 
 
-_ACTIVE: Optional[OutputSet] = None
+_ACTIVE: OutputSet | None = None
 
 
 def atomic_write_bytes(path: PathLike, data: bytes, *, overwrite: bool = True) -> Path:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Union
 
 import numpy as np
 
@@ -33,7 +33,7 @@ __all__ = ["pgm_auto_scale", "pgm_bytes", "write_pgm", "read_pgm"]
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def pgm_auto_scale(image: np.ndarray, intfile_scale: Optional[float] = None) -> float:
+def pgm_auto_scale(image: np.ndarray, intfile_scale: float | None = None) -> float:
     """The C program's default ``-pgmscale``.
 
     Parameters
@@ -62,7 +62,7 @@ def pgm_auto_scale(image: np.ndarray, intfile_scale: Optional[float] = None) -> 
     return 55000.0 / max_i if max_i > 0.0 else 1.0
 
 
-def pgm_bytes(image: np.ndarray, scale: Optional[float] = None) -> Tuple[bytes, float]:
+def pgm_bytes(image: np.ndarray, scale: float | None = None) -> tuple[bytes, float]:
     """Return the PGM file contents and the scale used.
 
     Parameters
@@ -90,7 +90,7 @@ def pgm_bytes(image: np.ndarray, scale: Optional[float] = None) -> Tuple[bytes, 
     return header + pixels.tobytes(), float(scale)
 
 
-def write_pgm(path: PathLike, image: np.ndarray, scale: Optional[float] = None) -> float:
+def write_pgm(path: PathLike, image: np.ndarray, scale: float | None = None) -> float:
     """Write an 8-bit PGM preview like the C program's ``-pgmfile``, atomically.
 
     Parameters

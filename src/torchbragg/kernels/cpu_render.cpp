@@ -1,8 +1,11 @@
-// torchbragg fused render kernel. Compiled on first use by torchbragg.kernel
-// with -DTB_REAL=float|double -DTB_SHAPE=0..3 -DTB_TABLE=0|1 -DTB_COUNT=0|1 -DTB_INTERP=0|1 -DTB_OVER=0..2
-// (TB_OVER: -oversample_thick/_polar/_omega factors per evaluation, 1 as C's running product of the
-// pixel's sum, 2 each term weighted by its own factors; which factors: I_ov_*);
-// the parameter indices (D_*, I_*) are generated from kernel.py and prepended.
+// torchbragg's CPU render kernel: a block of columns at a time, vectorised across them.
+//
+// Compiled on first use by torchbragg.kernels.cpu with -DTB_REAL=float|double -DTB_SHAPE=0..3
+// -DTB_TABLE=0|1 -DTB_COUNT=0|1 -DTB_INTERP=0|1 -DTB_OVER=0..2 (TB_OVER: -oversample_thick/_polar/_omega
+// factors per evaluation, 1 as C's running product of the pixel's sum, 2 each term weighted by its own
+// factors; which factors: I_ov_*) and the parameter indices -DD_*=, -DI_*= of
+// torchbragg.kernels.packing. The physics of one evaluation is kernel_math.h's, shared with the GPU
+// kernel; this file holds the loops, the vectorised exponential and the switch-off scan.
 #include <math.h>
 #include <cmath>
 #include <cstdint>
@@ -14,10 +17,14 @@ typedef double tb_table_t;  // interpolation reads 64 entries a lookup: the tabl
 #else
 typedef real tb_table_t;
 #endif
+typedef int64_t i64_t;
+typedef uint32_t u32_t;
 #define CB 256
 
 #define TB_HD static inline
-// @include kernel_math.h
+#define TB_SIGNBIT(x) std::signbit(x)
+#define TB_INDEX int
+#define TB_EXP tb_exp
 
 // 2^m for an integer-valued m in the exponent range (m >= -1022 double, -126 float), from the exponent
 // bits: m + bias added to 1.5 * 2^52 (2^23) lands in the low mantissa bits, a shift moves it into the
@@ -78,6 +85,8 @@ static inline real tb_exp(real x) {
     return x < lo_limit ? (real)0 : (x > hi_limit ? (real)INFINITY : v);
 }
 
+#include "kernel_math.h"
+
 // -curved_det positions of a block of n columns from cstart (fast subpixel offset fo, slow part bx..bz,
 // sensor layer offset toff), the flat position's arithmetic of the render loop, then tb_curve
 static inline void tb_curved_block(double* X, double* Y, double* Z, int n, int64_t cstart, int64_t os, double fo,
@@ -85,9 +94,9 @@ static inline void tb_curved_block(double* X, double* Y, double* Z, int n, int64
     const double sub = dp[D_subpixel];
     for (int c = 0; c < n; ++c) {
         const double Fdet = ((double)((cstart + c) * os) + fo) * sub;
-        double p[3] = {Fdet * dp[D_fdet + 0] + bx + toff * dp[D_odet + 0] + dp[D_pix0 + 0],
-                       Fdet * dp[D_fdet + 1] + by + toff * dp[D_odet + 1] + dp[D_pix0 + 1],
-                       Fdet * dp[D_fdet + 2] + bz + toff * dp[D_odet + 2] + dp[D_pix0 + 2]};
+        double p[3] = {tb_flat_coordinate(Fdet, dp[D_fdet + 0], bx, toff, dp[D_odet + 0], dp[D_pix0 + 0]),
+                       tb_flat_coordinate(Fdet, dp[D_fdet + 1], by, toff, dp[D_odet + 1], dp[D_pix0 + 1]),
+                       tb_flat_coordinate(Fdet, dp[D_fdet + 2], bz, toff, dp[D_odet + 2], dp[D_pix0 + 2])};
         tb_curve(p, dp);
         X[c] = p[0]; Y[c] = p[1]; Z[c] = p[2];
     }
@@ -103,10 +112,9 @@ static inline void store_counts(C* cs, uint8_t* rs, const uint8_t* mrow, const u
 #pragma omp simd
     for (int c = 0; c < n; ++c) {
         const bool active = mrow == nullptr || mrow[c] != 0;
-        const uint32_t tot = TB_INTERP ? 0u : cnt[c], out_n = cnt_out[c];
-        const uint8_t dom = TB_TABLE ? (tot - out_n > out_n ? 3 : 2) : 1;
+        const uint32_t tot = tb_fallback_total(cnt[c]);
         cs[c] = (C)(active ? tot : 0u);
-        rs[c] = (active && tot > 0) ? dom : (uint8_t)0;
+        rs[c] = active ? tb_dominant_reason(tot, cnt_out[c]) : (uint8_t)0;
     }
 }
 #endif
@@ -116,7 +124,7 @@ static inline void store_counts(C* cs, uint8_t* rs, const uint8_t* mrow, const u
 // are only ever squared here), so counting needs no second gather: two 32-bit counters per pixel, the
 // evaluations that used default_F and those of them outside the box. Interpolated lookups never use
 // default_F, so the interpolating variant writes zero counts.
-extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* lattice, const double* src,
+extern "C" int tb_render(const double* dp, const int64_t* ip, const double* lattice, const double* src,
                         const tb_table_t* table, const uint8_t* mask,
                         int64_t row0, int64_t nrows, int64_t col0, int64_t ncols,
                         real* image, int64_t image_stride, void* counts, uint8_t* reasons,
@@ -143,15 +151,9 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
     const int64_t count_bytes = ip[I_count_bytes];
     (void)count_bytes;
 #if TB_TABLE
-    const int64_t hmin = ip[I_bounds + 0], hmax = ip[I_bounds + 1], kmin = ip[I_bounds + 2];
-    const int64_t kmax = ip[I_bounds + 3], lmin = ip[I_bounds + 4], lmax = ip[I_bounds + 5];
-    const double dhmin = (double)hmin, dhmax = (double)hmax, dkmin = (double)kmin, dkmax = (double)kmax;
-    const double dlmin = (double)lmin, dlmax = (double)lmax;
-    const double dnk = (double)(kmax - kmin + 1), dnl = (double)(lmax - lmin + 1);
-    const double dsize = (double)((hmax - hmin + 1) * (kmax - kmin + 1) * (lmax - lmin + 1));
-    const double dnh = (double)(hmax - hmin + 1);
-    const double lo[3] = {dhmin, dkmin, dlmin};
-    (void)dnh; (void)lo;
+    const TbBox box = tb_box(ip);
+    const double lo[3] = {box.hmin, box.kmin, box.lmin};
+    (void)lo;
 #endif
     const int64_t first_sub = 0, last_t = T - 1;
     (void)first_sub;
@@ -202,18 +204,16 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
 #pragma omp simd
                         for (int c = 0; c < n; ++c) {
                             const double Fdet = ((double)((cstart + c) * os) + fo) * sub;
-                            const double px = curved ? dx[c] : Fdet * fx + bx + toff * ox + p0x;
-                            const double py = curved ? dy[c] : Fdet * fy + by + toff * oy + p0y;
-                            const double pz = curved ? dz[c] : Fdet * fz + bz + toff * oz + p0z;
+                            const double px = curved ? dx[c] : tb_flat_coordinate(Fdet, fx, bx, toff, ox, p0x);
+                            const double py = curved ? dy[c] : tb_flat_coordinate(Fdet, fy, by, toff, oy, p0y);
+                            const double pz = curved ? dz[c] : tb_flat_coordinate(Fdet, fz, bz, toff, oz, p0z);
                             const double air = std::sqrt(px * px + py * py + pz * pz);
                             const double inv = 1.0 / air;
                             dx[c] = px * inv; dy[c] = py * inv; dz[c] = pz * inv;
-                            if (first_sub_px) {
-                                om_first[c] = point_pixel ? 1.0 / (air * air)
-                                                          : pix * pix / (air * air) * close / air;
-                            }
+                            if (first_sub_px)
+                                om_first[c] = tb_solid_angle(air, pix, close, point_pixel);
 #if TB_OVER
-                            const double om = point_pixel ? 1.0 / (air * air) : pix * pix / (air * air) * close / air;
+                            const double om = tb_solid_angle(air, pix, close, point_pixel);
                             om_sum[c] += om;
                             fsub[c] = ov_omega ? om : 1.0;
 #endif
@@ -221,9 +221,7 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                         if (thick_on) {
                             for (int c = 0; c < n; ++c) {
                                 const double parallax = dx[c] * ox + dy[c] * oy + dz[c] * oz;
-                                // from behind the sensor (parallax <= 0): not captured
-                                cap[c] = parallax > 0.0 ? std::exp(-(double)t * thickstep * mu / parallax)
-                                         - std::exp(-((double)t + 1.0) * thickstep * mu / parallax) : 0.0;
+                                cap[c] = tb_capture((double)t, thickstep, mu, parallax);
                             }
                             if (last_cap)
                                 for (int c = 0; c < n; ++c) cap_last[c] = cap[c];
@@ -239,12 +237,7 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
                             for (int c = 0; c < n; ++c) {
                                 const double X = (dx[c] - ix) * il, Y = (dy[c] - iy) * il, Z = (dz[c] - iz) * il;
                                 qx[c] = X; qy[c] = Y; qz[c] = Z;
-                                bool skip = false;
-                                if (dmin_on) {
-                                    const double stol = 0.5 * std::sqrt(X * X + Y * Y + Z * Z);
-                                    skip = (stol > 0.0) && (dmin > 0.5 / (stol > 0.0 ? stol : 1.0));
-                                }
-                                dskip[c] = skip ? 1.0 : 0.0;
+                                dskip[c] = (dmin_on && tb_dmin_skip(X, Y, Z, dmin)) ? 1.0 : 0.0;
                             }
 #if TB_OVER
 #pragma omp simd
@@ -274,74 +267,40 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
 #pragma omp simd
                                 for (int c = 0; c < n; ++c) {
                                     const double X = qx[c], Y = qy[c], Z = qz[c];
-                                    const double h = X * a0 + Y * a1 + Z * a2;
-                                    const double k = X * b0 + Y * b1 + Z * b2;
-                                    const double l = X * e0 + Y * e1 + Z * e2;
-                                    const double h0 = std::ceil(h - 0.5), k0 = std::ceil(k - 0.5),
-                                                 l0 = std::ceil(l - 0.5);
-                                    const real fh = (real)(h - h0), fk = (real)(k - k0), fl = (real)(l - l0);
-                                    real Fl;
-#if TB_SHAPE == 0
-                                    Fl = tb_sincg(fh, h0, na, na_even) * tb_sincg(fk, k0, nb, nb_even)
-                                         * tb_sincg(fl, l0, nc, nc_even);
-#elif TB_SHAPE == 1
-                                    Fl = tb_round_factor(fh * fh * na * na + fk * fk * nb * nb + fl * fl * nc * nc,
-                                                         (real)fudge, na * nb * nc);
-#else
-                                    {
-                                        const double dh = h - h0, dk = k - k0, dl = l - l0;
-                                        const double* A = dp + D_a_star;
-                                        const double u = dh * A[0] + dk * A[3] + dl * A[6];
-                                        const double v = dh * A[1] + dk * A[4] + dl * A[7];
-                                        const double w = dh * A[2] + dk * A[5] + dl * A[8];
-                                        const real rad = (real)((u * u + v * v + w * w) * dp[D_N2prod]);
-#if TB_SHAPE == 2
-                                        Fl = (real)dp[D_Nprod] * tb_exp(-(rad / (real)0.63 * (real)fudge));
-#else
-                                        Fl = (real)dp[D_Nprod] * (real)(rad * (real)fudge < (real)0.3969);
-#endif
-                                    }
-#endif
+                                    const double h = tb_index(X, Y, Z, a0, a1, a2);
+                                    const double k = tb_index(X, Y, Z, b0, b1, b2);
+                                    const double l = tb_index(X, Y, Z, e0, e1, e2);
+                                    const double h0 = tb_nearest(h), k0 = tb_nearest(k), l0 = tb_nearest(l);
+                                    const real Fl = tb_lattice_factor(h, k, l, h0, k0, l0, na, nb, nc, na_even,
+                                                                      nb_even, nc_even, (real)fudge, dp);
                                     // a zero lattice factor skips the lookup (C); sin(pi N h) of a square crystal is
                                     // never exactly zero in C's float64 or the eager kernel, but the reduced
                                     // argument here can be, so square crystals never skip on it
                                     const bool skipped = (dskip[c] != 0.0)
                                                          | (!water & (TB_SHAPE != 0) & (Fl == (real)0));
                                     real Fc;
+                                    bool inside = false;
 #if TB_TABLE
-                                    // bounds and flat index in float64 (exact for integers): no out-of-range
-                                    // integer conversion. Outside the table the index is the extra last
-                                    // entry, which holds default_F (code 2), so the loads are plain gathers.
-                                    const bool inside = (h0 >= dhmin) & (h0 <= dhmax) & (k0 >= dkmin) & (k0 <= dkmax)
-                                                        & (l0 >= dlmin) & (l0 <= dlmax);
-                                    const double didx = ((h0 - dhmin) * dnk + (k0 - dkmin)) * dnl + (l0 - dlmin);
-                                    const int idx = (int)(inside ? didx : dsize);
-                                    Fc = (real)table[idx];
-#if TB_COUNT && !TB_INTERP
-                                    cnt[c] += skipped ? 0u : (std::signbit(Fc) ? 1u : 0u);
-                                    cnt_out[c] += (skipped | inside) ? 0u : 1u;
-#endif
+                                    Fc = tb_lookup(table, box, h0, k0, l0, inside);
 #if TB_INTERP
+                                    // tricubic Lagrange interpolation (kernel_math.h), where C interpolates
                                     {
-                                        // tricubic Lagrange interpolation (kernel_math.h), where C interpolates
-                                        const double val = tb_tricubic(table, h, k, l, lo, dnh, dnk, dnl);
+                                        const double val = tb_tricubic(table, h, k, l, lo, box.nh, box.nk, box.nl);
                                         Fc = skipped ? Fc : (real)val;
                                     }
 #endif
 #else
                                     Fc = default_F;
-#if TB_COUNT
-                                    cnt[c] += skipped ? 0u : 1u;
 #endif
+#if TB_COUNT && !TB_INTERP
+                                    tb_count_fallback(skipped, Fc, inside, cnt[c], cnt_out[c]);
 #endif
-                                    const real I = skipped ? (real)0 : Fc * Fc * Fl * Fl;
-#if TB_OVER == 1
-                                    acc[c] = skipped ? acc[c] : (acc[c] + (double)I) * fpol[c];
-#elif TB_OVER == 2
-                                    acc[c] += (double)I * fpol[c];
-                                    fsum[c] += fpol[c];
+                                    (void)inside;
+#if TB_OVER
+                                    tb_accumulate(acc[c], fsum[c], tb_intensity(Fc, Fl, skipped), skipped, fpol[c]);
 #else
-                                    acc[c] += (double)I;
+                                    double no_fsum = 0.0;
+                                    tb_accumulate(acc[c], no_fsum, tb_intensity(Fc, Fl, skipped), skipped, 1.0);
 #endif
                                 }
                             }
@@ -357,13 +316,12 @@ extern "C" int TB_ENTRY(const double* dp, const int64_t* ip, const double* latti
             for (int c = 0; c < n; ++c) {
                 const bool active = mrow == nullptr || mrow[c] != 0;
 #if TB_OVER
-                const double E = nsub * (double)(S * P * M);
-                const double sum = TB_OVER == 1 ? acc[c] : acc[c] + I_bg * fsum[c] / E;
-                const double v = sum * scale * (ov_thick ? 1.0 : cap_last[c]) * (ov_polar ? 1.0 : pol_first[c])
-                                 * (ov_omega ? 1.0 : om_first[c]);
+                const double v = tb_pixel_value(acc[c], fsum[c], nsub, (double)(S * P * M), I_bg, scale, cap_last[c],
+                                                pol_first[c], om_first[c], ov_thick, ov_polar, ov_omega);
                 om_blk += active ? (ov_omega ? om_sum[c] : nsub * om_first[c]) : 0.0;
 #else
-                const double v = (acc[c] + I_bg) * scale * cap_last[c] * pol_first[c] * om_first[c];
+                const double v = tb_pixel_value(acc[c], 0.0, nsub, (double)(S * P * M), I_bg, scale, cap_last[c],
+                                                pol_first[c], om_first[c], false, false, false);
                 om_blk += active ? nsub * om_first[c] : 0.0;
 #endif
                 out[c] = active ? (real)v : (real)0;
@@ -491,9 +449,9 @@ extern "C" int tb_scan(const double* dp, const int64_t* ip, const double* lattic
 #pragma omp simd
                         for (int c = 0; c < n; ++c) {
                             const double Fdet = ((double)((cstart + c) * os) + fo) * sub;
-                            const double px = curved ? dx[c] : Fdet * fx + bx + toff * ox + p0x;
-                            const double py = curved ? dy[c] : Fdet * fy + by + toff * oy + p0y;
-                            const double pz = curved ? dz[c] : Fdet * fz + bz + toff * oz + p0z;
+                            const double px = curved ? dx[c] : tb_flat_coordinate(Fdet, fx, bx, toff, ox, p0x);
+                            const double py = curved ? dy[c] : tb_flat_coordinate(Fdet, fy, by, toff, oy, p0y);
+                            const double pz = curved ? dz[c] : tb_flat_coordinate(Fdet, fz, bz, toff, oz, p0z);
                             const double inv = 1.0 / std::sqrt(px * px + py * py + pz * pz);
                             dx[c] = px * inv; dy[c] = py * inv; dz[c] = pz * inv;
                         }
@@ -522,9 +480,9 @@ extern "C" int tb_scan(const double* dp, const int64_t* ip, const double* lattic
 #pragma omp simd
                                 for (int c = 0; c < n; ++c) {
                                     const double X = qx[c], Y = qy[c], Z = qz[c];
-                                    const double h = X * a0 + Y * a1 + Z * a2;
-                                    const double k = X * b0 + Y * b1 + Z * b2;
-                                    const double l = X * e0 + Y * e1 + Z * e2;
+                                    const double h = tb_index(X, Y, Z, a0, a1, a2);
+                                    const double k = tb_index(X, Y, Z, b0, b1, b2);
+                                    const double l = tb_index(X, Y, Z, e0, e1, e2);
                                     // C: (h-hmin+3) > h_range || h-2 < hmin (and k, l): out where a gap is < 0
                                     // (NaN indices are caught below; a plain min keeps the loop vectorised)
                                     const double g = min2(min2(min2((h - 2.0) - hmin, hr - (h - hmin + 3.0)),
@@ -536,8 +494,8 @@ extern "C" int tb_scan(const double* dp, const int64_t* ip, const double* lattic
                                     bool fl_zero = n_zero, fl_nonzero = !n_zero;
 #if TB_SHAPE == 1
                                     {
-                                        const double fh = h - std::ceil(h - 0.5), fk = k - std::ceil(k - 0.5);
-                                        const double fl = l - std::ceil(l - 0.5);
+                                        const double fh = h - tb_nearest(h), fk = k - tb_nearest(k);
+                                        const double fl = l - tb_nearest(l);
                                         const double hrad = fh * fh * na * na + fk * fk * nb * nb + fl * fl * nc * nc;
                                         const double x = 3.14159265358979323846 * std::sqrt(hrad * fudge);
                                         const double xs = x == 0.0 ? 1.0 : x;
@@ -547,20 +505,20 @@ extern "C" int tb_scan(const double* dp, const int64_t* ip, const double* lattic
                                     }
 #elif TB_SHAPE >= 2
                                     {
-                                        const double dh = h - std::ceil(h - 0.5), dk = k - std::ceil(k - 0.5);
-                                        const double dl = l - std::ceil(l - 0.5);
+                                        const double dh = h - tb_nearest(h), dk = k - tb_nearest(k);
+                                        const double dl = l - tb_nearest(l);
                                         const double u = dh * A[0] + dk * A[3] + dl * A[6];
                                         const double v = dh * A[1] + dk * A[4] + dl * A[7];
                                         const double w = dh * A[2] + dk * A[5] + dl * A[8];
                                         const double rad = (u * u + v * v + w * w) * N2prod;
 #if TB_SHAPE == 2
-                                        const double lg = -(rad / 0.63 * fudge) + ln_n;
+                                        const double lg = -(rad / TB_GAUSS_WIDTH * fudge) + ln_n;
                                         fl_zero = lg < ln_tiny - 2.0;
                                         fl_nonzero = lg > ln_tiny + 2.0;
 #else
                                         const double vr = rad * fudge;
-                                        fl_zero = n_zero | (vr > 0.3969 * (1.0 + 1e-5));
-                                        fl_nonzero = !n_zero & (vr < 0.3969 * (1.0 - 1e-5));
+                                        fl_zero = n_zero | (vr > TB_TOPHAT_LIMIT * (1.0 + 1e-5));
+                                        fl_nonzero = !n_zero & (vr < TB_TOPHAT_LIMIT * (1.0 - 1e-5));
 #endif
                                     }
 #endif

@@ -88,7 +88,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple, Union
+from typing import Union
 
 import numpy as np
 
@@ -137,7 +137,7 @@ class HKLFormatError(ValueError):
     ``"{path}: {reason}"`` when there is no line.
     """
 
-    def __init__(self, path: PathLike, line: Optional[int], text: str, reason: str):
+    def __init__(self, path: PathLike, line: int | None, text: str, reason: str):
         self.path = str(path)
         self.line = line
         self.text = text
@@ -195,7 +195,7 @@ class HKLTable:
     source: str
     kind: str
     count: int
-    warnings: List[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         expected = (
@@ -214,12 +214,12 @@ class HKLTable:
             raise ValueError(f"kind must be 'hkl' or 'fdump', not {self.kind!r}")
 
     @property
-    def bounds(self) -> Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]:
+    def bounds(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """``((h_min, h_max), (k_min, k_max), (l_min, l_max))``."""
         return ((self.h_min, self.h_max), (self.k_min, self.k_max), (self.l_min, self.l_max))
 
     @property
-    def shape(self) -> Tuple[int, int, int]:
+    def shape(self) -> tuple[int, int, int]:
         """``(nh, nk, nl)``, the shape of :attr:`values`."""
         return tuple(int(n) for n in self.values.shape)  # type: ignore[return-value]
 
@@ -244,7 +244,7 @@ class HKLTable:
             return float(self.values[h - self.h_min, k - self.k_min, l - self.l_min])
         return float(self.default_F)
 
-    def same_values(self, other: "HKLTable") -> bool:
+    def same_values(self, other: HKLTable) -> bool:
         """True when both tables have the same bounds and bit-equal values."""
         return self.bounds == other.bounds and np.array_equal(self.values, other.values)
 
@@ -275,7 +275,7 @@ class _WarningLog:
     """Collects per-line warnings, keeping the first few of each category."""
 
     def __init__(self) -> None:
-        self.messages: List[str] = []
+        self.messages: list[str] = []
         self.counts: dict = {}
 
     def add(self, category: str, message: str) -> None:
@@ -284,7 +284,7 @@ class _WarningLog:
         if n <= _MAX_DETAILED_WARNINGS:
             self.messages.append(message)
 
-    def finish(self, path: str) -> List[str]:
+    def finish(self, path: str) -> list[str]:
         for category, n in self.counts.items():
             if n > _MAX_DETAILED_WARNINGS:
                 self.messages.append(
@@ -309,7 +309,7 @@ def _read_bounded(path: PathLike, source: str) -> bytes:
     return raw
 
 
-def _parse_index(token: str) -> Tuple[int, bool]:
+def _parse_index(token: str) -> tuple[int, bool]:
     """Return ``(index, plain_integer_text)``; raise ValueError if not a number.
 
     The caller has already rejected lines with underscores or non-ASCII text,
@@ -409,13 +409,13 @@ def _parse_plain(raw: bytes):
     return rows["h"], rows["k"], rows["l"], rows["F"], np.arange(1, len(rows) + 1, dtype=np.int64)
 
 
-def _parse_lines(text: str, source: str, log: "_WarningLog"):
+def _parse_lines(text: str, source: str, log: _WarningLog):
     """Line by line, with every rule of the module docstring: ``(h, k, l, F, line numbers)``."""
-    hs: List[int] = []
-    ks: List[int] = []
-    ls: List[int] = []
-    fs: List[float] = []
-    linenos: List[int] = []
+    hs: list[int] = []
+    ks: list[int] = []
+    ls: list[int] = []
+    fs: list[float] = []
+    linenos: list[int] = []
 
     for lineno, line in enumerate(text.split("\n"), start=1):
         line = line.rstrip("\r")
@@ -435,7 +435,7 @@ def _parse_lines(text: str, source: str, log: "_WarningLog"):
             bad = next((f for f in fields if "_" in f or not f.isascii()), fields[0])
             raise HKLFormatError(source, lineno, line, f"not a number: {bad!r}")
         index = []
-        for name, token in zip("hkl", fields[:3]):
+        for name, token in zip("hkl", fields[:3], strict=True):
             try:
                 value, plain = _parse_index(token)
             except ValueError:
@@ -489,11 +489,11 @@ def _parse_lines(text: str, source: str, log: "_WarningLog"):
             np.asarray(fs, dtype=np.float64), np.asarray(linenos, dtype=np.int64))
 
 
-def _build_table(source: str, text: str, log: "_WarningLog", h, k, l, F, lines, default_F: float) -> HKLTable:
+def _build_table(source: str, text: str, log: _WarningLog, h, k, l, F, lines, default_F: float) -> HKLTable:
     """The dense table of parsed reflections (the last of duplicates wins), with its warnings."""
     lo = (int(h.min()), int(k.min()), int(l.min()))
     hi = (int(h.max()), int(k.max()), int(l.max()))
-    shape = tuple(b - a + 1 for a, b in zip(lo, hi))
+    shape = tuple(b - a + 1 for a, b in zip(lo, hi, strict=True))
     cells = shape[0] * shape[1] * shape[2]
     if cells > MAX_CELLS:
         spread = np.maximum(np.abs(h), np.maximum(np.abs(k), np.abs(l)))
@@ -515,7 +515,7 @@ def _build_table(source: str, text: str, log: "_WarningLog", h, k, l, F, lines, 
         counts = np.bincount(np.searchsorted(rev_unique, flat), minlength=len(rev_unique))
         first_dup_cell = rev_unique[np.argmax(counts > 1)]
         where = lines[flat == first_dup_cell]
-        hh, kk, ll = (int(x) + o for x, o in zip(np.unravel_index(first_dup_cell, shape), lo))
+        hh, kk, ll = (int(x) + o for x, o in zip(np.unravel_index(first_dup_cell, shape), lo, strict=True))
         log.add(
             "duplicates",
             f"{source}: {n_dupes} reflection line(s) repeat an earlier (h,k,l); the last "
@@ -549,7 +549,7 @@ def _build_table(source: str, text: str, log: "_WarningLog", h, k, l, F, lines, 
     )
 
 
-def read_fdump(path: PathLike, default_F: Optional[float] = None) -> HKLTable:
+def read_fdump(path: PathLike, default_F: float | None = None) -> HKLTable:
     """Read the C program's ``Fdump.bin`` structure-factor cache.
 
     Parameters
@@ -626,7 +626,7 @@ def read_fdump(path: PathLike, default_F: Optional[float] = None) -> HKLTable:
     box = np.frombuffer(data, dtype="<f8", offset=offset).reshape(padded)
     values = np.array(box[: shape[0], : shape[1], : shape[2]], dtype=np.float64)
 
-    messages: List[str] = []
+    messages: list[str] = []
     pad = box.copy()
     pad[: shape[0], : shape[1], : shape[2]] = 0.0
     if np.any(pad != 0.0):
