@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# The GPU checks (issue 5), as one command. Run from anywhere on a
-# machine with an NVIDIA GPU whose python3 holds a CUDA build of PyTorch (nothing else is
-# installed: the engine runs from src/). Writes into $OUT (default: gpu_check_out/):
+# The GPU checks as one command, for a machine with an NVIDIA GPU whose python3
+# holds a CUDA build of PyTorch (nothing is installed: the engine runs from src/).
+#
+# Run from a checkout:   bash scripts/gpu_check.sh     (about 9 minutes at most)
+#
+# It writes into $OUT (default: gpu_check_out/):
 #   gpu.txt      the GPU, driver, torch and CUDA versions
 #   pytest.txt   tests/torchbragg/test_cuda.py (golden parity on the GPU, fallback maps, taps,
 #                the eager fallback) and test_gpu_kernel.py (host build, NVRTC compiles)
 #   timing.txt   the 4096² tap configuration: kernel alone, whole render, per-kernel profile
 #   bench.txt, bench/<STAMP>/bench.json   torchbragg bench --device cuda (cold and warm)
-# The C program's images are read from .golden/ when it holds a copy of ../shared/golden
-# (a GPU machine that gets only the repository), else the small copies in tests/data.
-# On a GPU machine with a copy of the repository (35 MB of golden data travel with the tree):
-#   cp -r ../shared/golden .golden && echo /.golden/ >> .git/info/exclude
-#   bash scripts/gpu_check.sh        (about 9 minutes at most)
-# then copy the returned bench/<STAMP>/bench.json into reports/benchmarks/<STAMP>/.
-# Each step has its own time limit (tests 200 s, timing 90 s, bench 240 s) so one slow
+# The C program's images come from .golden/ when it holds a copy of ../shared/golden
+# (cp -r ../shared/golden .golden), else from the small copies in tests/data. Keep the
+# bench record by copying bench/<STAMP>/bench.json into reports/benchmarks/<STAMP>/.
+# Each step has its own time limit (tests 200 s, timing 90 s, bench 240 s), so one slow
 # step cannot take the others' results with it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,8 +38,8 @@ for dtype in (torch.float32, torch.float64):
     t0 = time.perf_counter()
     sim = torchbragg.Simulation.from_args(args, device="cuda", dtype=dtype)
     image = sim.render(); torch.cuda.synchronize()
-    print(f"{dtype}: set-up + first render {time.perf_counter() - t0:.3f}s, plan {type(sim._fast_plan()).__name__}")
-    plan = sim._fast_plan()
+    print(f"{dtype}: set-up + first render {time.perf_counter() - t0:.3f}s, plan {type(sim.compiled_plan()).__name__}")
+    plan = sim.compiled_plan()
     ny, nx = sim.shape
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     for label, fn in (("kernel alone", lambda: plan.run(0, ny, 0, nx, image, stats=False)),
