@@ -10,6 +10,11 @@ import numpy as np
 
 from .io import image_suffixes, is_tap_document, load_tap_documents, read_image, taps_to_points
 
+__all__ = [
+    "SIM_DOCK_NAME", "TAP_DOCK_NAME", "get_image_reader", "read_image_layers", "get_tap_reader", "read_tap_layers",
+    "write_taps", "tap_config_sample",
+]
+
 # ------------------------------------------------------------------ widgets
 # napari.yaml names the panel classes in bragg_inspector._qt directly: napari
 # builds them with the viewer (their ``viewer: napari.viewer.Viewer`` argument).
@@ -25,6 +30,18 @@ def _single(path) -> str | None:
 
 
 def get_image_reader(path):
+    """napari's reader hook for diffraction images.
+
+    Parameters
+    ----------
+    path : str or list of str
+        What napari asks to open; only a single path is accepted.
+
+    Returns
+    -------
+    callable or None
+        :func:`read_image_layers` for one file with an image suffix (case-insensitive), else None.
+    """
     p = _single(path)
     if p is None or Path(p).suffix.lower() not in image_suffixes():
         return None
@@ -33,7 +50,19 @@ def get_image_reader(path):
 
 def read_image_layers(path) -> list[tuple[Any, dict, str]]:
     """Errors (unreadable, ambiguous shape) are raised with a clear message;
-    napari shows them as a notification."""
+    napari shows them as a notification.
+
+    Parameters
+    ----------
+    path : str or list of str
+        The image file (or a one-element list of it).
+
+    Returns
+    -------
+    list of tuple
+        One ``(data, kwargs, "image")`` layer: the float32 image, its file name, metadata
+        (see :func:`bragg_inspector.io.read_image`), ``gray_r`` and percentile contrast limits.
+    """
     p = _single(path) or str(path)
     data, meta = read_image(p)
     from .model import percentile_limits
@@ -46,12 +75,37 @@ TAP_FILENAME_PATTERNS = ("*tap*.json", "*_s*_f*.json")  # as in napari.yaml
 
 
 def is_tap_filename(name: str) -> bool:
+    """Whether a file name matches the tap JSON patterns of napari.yaml (``TAP_FILENAME_PATTERNS``).
+
+    Parameters
+    ----------
+    name : str
+        A file name (compared in lower case).
+
+    Returns
+    -------
+    bool
+        True when it matches ``*tap*.json`` or ``*_s*_f*.json``.
+    """
     from fnmatch import fnmatch
 
     return any(fnmatch(name.lower(), pat) for pat in TAP_FILENAME_PATTERNS)
 
 
 def get_tap_reader(path):
+    """napari's reader hook for tap JSON files.
+
+    Parameters
+    ----------
+    path : str or list of str
+        What napari asks to open; only a single path is accepted.
+
+    Returns
+    -------
+    callable or None
+        :func:`read_tap_layers` for one file whose name matches the tap patterns and that holds tap
+        documents; None otherwise (another reader may try).
+    """
     p = _single(path)
     if p is None or not is_tap_filename(Path(p).name):
         return None
@@ -63,6 +117,19 @@ def get_tap_reader(path):
 
 
 def read_tap_layers(path) -> list[tuple[Any, dict, str]]:
+    """The taps of a tap JSON file as one points layer.
+
+    Parameters
+    ----------
+    path : str or list of str
+        The tap JSON file (or a one-element list of it).
+
+    Returns
+    -------
+    list of tuple
+        One ``(points, kwargs, "points")`` layer named ``taps <stem>``, labelled (h0,k0,l0), with the
+        documents in ``metadata['tap_documents']``.
+    """
     p = _single(path) or str(path)
     docs = load_tap_documents(p)
     pts, kwargs = taps_to_points(docs)
@@ -80,7 +147,29 @@ def write_taps(path: str, data: Any, meta: dict) -> list[str]:
     a tap JSON file (``metadata['tap_documents']``).  One tap → ``path`` (as
     ``<stem>.tap.json`` when its name does not say it holds a tap, so that the
     reader, which opens tap JSON by name, opens it again); several →
-    ``<stem>_s<slow>_f<fast>.json`` next to it.  Never overwrites."""
+    ``<stem>_s<slow>_f<fast>.json`` next to it.  Never overwrites.
+
+    Parameters
+    ----------
+    path : str
+        The file napari's save dialog chose (``.json`` is put in place of another suffix).
+    data : Any
+        The layer's data (unused: the taps come from its metadata).
+    meta : dict
+        The layer's attributes; ``meta['metadata']`` holds the taps.
+
+    Returns
+    -------
+    list of str
+        The written files.
+
+    Raises
+    ------
+    ValueError
+        The layer holds no taps.
+    FileExistsError
+        A target file exists already.
+    """
     from .io import exclusive_write_json
 
     md = meta.get("metadata") or {}
@@ -117,7 +206,14 @@ def tap_config_sample() -> list[tuple[Any, dict, str]]:
     stays responsive, the progress shows in the simulation panel, which is
     docked with the tap panel): this returns the inspector's ``simulated``
     layer at once, blank, and the render fills it; a click taps it like any
-    render of the panel.  Without a viewer it renders here."""
+    render of the panel.  Without a viewer it renders here.
+
+    Returns
+    -------
+    list of tuple
+        One ``(image, kwargs, "image")`` layer: with a viewer a blank float32 placeholder named
+        ``simulated`` (``metadata['placeholder']`` True); without one the rendered image.
+    """
     from . import _engine
 
     try:

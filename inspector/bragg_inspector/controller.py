@@ -27,6 +27,8 @@ from .io import header_geometry_args
 from .model import REASON_COLOURS, Comparison, InspectorModel, ReferenceShapeError, TapRecord, percentile_limits
 from .readout import spread_labels
 
+__all__ = ["SIM_LAYER", "KEYS", "KEY_HELP", "DEFAULT_F_CMP_STYLE", "InspectorController", "tap_doc", "controller_for"]
+
 SIM_LAYER = "simulated"
 TAP_LAYER = "tap"
 SEL_LAYER = "selection"
@@ -89,7 +91,42 @@ class SyncRunner:
 
 
 class InspectorController:
-    """One per viewer (see :func:`controller_for`)."""
+    """One per viewer (see :func:`controller_for`).
+
+    Binds the viewer's keys (:data:`KEYS`), its mouse-drag callback (click → tap) and
+    zoom and layer-insertion events.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+        The viewer (held by a weak reference).
+    cwd : str, optional
+        Folder that relative paths in the arguments and default exports use.
+    runner : object, optional
+        Runs the render job: ``start(job, on_progress, on_done, on_error)`` and ``wait(timeout, cancel)``
+        (default: :class:`SyncRunner`, in the caller's thread).
+
+    Attributes
+    ----------
+    model : InspectorModel
+        The Qt-free state.
+    overlay_enabled, rings_enabled : bool
+        Whether the default_F regions and the resolution rings are shown.
+    ring_spacings : list of float or None
+        d-spacings of the rings in Å; None: the detector's defaults.
+    upper_percentile, gamma : float
+        Contrast of the simulated image.
+    last_error : str or None
+        The last error message (cleared by the next non-error message).
+    last_message : str
+        The last status message.
+    last_click_ms : dict of str to float
+        ``tap``, ``table`` and ``total`` milliseconds of the last click.
+    last_export : list of Path
+        Files of the last successful export.
+    first_picture_shown : bool
+        A rendered image has been on screen.
+    """
 
     status = Signal(str, str)            # message, level ("info" | "busy" | "error")
     args_changed = Signal(object)        # list[str]
@@ -135,6 +172,7 @@ class InspectorController:
     # ------------------------------------------------------------------ basics
     @property
     def viewer(self):
+        """The viewer (``RuntimeError`` once it is gone)."""
         v = self._viewer_ref()
         if v is None:
             raise RuntimeError("the viewer is gone")
@@ -142,6 +180,7 @@ class InspectorController:
 
     @property
     def running(self) -> bool:
+        """True while a render runs."""
         return self._running
 
     def _layer(self, name: str):
@@ -155,7 +194,20 @@ class InspectorController:
         self.status.emit(msg, level)
 
     def report_error(self, exc: BaseException | str, context: str = "") -> str:
-        """A clear message in the panel's status line and as a napari notification."""
+        """A clear message in the panel's status line and as a napari notification.
+
+        Parameters
+        ----------
+        exc : BaseException or str
+            The error; exceptions that are not user errors are shown with their type name.
+        context : str
+            Prefix of the message (``"<context>: <text>"``), e.g. ``"Export failed"``.
+
+        Returns
+        -------
+        str
+            The message, also kept as :attr:`last_error`.
+        """
         if isinstance(exc, BaseException):
             text = str(exc) or type(exc).__name__
             if not isinstance(exc, _engine.user_error_types()):
@@ -176,17 +228,64 @@ class InspectorController:
 
     # ------------------------------------------------------------------ arguments
     def set_args(self, args: str | Sequence[str]) -> list[str]:
+        """Replace the model's arguments (``args_changed`` is emitted).
+
+        Parameters
+        ----------
+        args : str or sequence of str
+            An argument line or the split arguments.
+
+        Returns
+        -------
+        list of str
+            The new arguments.
+
+        Raises
+        ------
+        ValueError
+            An argument line with unbalanced quotes.
+        """
         self.model.args = split_args(args)
         self.args_changed.emit(list(self.model.args))
         return self.model.args
 
     def set_hkl(self, path: str | None, args: str | Sequence[str] | None = None) -> list[str]:
-        """Add or replace ``-hkl PATH`` (``None`` removes it)."""
+        """Add or replace ``-hkl PATH`` (``None`` removes it).
+
+        Parameters
+        ----------
+        path : str or None
+            The HKL file; None or ``""`` removes ``-hkl``.
+        args : str or sequence of str, optional
+            The arguments to change (default: the model's).
+
+        Returns
+        -------
+        list of str
+            The new arguments (set as the model's).
+
+        Raises
+        ------
+        ValueError
+            An argument line with unbalanced quotes.
+        """
         base = self.model.args if args is None else split_args(args)
         return self.set_args(set_flag_value(base, "-hkl", None if not path else str(path)))
 
     @staticmethod
     def hkl_of(args: Sequence[str]) -> str | None:
+        """The ``-hkl`` file of the arguments.
+
+        Parameters
+        ----------
+        args : sequence of str
+            nanoBragg arguments.
+
+        Returns
+        -------
+        str or None
+            The value after the last ``-hkl``; None without one.
+        """
         return get_flag_value(args, "-hkl")
 
     # ------------------------------------------------------------------ rendering
@@ -195,7 +294,24 @@ class InspectorController:
         """Render in the runner; the layers are replaced only when it succeeds.
 
         Returns True once started (``wait=False``) or when a new image is shown
-        (``wait=True``); False on bad input (shown as a message)."""
+        (``wait=True``); False on bad input (shown as a message).
+
+        Parameters
+        ----------
+        args : str or sequence of str, optional
+            An argument line or the split arguments; None renders the model's.
+        device, dtype : str, optional
+            Default: the model's.
+        wait : bool
+            Block until the render ends.
+        timeout : float, optional
+            With ``wait``: seconds after which the render is cancelled.
+
+        Returns
+        -------
+        bool
+            As above; also False when a render is already running.
+        """
         if self._running:
             self._info("a render is already running: cancel it first", "error")
             return False
@@ -233,7 +349,13 @@ class InspectorController:
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until the render ends (the event loop keeps running); after
-        ``timeout`` seconds the render is cancelled."""
+        ``timeout`` seconds the render is cancelled.
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Seconds before the render is cancelled; None waits without limit.
+        """
         if self._running:
             self.runner.wait(timeout, self.cancel)
 
@@ -241,7 +363,19 @@ class InspectorController:
         """Show a render made by a :class:`~bragg_inspector.prerender.Prerender` child as
         soon as it is ready, then build this process's simulation of the same arguments
         in the runner and adopt the image (as a finished render).  A failed child
-        falls back to :meth:`simulate`, which reports the error."""
+        falls back to :meth:`simulate`, which reports the error.
+
+        Parameters
+        ----------
+        pre : Prerender
+            The child process's render.
+        args : sequence of str
+            Its nanoBragg arguments.
+        device, dtype : str
+            Its device and dtype.
+        poll_ms : int
+            Milliseconds between two looks at the child.
+        """
         from qtpy.QtCore import QTimer  # only the launcher, in a Qt application, uses this
 
         argv = list(args)
@@ -405,6 +539,15 @@ class InspectorController:
         viewer.layers.selection.active = layer
 
     def set_contrast(self, upper_percentile: float | None = None, gamma: float | None = None) -> None:
+        """Contrast of the simulated image: limits from the 0th to ``upper_percentile`` percentile, and gamma.
+
+        Parameters
+        ----------
+        upper_percentile : float, optional
+            Upper percentile of the contrast limits (None keeps the current one).
+        gamma : float, optional
+            The layer's gamma (None keeps the current one).
+        """
         if upper_percentile is not None:
             self.upper_percentile = float(upper_percentile)
         if gamma is not None:
@@ -416,7 +559,25 @@ class InspectorController:
 
     # ------------------------------------------------------------------ hover
     def hover(self, slow: int, fast: int) -> str:
-        """The status-bar text for pixel (slow, fast): what a mouse move shows."""
+        """The status-bar text for pixel (slow, fast): what a mouse move shows.
+
+        Without a render, an opened SMV image's header geometry is used (no hkl, no F).
+
+        Parameters
+        ----------
+        slow, fast : int
+            The pixel.
+
+        Returns
+        -------
+        str
+            The readout.
+
+        Raises
+        ------
+        ValueError
+            Nothing rendered or opened, or the pixel is outside the image.
+        """
         if self.model.sim is not None:
             return self.model.hover(slow, fast)
         if self._header_sim is not None:
@@ -452,6 +613,20 @@ class InspectorController:
 
     # ------------------------------------------------------------------ clicks
     def world_to_pixel(self, position, clip: bool = True) -> tuple[int, int] | None:
+        """The image pixel under a world position (through the simulated layer's transform).
+
+        Parameters
+        ----------
+        position : array_like of float
+            napari world coordinates (the last two are slow, fast).
+        clip : bool
+            Not used: positions outside the image always give None.
+
+        Returns
+        -------
+        (int, int) or None
+            (slow, fast) of the nearest pixel centre; None outside the image or with nothing shown.
+        """
         layer = self._layer(SIM_LAYER)
         pos = np.asarray(position, dtype=float)
         data = np.asarray(layer.world_to_data(pos), dtype=float) if layer is not None else pos
@@ -510,7 +685,13 @@ class InspectorController:
         return None
 
     def show_record(self, rec: TapRecord) -> None:
-        """Show a record's table (a stored tap or a selected pixel) and mark it."""
+        """Show a record's table (a stored tap or a selected pixel) and mark it.
+
+        Parameters
+        ----------
+        rec : TapRecord
+            The record; it becomes the model's :attr:`~InspectorModel.current`.
+        """
         self.model.current = rec
         self.tapped.emit(rec)
         where = "stored in a tap JSON file" if rec.source != "engine" else "tapped"
@@ -523,7 +704,20 @@ class InspectorController:
         pixel, and with shift add it to the selection.
 
         The table is filled first; ``last_click_ms`` records how long the
-        tap, the table and the markers took (the canvas repaints afterwards)."""
+        tap, the table and the markers took (the canvas repaints afterwards).
+
+        Parameters
+        ----------
+        slow, fast : int
+            The pixel.
+        shift : bool
+            Also add the pixel to the selection.
+
+        Returns
+        -------
+        TapRecord or None
+            The tap; None when it failed (the message shown).
+        """
         t0 = time.perf_counter()
         try:
             rec = self.model.tap(slow, fast)
@@ -548,12 +742,32 @@ class InspectorController:
         return rec
 
     def tap_table(self) -> list[dict]:
+        """Rows of the shown pixel's table (:meth:`TapRecord.table`).
+
+        Returns
+        -------
+        list of dict
+            The rows; empty when no pixel is shown.
+        """
         rec = self.model.current
         return rec.table() if rec is not None else []
 
     def jump_to(self, pixel: tuple[int, int], visible_pixels: int = 48) -> TapRecord | None:
         """Centre the view on a selected pixel, zoom so that about
-        ``visible_pixels`` image pixels span the canvas, and show its table."""
+        ``visible_pixels`` image pixels span the canvas, and show its table.
+
+        Parameters
+        ----------
+        pixel : (int, int)
+            (slow, fast).
+        visible_pixels : int
+            Image pixels across the canvas's shorter side (the zoom is at least 1).
+
+        Returns
+        -------
+        TapRecord or None
+            The selection's record of the pixel; None when it is not selected (the view still moves).
+        """
         viewer = self.viewer
         s, f = (int(x) for x in pixel)
         c = list(viewer.scene.camera.center)
@@ -702,6 +916,13 @@ class InspectorController:
             self.viewer.layers.selection.active = sim_layer
 
     def ring_d_spacings(self) -> list[float]:
+        """The d-spacings the rings use.
+
+        Returns
+        -------
+        list of float
+            :attr:`ring_spacings`, else the detector's defaults; empty without geometry.
+        """
         sim = self._geometry_sim()
         if self.ring_spacings:
             return list(self.ring_spacings)
@@ -709,7 +930,25 @@ class InspectorController:
 
     def rings(self, on: bool = True, d_spacings: Sequence[float] | None = None):
         """Show (or hide) resolution rings labelled in Å; ``d_spacings`` None: the
-        detector's defaults.  Returns the rings layer (None when hidden)."""
+        detector's defaults.  Returns the rings layer (None when hidden).
+
+        Parameters
+        ----------
+        on : bool
+            Show or hide.
+        d_spacings : sequence of float, optional
+            d-spacings in Å (an empty sequence: the defaults again; None keeps the current ones).
+
+        Returns
+        -------
+        napari.layers.Shapes or None
+            The rings layer; None when hidden or when no ring crosses the detector.
+
+        Raises
+        ------
+        ValueError
+            A d-spacing that is not positive.
+        """
         if d_spacings is not None:
             ds = [float(d) for d in d_spacings]
             if any(not d > 0 for d in ds):
@@ -723,6 +962,7 @@ class InspectorController:
         return self._layer(RINGS_LAYER)
 
     def toggle_rings(self) -> None:
+        """Show the rings when hidden, hide them when shown."""
         self.rings(not self.rings_enabled)
 
     def _refresh_rings(self) -> None:
@@ -789,19 +1029,40 @@ class InspectorController:
 
     # ------------------------------------------------------------------ selection
     def deselect(self, pixel: tuple[int, int]) -> None:
+        """Remove a pixel from the selection and its marker.
+
+        Parameters
+        ----------
+        pixel : (int, int)
+            (slow, fast).
+        """
         self.model.deselect(pixel)
         self._refresh_selection_layer()
         self.selection_changed.emit()
         self._info(f"pixel {tuple(pixel)} removed from the selection; {len(self.model.selection)} selected")
 
     def clear_selection(self) -> None:
+        """Empty the selection and its markers."""
         self.model.clear_selection()
         self._refresh_selection_layer()
         self.selection_changed.emit()
         self._info("selection cleared")
 
     def export(self, folder: str | Path | None = None, *, bundle_root: str | Path | None = None) -> list[Path]:
-        """Write the selection (one tap JSON per pixel); [] and a message on failure."""
+        """Write the selection (one tap JSON per pixel); [] and a message on failure.
+
+        Parameters
+        ----------
+        folder : str or Path, optional
+            A folder, an existing evidence bundle, or None for a fresh bundle.
+        bundle_root : str or Path, optional
+            Where a fresh bundle is made.
+
+        Returns
+        -------
+        list of Path
+            The written files (also :attr:`last_export`); empty on failure.
+        """
         try:
             paths = self.model.export(folder, bundle_root=bundle_root)
         except Exception as exc:  # noqa: BLE001
@@ -816,10 +1077,18 @@ class InspectorController:
 
     # ------------------------------------------------------------------ default_F overlay
     def set_overlay(self, enabled: bool) -> None:
+        """Show or hide the default_F regions (nothing is shown without an HKL table).
+
+        Parameters
+        ----------
+        enabled : bool
+            Show (True) or hide (False).
+        """
         self.overlay_enabled = bool(enabled)
         self._refresh_overlay()
 
     def toggle_overlay(self) -> None:
+        """Switch the default_F regions on or off."""
         self.set_overlay(not self.overlay_enabled)
 
     def _refresh_overlay(self) -> None:
@@ -862,7 +1131,18 @@ class InspectorController:
 
     # ------------------------------------------------------------------ pinned runs, default_F comparison
     def pin(self, name: str | None = None) -> str | None:
-        """Keep the current render as a named reference run; its name, or None (message shown)."""
+        """Keep the current render as a named reference run; its name, or None (message shown).
+
+        Parameters
+        ----------
+        name : str, optional
+            The wanted name (default ``run N``).
+
+        Returns
+        -------
+        str or None
+            The pinned name; None when nothing is rendered.
+        """
         try:
             pinned = self.model.pin(name)
         except ValueError as exc:
@@ -873,7 +1153,18 @@ class InspectorController:
         return pinned
 
     def measure_default_F(self, program: str) -> str | None:
-        """Measure PROGRAM's default_F map for the current arguments and pin it."""
+        """Measure PROGRAM's default_F map for the current arguments and pin it.
+
+        Parameters
+        ----------
+        program : str
+            The renderer's command line.
+
+        Returns
+        -------
+        str or None
+            Name of the pinned run; None when the measurement failed (message shown).
+        """
         self._info(f"measuring the default_F map of {program} (two renders)…", "busy")
         try:
             pinned = self.model.measure_default_F(program)
@@ -886,7 +1177,18 @@ class InspectorController:
 
     def compare_default_F(self, reference: str) -> dict | None:
         """default_F regions of the current render against a pinned run: a Labels layer
-        with one colour per case and the counts (also returned)."""
+        with one colour per case and the counts (also returned).
+
+        Parameters
+        ----------
+        reference : str
+            Name of the pinned run.
+
+        Returns
+        -------
+        dict or None
+            The counts (see :meth:`InspectorModel.compare_default_F`); None on failure (message shown).
+        """
         try:
             counts = self.model.compare_default_F(reference)
         except ValueError as exc:
@@ -936,7 +1238,22 @@ class InspectorController:
         """Compare the render with a reference image: the difference (shown, with a
         colour bar), the pixels over the tolerance outlined, the reference and the
         ratio (hidden); metrics in the panel.  The reference stays chosen for later
-        renders.  ``shape`` is the (slow, fast) of a raw float file without sidecar."""
+        renders.  ``shape`` is the (slow, fast) of a raw float file without sidecar.
+
+        Parameters
+        ----------
+        path : str or Path
+            The reference image.
+        shape : (int, int), optional
+            (slow, fast) of a raw file without sidecar.
+        tolerance : float, optional
+            Relative tolerance (default: the model's).
+
+        Returns
+        -------
+        Comparison or None
+            The comparison; None on failure (its layers removed, message shown).
+        """
         try:
             cmp = self.model.compare(path, shape=shape, tolerance=tolerance)
         except Exception as exc:  # noqa: BLE001
@@ -947,7 +1264,18 @@ class InspectorController:
         return cmp
 
     def set_tolerance(self, tolerance: float) -> Comparison | None:
-        """A new relative tolerance: the outlined pixels and their count follow."""
+        """A new relative tolerance: the outlined pixels and their count follow.
+
+        Parameters
+        ----------
+        tolerance : float
+            Relative tolerance (finite, ≥ 0).
+
+        Returns
+        -------
+        Comparison or None
+            The updated comparison; None without one or for a bad tolerance (message shown).
+        """
         try:
             cmp = self.model.set_tolerance(tolerance)
         except ValueError as exc:
@@ -1059,7 +1387,13 @@ class InspectorController:
 
     def flip(self) -> str | None:
         """Cycle the comparison's views: difference → reference → simulated → difference.
-        The simulated image and the reference are never shown together."""
+        The simulated image and the reference are never shown together.
+
+        Returns
+        -------
+        str or None
+            Name of the layer now shown; None without a reference image.
+        """
         sim, ref, diff = self._layer(SIM_LAYER), self._layer(REF_LAYER), self._layer(DIFF_LAYER)
         if sim is None or ref is None:
             self._info("open a reference image to flip between the two", "info")
@@ -1082,11 +1416,29 @@ class InspectorController:
         return shown
 
     def describe_args(self) -> str:
+        """The model's arguments as one shell-quoted line.
+
+        Returns
+        -------
+        str
+            The line.
+        """
         return join_args(self.model.args)
 
 
 def tap_doc(rec: TapRecord) -> dict:
-    """The tap JSON document of a record (engine taps; stored documents as read)."""
+    """The tap JSON document of a record (engine taps; stored documents as read).
+
+    Parameters
+    ----------
+    rec : TapRecord
+        The record.
+
+    Returns
+    -------
+    dict
+        ``rec.tap.to_json()`` for an engine tap, a copy of the stored document otherwise.
+    """
     if rec.source != "engine":
         return dict(rec.tap)
     return rec.tap.to_json()
@@ -1099,7 +1451,20 @@ def controller_for(viewer, cwd: str | None = None) -> InspectorController:
     """The controller of this viewer (made on first use), shared by all panels.
 
     In a Qt application renders run in a worker thread
-    (:class:`bragg_inspector._qt.worker.QtRunner`), otherwise in the caller's thread."""
+    (:class:`bragg_inspector._qt.worker.QtRunner`), otherwise in the caller's thread.
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+        The viewer (or napari's proxy of it).
+    cwd : str, optional
+        Folder for relative paths; used only when the controller is made.
+
+    Returns
+    -------
+    InspectorController
+        The viewer's controller.
+    """
     viewer = getattr(viewer, "__wrapped__", viewer)  # napari hands panels a PublicOnlyProxy
     key = id(viewer)
     entry = _CONTROLLERS.get(key)

@@ -18,9 +18,21 @@ import numpy as np
 
 from . import _engine
 
+__all__ = [
+    "image_suffixes", "ImageFormatError", "check_image_path", "read_image", "tap_pixel", "tap_rows", "hkl_label",
+    "is_tap_document", "load_tap_documents", "taps_to_points", "exclusive_write_json", "unique_path",
+    "header_geometry_args",
+]
+
 
 def image_suffixes() -> tuple[str, ...]:
-    """Suffixes of the images the engine reads (SMV, then raw float)."""
+    """Suffixes of the images the engine reads (SMV, then raw float).
+
+    Returns
+    -------
+    tuple of str
+        Lower-case suffixes with their dot, e.g. ``".img"``.
+    """
     smv, raw = _engine.image_suffixes()
     return smv + raw
 
@@ -32,7 +44,23 @@ class ImageFormatError(ValueError):
 # --------------------------------------------------------------------------- images
 def check_image_path(path: str | Path) -> Path:
     """The path of an existing file with an image suffix the engine reads, else an
-    :class:`ImageFormatError` that names it (nothing is read)."""
+    :class:`ImageFormatError` that names it (nothing is read).
+
+    Parameters
+    ----------
+    path : str or Path
+        The file.
+
+    Returns
+    -------
+    Path
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises
+    ------
+    ImageFormatError
+        The file does not exist, or its suffix (case-insensitive) is not one of :func:`image_suffixes`.
+    """
     path = Path(path)
     if not path.is_file():
         raise ImageFormatError(f"{path}: no such file")
@@ -49,7 +77,30 @@ def read_image(path: str | Path, shape: tuple[int, int] | None = None,
     A raw file's shape comes from ``shape``, its ``<name>.json`` sidecar
     (``{"shape": [slow, fast]}``), ``fallback_shape``, or a perfect square;
     anything else is an :class:`ImageFormatError` that names the file.
-    Returns (float32 array [slow, fast], metadata)."""
+    Returns (float32 array [slow, fast], metadata).
+
+    Parameters
+    ----------
+    path : str or Path
+        The image file.
+    shape : (int, int), optional
+        (slow, fast) of a raw file.
+    fallback_shape : (int, int), optional
+        Shape tried for a raw file after its sidecar.
+
+    Returns
+    -------
+    data : numpy.ndarray
+        float32 ``[slow, fast]``.
+    meta : dict
+        ``path``, ``shape_from`` (how the shape was found) and, for an SMV file whose header could be
+        read, ``header`` (keys and values as str).
+
+    Raises
+    ------
+    ImageFormatError
+        Missing file, unknown suffix, an error of the engine's reader, or data that are not 2-D.
+    """
     path = check_image_path(path)
     smv, _raw = _engine.image_suffixes()
     try:
@@ -70,7 +121,26 @@ def read_image(path: str | Path, shape: tuple[int, int] | None = None,
 
 # --------------------------------------------------------------------------- taps
 def tap_pixel(d: Mapping[str, Any]) -> tuple[int, int]:
-    """(slow, fast) of a tap JSON document."""
+    """(slow, fast) of a tap JSON document.
+
+    Looks at ``pixel`` (a mapping with ``slow``/``fast`` or a pair), then ``pixel_coords``,
+    ``pixel_slow_fast``, ``slow_fast``, then top-level ``slow`` and ``fast``.
+
+    Parameters
+    ----------
+    d : mapping
+        The tap document.
+
+    Returns
+    -------
+    (int, int)
+        The pixel.
+
+    Raises
+    ------
+    ValueError
+        The document names no pixel.
+    """
     px = d.get("pixel")
     if isinstance(px, Mapping) and "slow" in px and "fast" in px:
         return int(px["slow"]), int(px["fast"])
@@ -98,7 +168,19 @@ def _normalise_row(r: Mapping[str, Any]) -> dict:
 
 def tap_rows(d: Mapping[str, Any]) -> list[dict]:
     """The per-evaluation rows of a tap document (``values.subpixels`` in
-    specs/tap_schema.json), flattened to the keys of ``PixelTap.rows``."""
+    specs/tap_schema.json), flattened to the keys of ``PixelTap.rows``.
+
+    Parameters
+    ----------
+    d : mapping
+        The tap document; ``values.subpixels``, else ``rows`` or ``subpixels``, is read.
+
+    Returns
+    -------
+    list of dict
+        One row per evaluation (``h0``, ``k0``, ``l0``, ``h``, ``k``, ``l``, ``subS``, ``subF`` added from
+        ``hkl_rounded``, ``hkl_fractional`` and ``subpixel_index``); empty when there are none.
+    """
     values = d.get("values")
     if isinstance(values, Mapping) and isinstance(values.get("subpixels"), list):
         return [_normalise_row(r) for r in values["subpixels"] if isinstance(r, Mapping)]
@@ -110,7 +192,18 @@ def tap_rows(d: Mapping[str, Any]) -> list[dict]:
 
 
 def hkl_label(rows: Iterable[Mapping[str, Any]]) -> str:
-    """"(h0,k0,l0)" of the most common nearest reflection among the rows."""
+    """"(h0,k0,l0)" of the most common nearest reflection among the rows.
+
+    Parameters
+    ----------
+    rows : iterable of mapping
+        Tap rows; those without ``h0`` are ignored.
+
+    Returns
+    -------
+    str
+        ``"(h,k,l)"``, followed by ``" +N"`` when N other reflections occur; ``""`` without rows.
+    """
     c = Counter((int(r["h0"]), int(r["k0"]), int(r["l0"])) for r in rows if "h0" in r)
     if not c:
         return ""
@@ -122,6 +215,18 @@ def hkl_label(rows: Iterable[Mapping[str, Any]]) -> str:
 
 
 def is_tap_document(d: Any) -> bool:
+    """Whether ``d`` looks like a tap JSON document.
+
+    Parameters
+    ----------
+    d : Any
+        A decoded JSON value.
+
+    Returns
+    -------
+    bool
+        True for a mapping with a pixel (:func:`tap_pixel`) and rows, ``final_intensity`` or ``summary``.
+    """
     if not isinstance(d, Mapping):
         return False
     try:
@@ -132,7 +237,23 @@ def is_tap_document(d: Any) -> bool:
 
 
 def load_tap_documents(path: str | Path) -> list[dict]:
-    """One tap JSON file (a document or a list of documents)."""
+    """One tap JSON file (a document or a list of documents).
+
+    Parameters
+    ----------
+    path : str or Path
+        The JSON file.
+
+    Returns
+    -------
+    list of dict
+        The documents.
+
+    Raises
+    ------
+    ValueError
+        The file is not readable JSON, or not every document is a tap document (:func:`is_tap_document`).
+    """
     path = Path(path)
     try:
         d = json.loads(path.read_text())
@@ -145,7 +266,21 @@ def load_tap_documents(path: str | Path) -> list[dict]:
 
 
 def taps_to_points(docs: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Points data and layer kwargs (labels (h0,k0,l0)) for tap documents."""
+    """Points data and layer kwargs (labels (h0,k0,l0)) for tap documents.
+
+    Parameters
+    ----------
+    docs : sequence of mapping
+        Tap documents.
+
+    Returns
+    -------
+    points : numpy.ndarray
+        float ``[n, 2]`` (slow, fast).
+    kwargs : dict
+        ``features`` (``hkl``, ``slow``, ``fast``), ``text`` and ``metadata`` (``tap_documents``) of a
+        napari points layer.
+    """
     pts = np.array([tap_pixel(d) for d in docs], dtype=float).reshape(-1, 2)
     labels = [hkl_label(tap_rows(d)) for d in docs]
     kwargs = {
@@ -157,7 +292,28 @@ def taps_to_points(docs: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, dict[
 
 
 def exclusive_write_json(path: Path, doc: Any) -> Path:
-    """Write JSON to a new file; never replaces an existing one."""
+    """Write JSON to a new file; never replaces an existing one.
+
+    The document goes to a temporary file beside ``path`` that is then hard-linked to
+    ``path``; NumPy values are written as plain numbers or lists.
+
+    Parameters
+    ----------
+    path : Path
+        The new file (its folder is created when missing).
+    doc : Any
+        The JSON document.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` already exists.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -180,7 +336,18 @@ def _json_default(o):
 
 
 def unique_path(path: Path) -> Path:
-    """``path`` or ``stem-1.json``, ``stem-2.json``… whichever does not exist yet."""
+    """``path`` or ``stem-1.json``, ``stem-2.json``… whichever does not exist yet.
+
+    Parameters
+    ----------
+    path : Path
+        The wanted file.
+
+    Returns
+    -------
+    Path
+        ``path`` when it does not exist, else the first free ``<stem>-<i><suffix>`` beside it.
+    """
     path = Path(path)
     if not path.exists():
         return path
@@ -202,6 +369,17 @@ def header_geometry_args(header: Mapping[str, Any]) -> list[str]:
     when absent).  The crystal is a placeholder: only d, 2θ and the beam centre
     mean anything.  A ``TWOTHETA`` other than 0 is refused (the header does not
     say about which axis the detector swung).
+
+    Parameters
+    ----------
+    header : mapping
+        The SMV header (values may end with ``;``).
+
+    Returns
+    -------
+    list of str
+        nanoBragg arguments: a placeholder crystal and the detector's size, pixel, distance,
+        wavelength and beam centre (``-mosflm``, ``-Xbeam``/``-Ybeam``).
 
     Raises
     ------

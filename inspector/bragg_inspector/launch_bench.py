@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 
+__all__ = ["bench_launch"]
+
 NAPARI_WINDOW = """
 import napari
 from qtpy.QtWidgets import QApplication
@@ -42,7 +44,20 @@ def _time(cmd: list[str], *markers: str) -> list[float]:
 
 
 def bench_launch(runs: int, nb_args: list[str]) -> int:
-    """Time ``runs`` launches of each; returns the exit status."""
+    """Time ``runs`` launches of each; returns the exit status.
+
+    Parameters
+    ----------
+    runs : int
+        Launches of each kind (at least 1).
+    nb_args : list of str
+        nanoBragg arguments of the inspector's launches.
+
+    Returns
+    -------
+    int
+        0 (a launch that prints no marker line raises ``RuntimeError``).
+    """
     inspector, docked, napari_s = [], [], []
     for _ in range(max(1, runs)):
         napari_s += _time([sys.executable, "-c", NAPARI_WINDOW], "napari: window shown")

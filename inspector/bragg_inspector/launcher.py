@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+__all__ = ["UsageError", "parse", "main"]
+
 USAGE = """bragg-inspector [--device DEV] [--dtype float32|float64] [--no-render] [--screenshot PNG]
                        [nanoBragg arguments…]
        bragg-inspector --bench-clicks N [nanoBragg arguments…]   (click → table and hover latencies)
@@ -23,13 +25,32 @@ arguments (default: the tap configuration
 
 
 class UsageError(ValueError):
-    pass
+    """A command line the launcher cannot use (the message says why)."""
 
 
 def parse(argv: Sequence[str]) -> tuple[dict, list[str]]:
     """Split our own ``--`` options from the nanoBragg arguments (which use a
     single dash and are passed on untouched: no prefix matching, so ``-hkl``
-    is never mistaken for ``-h``)."""
+    is never mistaken for ``-h``).
+
+    Parameters
+    ----------
+    argv : sequence of str
+        The command line without the program name.
+
+    Returns
+    -------
+    opts : dict
+        ``device``, ``dtype``, ``render``, ``help``, ``screenshot``, ``bench_clicks``, ``bench_launch`` and
+        ``first_picture``.
+    rest : list of str
+        The nanoBragg arguments, in order.
+
+    Raises
+    ------
+    UsageError
+        An option without its value, a non-integer count, or a dtype other than float32/float64.
+    """
     opts = {"device": "cpu", "dtype": "float32", "render": True, "help": False, "screenshot": None,
             "bench_clicks": 0, "bench_launch": 0, "first_picture": False}
     rest: list[str] = []
@@ -73,6 +94,19 @@ def parse(argv: Sequence[str]) -> tuple[dict, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``bragg-inspector`` command.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The command line without the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status: 0 on success, 2 for a usage error or a failed run, the re-run's status when
+        it runs itself under Xvfb.
+    """
     try:
         opts, nb_args = parse(sys.argv[1:] if argv is None else argv)
     except UsageError as exc:

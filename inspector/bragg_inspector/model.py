@@ -17,6 +17,11 @@ from . import _engine
 from .io import ImageFormatError, check_image_path, hkl_label, tap_pixel, tap_rows
 from .readout import group_by_reflection, hover_text, significant
 
+__all__ = [
+    "REASON_COLOURS", "DEFAULT_TOLERANCE", "row_uses_default_F", "format_cell", "table_columns", "TapRecord",
+    "tap_view", "PinnedRun", "ReferenceShapeError", "Comparison", "InspectorModel", "percentile_limits",
+]
+
 # Columns of the tap table, in display order.  The loop-index columns other than
 # subS/subF are shown only when they take more than one value in the tap.
 LOOP_COLUMNS = ("thick", "subS", "subF", "source", "phi", "mosaic")
@@ -33,7 +38,18 @@ REASON_COLOURS: dict[str, str] = {
 
 
 def row_uses_default_F(row: Mapping[str, Any]) -> bool:
-    """True when this evaluation's F_cell came from default_F, not the table."""
+    """True when this evaluation's F_cell came from default_F, not the table.
+
+    Parameters
+    ----------
+    row : mapping
+        One tap row; its ``lookup`` reason name decides, else its ``out_of_bounds`` flag.
+
+    Returns
+    -------
+    bool
+        Whether the row used default_F.
+    """
     lk = row.get("lookup")
     if isinstance(lk, str) and lk:
         return lk.startswith("default_F")
@@ -41,7 +57,21 @@ def row_uses_default_F(row: Mapping[str, Any]) -> bool:
 
 
 def format_cell(key: str, value: Any) -> str:
-    """Text shown in the table for one value."""
+    """Text shown in the table for one value.
+
+    Parameters
+    ----------
+    key : str
+        The column (``h``, ``k``, ``l`` get 4 decimals; ``F_cell``, ``F_latt`` and other floats 6 significant
+        figures).
+    value : Any
+        The cell's value.
+
+    Returns
+    -------
+    str
+        The text; ``""`` for None, ``"yes"``/``"no"`` for a bool.
+    """
     if value is None:
         return ""
     if key in ("h", "k", "l"):
@@ -56,6 +86,18 @@ def format_cell(key: str, value: Any) -> str:
 
 
 def table_columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The columns of a tap table, in display order.
+
+    Parameters
+    ----------
+    rows : sequence of mapping
+        The tap's rows.
+
+    Returns
+    -------
+    list of str
+        ``subS``, ``subF``, the other loop indices that take more than one value, then ``VALUE_COLUMNS``.
+    """
     cols = []
     for c in LOOP_COLUMNS:
         if c in ALWAYS_SHOWN:
@@ -74,7 +116,31 @@ def _plain(v: Any) -> Any:
 
 @dataclass
 class TapRecord:
-    """One clicked pixel and what the engine's tap said about it."""
+    """One clicked pixel and what the engine's tap said about it.
+
+    Attributes
+    ----------
+    slow, fast : int
+        The pixel.
+    tap : Any
+        The engine's ``PixelTap``, or the tap JSON document it was read from.
+    rows : list of dict
+        One row per evaluation.
+    columns : list of str
+        Columns shown in the table (:func:`table_columns`).
+    value : float or None
+        The pixel's final intensity.
+    d_angstrom, two_theta_deg : float or None
+        Resolution (Å) and scattering angle (degrees) of the pixel centre.
+    summary : str
+        The tap's summary line.
+    label : str
+        The most common nearest reflection, ``"(h,k,l)"``.
+    n_default_F : int
+        Rows that used default_F.
+    source : str
+        ``"engine"`` (tapped now) or where the stored document came from.
+    """
 
     slow: int
     fast: int
@@ -93,11 +159,25 @@ class TapRecord:
 
     @property
     def pixel(self) -> tuple[int, int]:
+        """(slow, fast)."""
         return (self.slow, self.fast)
 
     @classmethod
     def from_document(cls, doc: Mapping[str, Any], source: str = "tap JSON") -> TapRecord:
-        """The stored table of a tap JSON document (specs/tap_schema.json)."""
+        """The stored table of a tap JSON document (specs/tap_schema.json).
+
+        Parameters
+        ----------
+        doc : mapping
+            The tap document.
+        source : str
+            Where it came from (shown with its table).
+
+        Returns
+        -------
+        TapRecord
+            The record; ``tap`` is the document itself.
+        """
         s, f = tap_pixel(doc)
         rows = tap_rows(doc)
         values = doc.get("values") if isinstance(doc.get("values"), Mapping) else {}
@@ -110,7 +190,13 @@ class TapRecord:
                    n_default_F=sum(row_uses_default_F(r) for r in rows), source=source)
 
     def table(self) -> list[dict]:
-        """Rows as shown: the displayed columns plus ``default_F`` (highlighted)."""
+        """Rows as shown: the displayed columns plus ``default_F`` (highlighted).
+
+        Returns
+        -------
+        list of dict
+            One dict per row: the values of ``columns`` (NumPy scalars as Python ones) and ``default_F`` (bool).
+        """
         out = []
         for r in self.rows:
             d = {c: _plain(r.get(c)) for c in self.columns}
@@ -119,6 +205,13 @@ class TapRecord:
         return out
 
     def info_line(self) -> str:
+        """The pixel, its value, d and 2θ in one line.
+
+        Returns
+        -------
+        str
+            The line, e.g. ``"pixel (slow 1, fast 2), value 3.5, d = 4.2 Å, 2θ = 6.8°"``.
+        """
         parts = [f"pixel (slow {self.slow}, fast {self.fast})"]
         if self.value is not None:
             parts.append(f"value {self.value:.6g}")
@@ -134,7 +227,26 @@ def tap_view(rec: TapRecord, group: bool = False, default_F_only: bool = False) 
 
     ``group`` collapses the evaluations into one row per nearest reflection
     (h0, k0, l0); ``default_F_only`` keeps the rows that used default_F.  Each
-    row carries ``default_F`` (highlighted)."""
+    row carries ``default_F`` (highlighted).
+
+    Parameters
+    ----------
+    rec : TapRecord
+        The tapped pixel.
+    group : bool
+        One row per nearest reflection.
+    default_F_only : bool
+        Only the rows that used default_F.
+
+    Returns
+    -------
+    columns : list of str
+        The columns shown.
+    rows : list of dict
+        The rows shown.
+    caption : str
+        How many rows of how many evaluations are shown.
+    """
     if group:
         cols, rows = group_by_reflection(rec.rows, row_uses_default_F)
     else:
@@ -154,7 +266,29 @@ class PinnedRun:
     """A render kept as a reference: survives later runs.
 
     ``default_F`` is the engine's reason map (uint8 codes) for a render, or a
-    boolean mask for a map measured from outside a renderer."""
+    boolean mask for a map measured from outside a renderer.
+
+    Attributes
+    ----------
+    name : str
+        The run's name.
+    image : numpy.ndarray or None
+        The rendered image; None for a measured map.
+    default_F : numpy.ndarray
+        ``[slow, fast]`` reason codes (uint8) or a boolean mask.
+    args : list of str
+        The nanoBragg arguments.
+    hkl_source : dict
+        ``sim.hkl_info`` of the run.
+    engine : str
+        The engine kernel that rendered it, or the measured program.
+    device, dtype : str
+        Device and dtype of the render (empty for a measured map).
+    commands : list of list of str or None
+        A measured map: the renderer's two command lines.
+    summary : dict or None
+        A measured map: the measurement's summary.
+    """
 
     name: str
     image: np.ndarray | None
@@ -184,7 +318,33 @@ class Comparison:
     ``max |ref|``, or ``max |sim|`` for an all-zero reference); ``limits`` are the
     symmetric colour limits of the difference: its 99.9th percentile of ``|difference|``
     but never below ``tolerance * scale``, so that agreement within the tolerance
-    (float32 rounding included) shows as white, not as noise stretched to full colour."""
+    (float32 rounding included) shows as white, not as noise stretched to full colour.
+
+    Attributes
+    ----------
+    path : str
+        The reference file.
+    reference : numpy.ndarray
+        The reference image in photons.
+    metrics : dict
+        The engine's metrics (``ImageComparison.to_dict()``) plus ``tolerance`` and ``pixels_over_tolerance``.
+    difference : numpy.ndarray
+        float32 ``sim - ref``.
+    ratio : numpy.ndarray
+        float32 ``sim / ref`` (NaN where ``ref`` is 0).
+    tolerance : float
+        Relative tolerance.
+    shape : (int, int) or None
+        The shape asked for a raw reference file.
+    scale : float
+        ``max |ref|`` (``max |sim|`` for an all-zero reference; 1 when that is 0 too).
+    over_tolerance : numpy.ndarray or None
+        uint8 ``[slow, fast]``, 1 where the difference is over ``tolerance * scale`` or not finite.
+    limits : (float, float)
+        Symmetric colour limits of the difference.
+    stamp : (int, int) or None
+        (size, mtime_ns) of the reference file when it was read.
+    """
 
     path: str
     reference: np.ndarray
@@ -201,6 +361,7 @@ class Comparison:
 
     @property
     def n_over_tolerance(self) -> int:
+        """Pixels over the tolerance (0 before the tolerance is applied)."""
         return 0 if self.over_tolerance is None else int(np.count_nonzero(self.over_tolerance))
 
     @property
@@ -211,7 +372,41 @@ class Comparison:
 
 @dataclass
 class InspectorModel:
-    """State shared by the panels of one viewer."""
+    """State shared by the panels of one viewer.
+
+    Attributes
+    ----------
+    args : list of str
+        nanoBragg arguments (default: the tap configuration).
+    device, dtype : str
+        Torch device and ``"float32"``/``"float64"`` of renders.
+    cwd : str or None
+        Folder that relative file names resolve against.
+    sim : torchbragg.Simulation or None
+        The simulation of the image shown.
+    image : numpy.ndarray or None
+        The rendered image.
+    fallback : Fallback or None
+        The render's default_F fallback map.
+    hkl_info : dict
+        Where F came from (``sim.hkl_info``).
+    current : TapRecord or None
+        The pixel whose table is shown.
+    selection : dict of (int, int) to TapRecord
+        The selected pixels.
+    comparison : Comparison or None
+        The intensity comparison on screen.
+    pinned : dict of str to PinnedRun
+        The pinned runs by name.
+    reference_note : str
+        The engine's note (or warning) on converting the reference to photons.
+    reference_request : dict or None
+        The chosen reference image (``path``, ``shape``, ``tolerance``), kept across re-runs.
+    tolerance : float
+        Relative tolerance of the next intensity comparison.
+    default_F_comparison : dict or None
+        The default_F comparison on screen: ``reference``, ``counts`` and ``labels``.
+    """
 
     args: list[str] = field(default_factory=_engine.tap_config_args)
     device: str = "cpu"
@@ -237,17 +432,47 @@ class InspectorModel:
     # ------------------------------------------------------------ simulation
     @property
     def shape(self) -> tuple[int, int] | None:
+        """(slow, fast) of the simulation; None before a render."""
         if self.sim is not None:
             return tuple(int(x) for x in self.sim.shape)
         return None
 
     def prepare(self, args: Sequence[str], device: str | None = None, dtype: str | None = None):
-        """Build the engine's Simulation (raises the engine's argument / HKL errors)."""
+        """Build the engine's Simulation (raises the engine's argument / HKL errors).
+
+        Parameters
+        ----------
+        args : sequence of str
+            nanoBragg arguments.
+        device, dtype : str, optional
+            Default: the model's.
+
+        Returns
+        -------
+        torchbragg.Simulation
+            The simulation (not rendered).
+        """
         return _engine.make_simulation(list(args), device or self.device, dtype or self.dtype, cwd=self.cwd)
 
     def set_rendered(self, sim, args: Sequence[str], image: np.ndarray,
                      fallback: _engine.Fallback | None, device: str, dtype: str) -> None:
-        """Swap in a finished render (all at once: never half-updated)."""
+        """Swap in a finished render (all at once: never half-updated).
+
+        The shown tap is dropped and the intensity comparison is cleared (see :meth:`refresh_comparison`).
+
+        Parameters
+        ----------
+        sim : torchbragg.Simulation
+            The rendered simulation.
+        args : sequence of str
+            Its arguments.
+        image : numpy.ndarray
+            The image.
+        fallback : Fallback or None
+            Its fallback map.
+        device, dtype : str
+            Device and dtype of the render.
+        """
         self.sim = sim
         self.args = list(args)
         self.device, self.dtype = device, dtype
@@ -261,7 +486,23 @@ class InspectorModel:
     # ------------------------------------------------------------ pinned runs
     def pin(self, name: str | None = None) -> str:
         """Keep the current render as a named reference run; returns its name
-        (``run 1``, ``run 2``… by default; an existing name gets a suffix)."""
+        (``run 1``, ``run 2``… by default; an existing name gets a suffix).
+
+        Parameters
+        ----------
+        name : str, optional
+            The wanted name.
+
+        Returns
+        -------
+        str
+            The name it is pinned under.
+
+        Raises
+        ------
+        ValueError
+            Nothing rendered.
+        """
         if self.sim is None or self.fallback is None:
             raise ValueError("render a simulation before pinning it")
         base = (name or f"run {len(self.pinned) + 1}").strip() or f"run {len(self.pinned) + 1}"
@@ -276,7 +517,25 @@ class InspectorModel:
     def measure_default_F(self, program: str, name: str | None = None) -> str:
         """Measure a renderer's default_F map from outside (two renders, -default_F
         1000x apart, ``torchbragg.defaultf_map``) for the current arguments; pinned
-        under ``name`` (default: the program's name)."""
+        under ``name`` (default: the program's name).
+
+        Parameters
+        ----------
+        program : str
+            The renderer's command line.
+        name : str, optional
+            Name of the pinned run (default ``<program file name> (measured)``; a taken name gets a suffix).
+
+        Returns
+        -------
+        str
+            The name it is pinned under.
+
+        Raises
+        ------
+        ValueError
+            Nothing rendered (the arguments measured are the render's).
+        """
         if self.sim is None:
             raise ValueError("render a simulation first: its arguments are the ones measured")
         mask, summary, _engine_reason = _engine.measure_default_F(program, self.args, cwd=self.cwd)
@@ -292,7 +551,25 @@ class InspectorModel:
 
     def compare_default_F(self, reference: str) -> dict:
         """Where the current render and a pinned run used default_F: counts of
-        ``both``, ``only_current``, ``only_reference``, ``neither``, ``reason_changed``."""
+        ``both``, ``only_current``, ``only_reference``, ``neither``, ``reason_changed``.
+
+        The result (with the label image) is kept as :attr:`default_F_comparison`.
+
+        Parameters
+        ----------
+        reference : str
+            Name of the pinned run.
+
+        Returns
+        -------
+        dict
+            The counts (and ``shape``).
+
+        Raises
+        ------
+        ValueError
+            Nothing rendered, no such pinned run, or maps of different shapes.
+        """
         if self.fallback is None:
             raise ValueError("render a simulation before comparing default_F regions")
         if reference not in self.pinned:
@@ -308,7 +585,13 @@ class InspectorModel:
         return counts
 
     def refresh_default_F_comparison(self) -> dict | None:
-        """The comparison on screen recomputed for a new render (None when it cannot be)."""
+        """The comparison on screen recomputed for a new render (None when it cannot be).
+
+        Returns
+        -------
+        dict or None
+            The new counts; None without a comparison, or when it failed (it is then dropped).
+        """
         cmp = self.default_F_comparison
         if cmp is None:
             return None
@@ -321,7 +604,13 @@ class InspectorModel:
     def retap_selection(self) -> tuple[int, int]:
         """Tap the selected pixels again on the current simulation (after a re-run).
 
-        Returns (re-tapped, dropped: outside the new detector)."""
+        Returns (re-tapped, dropped: outside the new detector).
+
+        Returns
+        -------
+        (int, int)
+            Pixels re-tapped and pixels dropped.
+        """
         old = list(self.selection)
         self.selection = {}
         dropped = 0
@@ -337,7 +626,25 @@ class InspectorModel:
 
     # ------------------------------------------------------------ hover
     def hover(self, slow: int, fast: int) -> str:
-        """The status-bar readout of a pixel (value, h,k,l, d, 2θ, F source)."""
+        """The status-bar readout of a pixel (value, h,k,l, d, 2θ, F source).
+
+        With an intensity comparison of the same shape the reference and the difference follow.
+
+        Parameters
+        ----------
+        slow, fast : int
+            The pixel.
+
+        Returns
+        -------
+        str
+            The readout.
+
+        Raises
+        ------
+        ValueError
+            Nothing rendered, or a pixel outside the detector.
+        """
         s, f = self.check_pixel(slow, fast)
         geo = _engine.pixel_geometry(self.sim, s, f)
         h0, k0, l0 = (int(v) for v in np.asarray(geo["hkl0"]).reshape(3))
@@ -361,7 +668,13 @@ class InspectorModel:
         return self.sim is not None and self.sim.setup.hkl is None
 
     def hkl_lines(self) -> list[str]:
-        """Where F came from (``sim.hkl_info``), for the panel."""
+        """Where F came from (``sim.hkl_info``), for the panel.
+
+        Returns
+        -------
+        list of str
+            Lines of text (kind, bounds, default_F, file, warnings); empty before a render.
+        """
         info = self.hkl_info
         if not info:
             return []
@@ -385,6 +698,23 @@ class InspectorModel:
 
     # ------------------------------------------------------------ taps
     def check_pixel(self, slow: int, fast: int) -> tuple[int, int]:
+        """A pixel of the rendered detector.
+
+        Parameters
+        ----------
+        slow, fast : int
+            The pixel.
+
+        Returns
+        -------
+        (int, int)
+            ``(slow, fast)`` as int.
+
+        Raises
+        ------
+        ValueError
+            Nothing rendered, or the pixel is outside the detector.
+        """
         if self.sim is None:
             raise ValueError("nothing rendered yet: run a simulation first")
         s, f = int(slow), int(fast)
@@ -394,6 +724,23 @@ class InspectorModel:
         return s, f
 
     def tap(self, slow: int, fast: int) -> TapRecord:
+        """Tap a pixel with the engine; it becomes :attr:`current`.
+
+        Parameters
+        ----------
+        slow, fast : int
+            The pixel.
+
+        Returns
+        -------
+        TapRecord
+            The tap.
+
+        Raises
+        ------
+        ValueError
+            Nothing rendered, or the pixel is outside the detector.
+        """
         s, f = self.check_pixel(slow, fast)
         rec = self._tap_record(s, f)
         self.current = rec
@@ -417,19 +764,45 @@ class InspectorModel:
 
     # ------------------------------------------------------------ selection
     def select(self, rec: TapRecord) -> bool:
-        """Add a tapped pixel to the selection; False if it was already there."""
+        """Add a tapped pixel to the selection; False if it was already there.
+
+        Parameters
+        ----------
+        rec : TapRecord
+            The tap.
+
+        Returns
+        -------
+        bool
+            True when it was added.
+        """
         if rec.pixel in self.selection:
             return False
         self.selection[rec.pixel] = rec
         return True
 
     def deselect(self, pixel: tuple[int, int]) -> None:
+        """Remove a pixel from the selection (nothing happens when it is not selected).
+
+        Parameters
+        ----------
+        pixel : (int, int)
+            (slow, fast).
+        """
         self.selection.pop(tuple(pixel), None)
 
     def clear_selection(self) -> None:
+        """Empty the selection."""
         self.selection = {}
 
     def default_bundle_parent(self) -> Path:
+        """Where fresh evidence bundles go.
+
+        Returns
+        -------
+        Path
+            ``<cwd>/reports/inspector/export`` (``cwd`` defaults to ``.``).
+        """
         return Path(self.cwd or ".") / "reports" / "inspector" / "export"
 
     def export(self, folder: str | Path | None = None, *, bundle_root: str | Path | None = None) -> list[Path]:
@@ -438,7 +811,29 @@ class InspectorModel:
         ``bundle_root`` (default ``reports/inspector/export``), taps in its
         ``py_taps/`` and the arguments in its ``commands.txt``; an existing
         bundle folder → its ``py_taps/``.  If a write fails, what this export
-        wrote is removed again."""
+        wrote is removed again.
+
+        A bundle also gets the comparisons on screen (``comparison/``) and the command line.
+
+        Parameters
+        ----------
+        folder : str or Path, optional
+            A folder, an existing evidence bundle, or None for a fresh bundle.
+        bundle_root : str or Path, optional
+            Where a fresh bundle is made (default: :meth:`default_bundle_parent`).
+
+        Returns
+        -------
+        list of Path
+            The tap files written.
+
+        Raises
+        ------
+        ValueError
+            The selection is empty.
+        NotADirectoryError
+            The target is a file.
+        """
         if not self.selection:
             raise ValueError("the selection is empty: shift-click pixels to select them")
         bundle: Path | None = None
@@ -503,7 +898,14 @@ class InspectorModel:
 
     # ------------------------------------------------------------ default_F legend
     def fallback_legend(self) -> list[dict]:
-        """One entry per default_F reason: code, name, text, colour, pixel count."""
+        """One entry per default_F reason: code, name, text, colour, pixel count.
+
+        Returns
+        -------
+        list of dict
+            ``code``, ``name``, ``text`` (the engine's description), ``colour`` and ``pixels`` of each reason in
+            :data:`REASON_COLOURS`; empty before a render.
+        """
         if self.fallback is None:
             return []
         counts = np.bincount(self.fallback.reason.ravel(), minlength=max(4, len(self.fallback.reasons)))
@@ -519,7 +921,29 @@ class InspectorModel:
     def load_reference(self, path: str | Path, shape: tuple[int, int] | None = None) -> np.ndarray:
         """The reference in photons (SMV counts converted where the engine can; see
         :attr:`reference_note`).  ``shape`` is the (slow, fast) of a raw float file
-        that has no sidecar (otherwise the simulation's shape is assumed)."""
+        that has no sidecar (otherwise the simulation's shape is assumed).
+
+        Parameters
+        ----------
+        path : str or Path
+            The reference image.
+        shape : (int, int), optional
+            (slow, fast) of a raw file.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``[slow, fast]`` in photons.
+
+        Raises
+        ------
+        ValueError
+            Nothing rendered.
+        ImageFormatError
+            The file cannot be read as an image.
+        ReferenceShapeError
+            Its shape is not the simulation's.
+        """
         if self.image is None:
             raise ValueError("render a simulation before opening a reference image")
         path = check_image_path(path)  # the plugin's messages for a missing file or another suffix
@@ -540,7 +964,29 @@ class InspectorModel:
     def compare(self, path: str | Path, shape: tuple[int, int] | None = None,
                 tolerance: float | None = None) -> Comparison:
         """Compare the current render with a reference image; it stays the reference
-        for later renders (:meth:`refresh_comparison`) until another is chosen."""
+        for later renders (:meth:`refresh_comparison`) until another is chosen.
+
+        Parameters
+        ----------
+        path : str or Path
+            The reference image.
+        shape : (int, int), optional
+            (slow, fast) of a raw file without sidecar.
+        tolerance : float, optional
+            Relative tolerance (default: :attr:`tolerance`).
+
+        Returns
+        -------
+        Comparison
+            The new comparison, also kept as :attr:`comparison`.
+
+        Raises
+        ------
+        ValueError
+            A negative or non-finite tolerance, or nothing rendered.
+        ImageFormatError
+            The file cannot be read (a :class:`ReferenceShapeError` keeps the reference chosen).
+        """
         tolerance = float(self.tolerance if tolerance is None else tolerance)
         if not (np.isfinite(tolerance) and tolerance >= 0):
             raise ValueError(f"tolerance must be a finite number ≥ 0, got {tolerance!r}")
@@ -574,7 +1020,23 @@ class InspectorModel:
         return self.load_reference(path, shape)
 
     def set_tolerance(self, tolerance: float) -> Comparison | None:
-        """A new tolerance for the comparison on screen (kept for later ones)."""
+        """A new tolerance for the comparison on screen (kept for later ones).
+
+        Parameters
+        ----------
+        tolerance : float
+            Relative tolerance.
+
+        Returns
+        -------
+        Comparison or None
+            The updated comparison; None when there is none.
+
+        Raises
+        ------
+        ValueError
+            A negative or non-finite tolerance.
+        """
         tolerance = float(tolerance)
         if not (np.isfinite(tolerance) and tolerance >= 0):
             raise ValueError(f"tolerance must be a finite number ≥ 0, got {tolerance!r}")
@@ -605,13 +1067,20 @@ class InspectorModel:
 
     def refresh_comparison(self) -> Comparison | None:
         """The chosen reference compared again with a new render (its path, shape and
-        tolerance kept).  Raises the reason when it no longer can be (e.g. a new size)."""
+        tolerance kept).  Raises the reason when it no longer can be (e.g. a new size).
+
+        Returns
+        -------
+        Comparison or None
+            The new comparison; None without a chosen reference or a render.
+        """
         req = self.reference_request
         if req is None or self.image is None:
             return None
         return self.compare(req["path"], req["shape"], req["tolerance"])
 
     def clear_reference(self) -> None:
+        """Forget the reference image and its comparison."""
         self.reference_request = None
         self.comparison = self._last_comparison = None
         self.reference_note = ""
@@ -636,7 +1105,22 @@ def _opt_float(v: Any) -> float | None:
 
 def percentile_limits(image: np.ndarray, lo: float = 0.0, hi: float = 99.9,
                       max_samples: int = 1 << 20) -> tuple[float, float]:
-    """Contrast limits from percentiles (on a strided subsample for big images)."""
+    """Contrast limits from percentiles (on a strided subsample for big images).
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        The values (non-finite ones are ignored).
+    lo, hi : float
+        Percentiles of the limits.
+    max_samples : int
+        About the most values used (every ``size // max_samples``-th).
+
+    Returns
+    -------
+    (float, float)
+        ``(low, high)`` with ``high > low``; ``(0.0, 1.0)`` without finite values.
+    """
     flat = np.asarray(image).ravel()
     step = max(1, flat.size // max_samples)
     sample = flat[::step]

@@ -46,6 +46,18 @@ class Prerender:
     args : list of str
         nanoBragg arguments.
     device, dtype : str
+        Torch device and ``"float32"``/``"float64"`` of the render.
+
+    Attributes
+    ----------
+    args : list of str
+        The arguments.
+    device, dtype : str
+        As given.
+    folder : Path
+        The fresh temporary folder the child writes into.
+    proc : subprocess.Popen
+        The child process (``python -m bragg_inspector.prerender``).
     """
 
     def __init__(self, args: list[str], device: str = "cpu", dtype: str = "float32"):
@@ -56,18 +68,36 @@ class Prerender:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def poll(self) -> bool | None:
-        """None while running; True when the arrays are ready; False when it failed."""
+        """None while running; True when the arrays are ready; False when it failed.
+
+        Returns
+        -------
+        bool or None
+            As above.
+        """
         rc = self.proc.poll()
         if rc is None:
             return None
         return rc == 0 and (self.folder / "meta.json").is_file()
 
     def image(self) -> np.ndarray:
-        """The rendered image (float32 [slow, fast]) as written by the child."""
+        """The rendered image (float32 [slow, fast]) as written by the child.
+
+        Returns
+        -------
+        numpy.ndarray
+            The image.
+        """
         return np.load(self.folder / "image.npy")
 
     def fallback(self):
-        """The render's default_F fallback map (an ``_engine.Fallback``)."""
+        """The render's default_F fallback map (an ``_engine.Fallback``).
+
+        Returns
+        -------
+        Fallback
+            Counts, reason codes, reason names and evaluations per pixel as written by the child.
+        """
         from ._engine import Fallback
 
         meta = json.loads((self.folder / "meta.json").read_text())
@@ -76,18 +106,39 @@ class Prerender:
                         evaluations_per_pixel=meta["evaluations_per_pixel"])
 
     def kernel(self) -> str | None:
-        """Which engine kernel rendered the image (``Simulation.last_kernel`` in the child)."""
+        """Which engine kernel rendered the image (``Simulation.last_kernel`` in the child).
+
+        Returns
+        -------
+        str or None
+            The kernel's name.
+        """
         return json.loads((self.folder / "meta.json").read_text()).get("kernel")
 
     def kernel_note(self) -> str | None:
-        """The child's ``Simulation.last_kernel_note``: why it took the PyTorch path, or None."""
+        """The child's ``Simulation.last_kernel_note``: why it took the PyTorch path, or None.
+
+        Returns
+        -------
+        str or None
+            The note.
+        """
         return json.loads((self.folder / "meta.json").read_text()).get("kernel_note")
 
     def result(self):
-        """(image, fallback) as written by the child."""
+        """(image, fallback) as written by the child.
+
+        Returns
+        -------
+        image : numpy.ndarray
+            See :meth:`image`.
+        fallback : Fallback
+            See :meth:`fallback`.
+        """
         return self.image(), self.fallback()
 
     def close(self) -> None:
+        """Stop the child if it still runs and remove its folder."""
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

@@ -19,9 +19,21 @@ from . import _engine
 __all__ = ["hover_text", "group_by_reflection", "default_F_rows", "table_tsv", "spread_labels",
            "reason_text", "significant"]
 
+
 def reason_text(name: str) -> str:
     """Display text of an engine lookup-reason name: ``default_F: <the engine's description>`` for the
-    fallbacks, the name itself otherwise (``table``, ``interpolated``)."""
+    fallbacks, the name itself otherwise (``table``, ``interpolated``).
+
+    Parameters
+    ----------
+    name : str
+        An engine lookup-reason name.
+
+    Returns
+    -------
+    str
+        The text shown.
+    """
     if name.startswith("default_F"):
         return f"default_F: {_engine.lookup_descriptions().get(name, name)}"
     return name
@@ -67,6 +79,12 @@ def hover_text(slow: int, fast: int, *, value: float | None, geometry: Mapping[s
         The fallback map's count at the pixel and evaluations per pixel.
     with_hkl : bool
         False for an image whose crystal is unknown (an opened SMV file).
+
+    Returns
+    -------
+    str
+        The parts (pixel, I, hkl, d, 2θ, F and its source, default_F count) joined by two spaces;
+        those without a value are left out.
     """
     parts = [f"[{slow}, {fast}]"]
     if value is not None:
@@ -89,12 +107,19 @@ def hover_text(slow: int, fast: int, *, value: float | None, geometry: Mapping[s
 def group_by_reflection(rows: Sequence[Mapping[str, Any]], uses_default_F) -> tuple[list[str], list[dict]]:
     """One row per nearest reflection (h0, k0, l0), in order of first appearance.
 
+    Parameters
+    ----------
+    rows : sequence of mapping
+        Tap rows with ``h0``, ``k0``, ``l0``, ``h``, ``k``, ``l`` (``F_cell``, ``lookup`` optional).
+    uses_default_F : callable
+        ``uses_default_F(row)``: whether a row used default_F.
+
     Returns
     -------
     (columns, rows)
-        Columns ``h0 k0 l0 evaluations default_F F_cell lookup h k l`` (h, k, l:
-        the mean fractional indices of the group); each row dict also carries
-        ``default_F`` (bool: any evaluation of the group used default_F).
+        Columns ``h0 k0 l0 evaluations default_F evals F_cell lookup h k l`` (h, k, l:
+        the mean fractional indices of the group; F_cell: the group's first row's);
+        each row dict also carries ``default_F`` (bool: any evaluation of the group used default_F).
     """
     groups: dict[tuple[int, int, int], list[Mapping[str, Any]]] = {}
     for r in rows:
@@ -113,12 +138,38 @@ def group_by_reflection(rows: Sequence[Mapping[str, Any]], uses_default_F) -> tu
 
 
 def default_F_rows(rows: Sequence[Mapping[str, Any]], uses_default_F) -> list[int]:
-    """Indices of the rows whose F_cell came from default_F."""
+    """Indices of the rows whose F_cell came from default_F.
+
+    Parameters
+    ----------
+    rows : sequence of mapping
+        Tap rows.
+    uses_default_F : callable
+        ``uses_default_F(row)``: whether a row used default_F.
+
+    Returns
+    -------
+    list of int
+        The indices, in order.
+    """
     return [i for i, r in enumerate(rows) if uses_default_F(r)]
 
 
 def table_tsv(columns: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
-    """The table as tab-separated text with a header line (for the clipboard)."""
+    """The table as tab-separated text with a header line (for the clipboard).
+
+    Parameters
+    ----------
+    columns : sequence of str
+        Column headers.
+    cells : sequence of sequence of str
+        The rows' cells (converted with ``str``).
+
+    Returns
+    -------
+    str
+        One line per row after the header, each ending with a newline.
+    """
     lines = ["\t".join(columns)]
     lines += ["\t".join(str(c) for c in row) for row in cells]
     return "\n".join(lines) + "\n"

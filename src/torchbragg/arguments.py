@@ -413,7 +413,14 @@ def parse_args(argv: list[str], cfg: SimulationConfig | None = None) -> Simulati
     argv : list of str
         nanoBragg arguments (without the program name).
     cfg : SimulationConfig, optional
-        Configuration to update (e.g. one pre-filled from an SMV header).
+        Configuration to update (e.g. one pre-filled from an SMV header); a new
+        default :class:`SimulationConfig` when omitted.
+
+    Returns
+    -------
+    SimulationConfig
+        The updated configuration (``cfg`` itself when one was given), with
+        ``args`` set to the argument list as strings.
 
     Raises
     ------

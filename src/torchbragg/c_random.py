@@ -396,6 +396,7 @@ class CRandom:
         Returns
         -------
         CRandom
+            A generator whose seed variable is ``idum = -seed``.
         """
         return cls(-int(seed), share_with=share_with, fma=fma)
 
@@ -416,7 +417,18 @@ class CRandom:
         return tuple(self._st.iv)
 
     def shares_statics_with(self, other: CRandom) -> bool:
-        """Whether both generators use the same process statics."""
+        """Whether both generators use the same process statics.
+
+        Parameters
+        ----------
+        other : CRandom
+            The generator to compare with.
+
+        Returns
+        -------
+        bool
+            True when both share one shuffle table and one set of deviate statics.
+        """
         return self._st is other._st
 
     def _snapshot(self):
@@ -519,7 +531,18 @@ class CRandom:
         return _RNMX_F if temp > _RNMX else temp
 
     def uniforms(self, n: int) -> np.ndarray:
-        """The next ``n`` values of :meth:`ran1` as a float32 array."""
+        """The next ``n`` values of :meth:`ran1` as a float32 array.
+
+        Parameters
+        ----------
+        n : int
+            Number of deviates to draw.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32 ``[n]``, the same values ``n`` calls of :meth:`ran1` would give.
+        """
         return np.asarray(self._uniform_chunk(int(n)), dtype=np.float32)
 
     # ------------------------------------------------------------ deviates
@@ -549,7 +572,18 @@ class CRandom:
         return st.gset
 
     def gammln(self, xx: float) -> float:
-        """ln Gamma(xx) as the C ``gammln`` (float in, double series, float out)."""
+        """ln Gamma(xx) as the C ``gammln`` (float in, double series, float out).
+
+        Parameters
+        ----------
+        xx : float
+            The argument (positive).
+
+        Returns
+        -------
+        float
+            A float32 value, computed with this generator's ``fma`` arithmetic.
+        """
         return _gammln(xx, self.fma)
 
     def poidev(self, xm: float) -> float:
@@ -746,6 +780,7 @@ def umat2misset(umat, fma: bool = True) -> tuple:
     Returns
     -------
     tuple of float
+        (rotx, roty, rotz) in radians, to be applied about x, then y, then z.
     """
     madd = _fma if fma else _muladd
     u = [float(v) for v in np.asarray(umat, dtype=np.float64).reshape(9)]
@@ -820,7 +855,17 @@ def random_misset(misset_seed: int | None = None, *, rng: CRandom | None = None)
 
 
 class NanoBraggStreams(NamedTuple):
-    """What :func:`nanobragg_streams` returns."""
+    """What :func:`nanobragg_streams` returns.
+
+    Attributes
+    ----------
+    misset : tuple of float or None
+        (rotx, roty, rotz) of ``-misset random`` in radians, or None without a misset seed.
+    mosaic_umats : numpy.ndarray
+        (domains, 3, 3) float64 mosaic-domain rotations (see :func:`mosaic_umats`).
+    noise_rng : CRandom
+        The generator the noise loop starts with.
+    """
 
     misset: tuple | None
     mosaic_umats: np.ndarray
@@ -847,8 +892,12 @@ def nanobragg_streams(
     ----------
     seed : int
         The number of ``-seed N``.
-    mosaic_spread_rad, mosaic_domains, mosaic_seed
-        As for :func:`mosaic_umats`.
+    mosaic_spread_rad : float
+        Mosaic spread in radians, as for :func:`mosaic_umats`.
+    mosaic_domains : int
+        Number of mosaic domains, as ``domains`` of :func:`mosaic_umats`.
+    mosaic_seed : int, optional
+        The number after ``-mosaic_seed``, as for :func:`mosaic_umats`.
     misset_seed : int, optional
         The misset seed number when ``-misset random`` is in effect.
     fma : bool, optional

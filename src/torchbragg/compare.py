@@ -40,15 +40,17 @@ class ImageComparison:
     rmse : float
         Root-mean-square of ``out - ref``.
     sum_ref, sum_out : float
+        Sum of all pixels of the reference and of the output.
     sum_ratio : float
         ``sum_out / sum_ref``.
     max_abs_diff : float
         ``max |out - ref|``.
     max_ref, max_out : float
+        Largest pixel value of the reference and of the output.
     max_rel_diff : float
         ``max_abs_diff / max |ref|``.
     worst : list of tuple
-        Up to 10 ``(slow, fast, ref, out, diff)`` with the largest non-zero
+        Up to ``n_worst`` (10) ``(slow, fast, ref, out, diff)`` with the largest non-zero
         ``|diff|``, ``diff = out - ref``, largest first (ties: row-major
         order; NaN differences rank first).
     nonfinite_ref, nonfinite_out : int
@@ -70,7 +72,15 @@ class ImageComparison:
     nonfinite_out: int = 0
 
     def criteria(self) -> dict[str, bool]:
-        """The golden-data acceptance tests, each True when passed."""
+        """The golden-data acceptance tests, each True when passed.
+
+        Returns
+        -------
+        dict of str to bool
+            ``correlation`` (at least ``MIN_CORRELATION``), ``sum_ratio`` (within
+            ``MAX_SUM_DEVIATION`` of 1) and ``max_pixel`` (``max_out / max_ref`` within
+            ``MAX_PEAK_DEVIATION`` of 1).
+        """
         peak = self.max_out / self.max_ref - 1.0 if self.max_ref != 0 else math.inf
         return {
             "correlation": bool(self.correlation >= MIN_CORRELATION),
@@ -79,11 +89,24 @@ class ImageComparison:
         }
 
     def passes(self) -> bool:
-        """True when every golden-data acceptance test passes."""
+        """True when every golden-data acceptance test passes.
+
+        Returns
+        -------
+        bool
+            Whether every entry of :meth:`criteria` is True.
+        """
         return all(self.criteria().values())
 
     def to_dict(self) -> dict:
-        """JSON-ready dictionary; non-finite numbers become None."""
+        """JSON-ready dictionary; non-finite numbers become None.
+
+        Returns
+        -------
+        dict
+            Every attribute (``worst`` as a list of dicts with ``slow``, ``fast``, ``ref``,
+            ``out``, ``diff``), plus ``criteria`` and ``passes``.
+        """
         return {
             "shape": list(self.shape),
             "correlation": _finite_or_none(self.correlation),
@@ -133,6 +156,7 @@ def compare_images(ref: np.ndarray, out: np.ndarray, *, n_worst: int = 10) -> Im
     Returns
     -------
     ImageComparison
+        The statistics; a 1-D pair of images is treated as one row.
 
     Raises
     ------
@@ -203,12 +227,15 @@ def format_comparison(cmp: ImageComparison, ref_name: str = "reference", out_nam
     Parameters
     ----------
     cmp : ImageComparison
+        The comparison to report.
     ref_name, out_name : str, optional
         Labels (file names) for the two images.
 
     Returns
     -------
     str
+        The report: one line per statistic with each acceptance test's verdict, the
+        overall verdict and the worst pixels.
     """
     crit = cmp.criteria()
 

@@ -46,7 +46,63 @@ Vec3 = tuple[float, float, float]
 
 @dataclass
 class DetectorConfig:
-    """Detector geometry in user units (mm, degrees, µm)."""
+    """Detector geometry in user units (mm, degrees, µm).
+
+    ``None`` means "not given": :func:`torchbragg.resolve.resolve` then applies the C program's default.
+
+    Attributes
+    ----------
+    convention : str
+        Detector convention (one of :data:`CONVENTIONS`); user axis vectors switch it to ``"CUSTOM"``.
+    pivot : str or None
+        Explicit ``-pivot`` (``"beam"`` or ``"sample"``); only honoured in the CUSTOM convention.
+    implied_pivot : str or None
+        Pivot implied by the last flag that implies one (used in the CUSTOM convention).
+    distance_mm : float or None
+        Sample to detector distance along the beam (mm); 100 mm when not given.
+    close_distance_mm : float or None
+        Sample to detector plane distance along the detector normal (mm).
+    pixel_mm : float
+        Pixel size (mm).
+    fpixels, spixels : int or None
+        Detector size in pixels along the fast and slow axes; derived from the detector
+        size and pixel size when not given.
+    detsize_f_mm, detsize_s_mm : float
+        Detector size along the fast and slow axes (mm); replaced by pixels × pixel size
+        when a pixel count is given.
+    xbeam_mm, ybeam_mm : float or None
+        Direct-beam position ``-Xbeam``/``-Ybeam`` (mm) in the convention's X and Y.
+    xclose_mm, yclose_mm : float or None
+        Position of the point of the detector nearest the sample, fast and slow (mm).
+    orgx, orgy : float or None
+        XDS detector origin, fast and slow (pixels).
+    rotx_deg, roty_deg, rotz_deg : float
+        Detector rotations about the lab x, y and z axes (degrees).
+    twotheta_deg : float
+        Detector two-theta swing about ``twotheta_axis`` (degrees).
+    twotheta_axis : tuple of 3 float or None
+        Two-theta rotation axis (CUSTOM convention); the convention's axis when None.
+    fdet_vector, sdet_vector, odet_vector : tuple of 3 float or None
+        Fast axis, slow axis and detector normal (CUSTOM convention); the convention's
+        axes when None.
+    pix0_vector_m : tuple of 3 float or None
+        Vector from the crystal to the first pixel (m), as given by ``-pix0_vector``.
+    curved : bool
+        Curved detector: every pixel at the same distance from the sample.
+    point_pixel : bool
+        Use the inverse-square solid angle only.
+    roi : tuple of 4 int or None
+        Region rendered: fast min, fast max, slow min, slow max (pixels, inclusive, 0-based);
+        the whole detector when None.
+    mask_path : str or None
+        SMV mask image (pixels that are 0 are skipped); its header also gives geometry.
+    thick_um : float
+        Sensor thickness (µm); 0 for no sensor absorption model.
+    thicksteps : int or None
+        Number of sensor layers.
+    attenuation_depth_um : float or None
+        Sensor attenuation depth (µm); None: the thickness (C's default); ``inf``: mu = 0.
+    """
 
     convention: str = "MOSFLM"
     #: explicit pivot ("beam" | "sample"). C honours it only in the CUSTOM
@@ -89,7 +145,48 @@ class DetectorConfig:
 
 @dataclass
 class BeamConfig:
-    """Incident beam: wavelength, fluence, polarisation, divergence, dispersion."""
+    """Incident beam: wavelength, fluence, polarisation, divergence, dispersion.
+
+    ``None`` means "not given": :func:`torchbragg.resolve.resolve` then applies the C program's rule.
+
+    Attributes
+    ----------
+    wavelength_A : float
+        Central wavelength (Å); ``-energy`` is converted to it.
+    beam_vector : tuple of 3 float or None
+        Beam direction (CUSTOM convention); the convention's beam when None.
+    polar_vector : tuple of 3 float or None
+        Electric-field (polarisation) direction (CUSTOM convention); the convention's when None.
+    kahn_factor : float
+        Kahn polarisation factor, -1 to 1.
+    nopolar : bool
+        Skip the polarisation correction.
+    fluence : float
+        Incident photons per m² (used unless ``flux`` is non-zero).
+    flux : float
+        Photons per second; when non-zero (with a positive exposure) the fluence becomes
+        ``flux × exposure / beamsize²``.
+    exposure_s : float
+        Exposure time (s).
+    beamsize_mm : float
+        Beam size (mm); also clips the crystal's height and width.
+    dispersion_percent : float
+        Spectral width (percent of the wavelength).
+    dispsteps : int or None
+        Number of wavelengths across the spectral width.
+    hdivrange_mrad, vdivrange_mrad : float or None
+        Horizontal and vertical divergence ranges (mrad).
+    hdivstep_mrad, vdivstep_mrad : float or None
+        Horizontal and vertical divergence steps (mrad).
+    hdivsteps, vdivsteps : int or None
+        Number of horizontal and vertical divergence steps.
+    round_div : bool
+        Cut the divergence grid to an ellipse (True, C's default) or keep the full grid.
+    sourcefile : str or None
+        Text file of sources (X Y Z I lambda per line) used instead of divergence and dispersion.
+    dmin_A : float
+        Skip scattering beyond this resolution (Å); 0 for no limit.
+    """
 
     wavelength_A: float = 1.0
     beam_vector: Vec3 | None = None
@@ -115,7 +212,58 @@ class BeamConfig:
 
 @dataclass
 class CrystalConfig:
-    """Unit cell, orientation, size, shape and structure factors."""
+    """Unit cell, orientation, size, shape and structure factors.
+
+    ``None`` means "not given": :func:`torchbragg.resolve.resolve` then applies the C program's rule.
+
+    Attributes
+    ----------
+    cell : tuple of float or None
+        Unit cell a, b, c (Å), alpha, beta, gamma (degrees); missing values are filled by
+        C's rules (b, c = a; angles 90).
+    matrix_path : str or None
+        MOSFLM orientation matrix file (``-mat``).
+    misset_deg : tuple of 3 float or None
+        Misset rotations about x, y, z (degrees).
+    misset_random : bool
+        ``-misset random``: a random orientation drawn from ``misset_seed``.
+    misset_seed : int or None
+        Seed of the random misset; ``output.seed`` (or the time) when None.
+    N : tuple of 3 float
+        Number of unit cells along a, b and c.
+    size_um : tuple of 3 float
+        Crystal size along x, y, z (µm; given in mm on the command line); a non-zero size
+        replaces the matching ``N``.
+    shape : str
+        Shape transform: ``"square"``, ``"round"``, ``"gauss"`` or ``"tophat"``.
+    fudge : float
+        Shape-transform width fudge factor.
+    hkl_path : str or None
+        Structure-factor file: text ``h k l F`` or an ``Fdump.bin``.
+    default_F : float
+        Structure factor of reflections not in the table (or of all, without a table).
+    interpolate : bool or None
+        Tricubic interpolation of structure factors; None: C's automatic choice (on when any
+        of N is 2 or less).
+    spindle_axis : tuple of 3 float or None
+        Spindle rotation axis (CUSTOM convention); the convention's axis when None.
+    phi0_deg : float
+        Starting spindle angle (degrees).
+    osc_deg : float or None
+        Oscillation range (degrees).
+    phistep_deg : float or None
+        Spindle step (degrees).
+    phisteps : int or None
+        Number of spindle steps.
+    mosaic_deg : float or None
+        Mosaic spread (degrees).
+    mosaic_domains : int or None
+        Number of mosaic domains.
+    mosaic_seed : int
+        Seed of the mosaic domain generator.
+    water_um : float
+        Thickness of the water background (µm); 0 for none.
+    """
 
     cell: tuple[float, ...] | None = None  # a b c alpha beta gamma (Å, degrees)
     matrix_path: str | None = None
@@ -142,7 +290,19 @@ class CrystalConfig:
 
 @dataclass
 class SamplingConfig:
-    """Oversampling choices."""
+    """Oversampling choices.
+
+    Attributes
+    ----------
+    oversample : int or None
+        Subpixels per pixel edge; None (or 0): C's automatic choice from the crystal size.
+    oversample_thick : bool
+        Apply the sensor capture fraction per subpixel (else one value to the whole pixel).
+    oversample_polar : bool
+        Apply the polarisation factor per subpixel and source (else one value to the whole pixel).
+    oversample_omega : bool
+        Apply the solid angle per subpixel (else one value to the whole pixel).
+    """
 
     oversample: int | None = None  # None: C's automatic choice
     oversample_thick: bool = False
@@ -152,7 +312,33 @@ class SamplingConfig:
 
 @dataclass
 class OutputConfig:
-    """Files to write and their scales (written only when named)."""
+    """Files to write and their scales (written only when named).
+
+    Attributes
+    ----------
+    floatfile : str or None
+        Raw float32 image file.
+    intfile : str or None
+        Scaled SMV image file.
+    noisefile : str or None
+        SMV image file with Poisson noise.
+    pgmfile : str or None
+        8-bit PGM image file.
+    intfile_scale : float
+        Scale of ``intfile``; 0 for automatic.
+    pgm_scale : float
+        Scale of ``pgmfile``; 0 for automatic.
+    adc_offset : float
+        ADC offset added to SMV images (counts).
+    seed : int or None
+        Seed of the noise generator.
+    img_header_path : str or None
+        SMV image whose header supplies geometry (``-img``).
+    write_fdump : str or None
+        File to write the structure-factor table to, as an ``Fdump.bin``.
+    printout_pixel : tuple of (int, int) or None
+        Pixel (fast, slow) whose trace is printed.
+    """
 
     floatfile: str | None = None
     intfile: str | None = None
@@ -172,6 +358,18 @@ class CompatConfig:
     """Switches between the C program's behaviour and corrected physics.
 
     Defaults reproduce the C program (parity is what users check).
+
+    Attributes
+    ----------
+    phi0_reuse : bool
+        True (C): a step at phi = 0 reuses the previous step's orientation; False: phi = 0 is
+        the unrotated crystal (``-fix_phi0``).
+    implicit_fdump : bool
+        True: read ``./Fdump.bin`` when no ``-hkl`` is given, as C does (``-use_fdump``);
+        False (default here): only report that it is present and unused.
+    oversample_running_product : bool
+        True (C): ``-oversample_thick/_polar/_omega`` multiply the pixel's running sum by each
+        evaluation's factor; False: each term is weighted by its own factor (``-fix_oversample``).
     """
 
     #: C skips the spindle rotation when phi == 0 and reuses the previous step's
@@ -188,7 +386,27 @@ class CompatConfig:
 
 @dataclass
 class SimulationConfig:
-    """Everything one render needs."""
+    """Everything one render needs.
+
+    Attributes
+    ----------
+    detector : DetectorConfig
+        Detector geometry.
+    beam : BeamConfig
+        Incident beam.
+    crystal : CrystalConfig
+        Crystal and structure factors.
+    sampling : SamplingConfig
+        Oversampling choices.
+    output : OutputConfig
+        Output files.
+    compat : CompatConfig
+        C-behaviour switches.
+    args : list of str or None
+        The nanoBragg arguments this configuration came from, if any.
+    cwd : str or None
+        Folder relative file names are resolved against; None: the current folder.
+    """
 
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     beam: BeamConfig = field(default_factory=BeamConfig)
@@ -202,5 +420,11 @@ class SimulationConfig:
     cwd: str | None = None
 
     def to_dict(self) -> dict:
-        """Plain-JSON view of the configuration."""
+        """Plain-JSON view of the configuration.
+
+        Returns
+        -------
+        dict
+            Every section as a nested dict of its fields (:func:`dataclasses.asdict`).
+        """
         return asdict(self)

@@ -88,7 +88,24 @@ def compare_fallback(current, reference) -> dict[str, object]:
 
 
 def fallback_labels(current, reference) -> np.ndarray:
-    """uint8 label image: 0 neither, 1 both, 2 only current, 3 only reference, 4 both with the reason changed."""
+    """uint8 label image: 0 neither, 1 both, 2 only current, 3 only reference, 4 both with the reason changed.
+
+    Parameters
+    ----------
+    current, reference : numpy.ndarray
+        ``[slow, fast]`` boolean masks or reason codes (non-zero = default_F used); same shape.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8 ``[slow, fast]`` labels as above; label 4 is given only when both maps are
+        reason codes (not boolean).
+
+    Raises
+    ------
+    ValueError
+        When the two maps differ in shape.
+    """
     cur, ref = np.asarray(current), np.asarray(reference)
     if cur.shape != ref.shape:
         raise ValueError(f"fallback maps differ in shape: {cur.shape} and {ref.shape}")
@@ -129,6 +146,23 @@ def renderer_args(args: Sequence[str], default_F: float, floatfile: str, cwd: st
     Input files become absolute paths (relative to ``cwd``), output flags and
     ``-default_F`` are removed, then ``-default_F``, ``-floatfile`` and
     ``-nonoise -nopgm`` are appended (nanoBragg-compatible flags).
+
+    Parameters
+    ----------
+    args : sequence of str
+        The user's nanoBragg arguments (already validated: every flag is known).
+    default_F : float
+        The ``-default_F`` value of this run.
+    floatfile : str
+        File name given to ``-floatfile`` (relative to the run's working folder).
+    cwd : str, optional
+        Folder that relative input file names are resolved against; the current
+        folder when omitted.
+
+    Returns
+    -------
+    list of str
+        The argument list for the renderer.
     """
     base = Path(cwd or os.getcwd())
     out: list[str] = []
@@ -182,6 +216,25 @@ def measure_defaultf_map(program: str, args: Sequence[str], *, cwd: str | None =
     """Measure PROGRAM's default_F map for nanoBragg ``args``.
 
     Each of the two runs is stopped (an error) after ``timeout`` seconds when given.
+
+    Parameters
+    ----------
+    program : str
+        The renderer's command line (split like a shell would); its first word is an
+        executable on ``PATH`` or a path to one.
+    args : sequence of str
+        nanoBragg arguments; engine options (``-device``, ``-dtype``, ``-chunk_rows``)
+        set the engine's device and dtype for the comparison.
+    cwd : str, optional
+        Folder that relative input file names are resolved against.
+    list_n : int
+        The most disagreeing pixels listed in ``summary["engine"]["disagreements"]``.
+    compare_engine : bool
+        Also render the engine's fallback map and compare it with the measured one.
+    log : callable, optional
+        Called with each progress message (str); by default messages go to stderr.
+    timeout : float, optional
+        Seconds each renderer run may take (s); no limit when omitted.
 
     Returns
     -------
@@ -271,7 +324,30 @@ def _engine_args(run_args: list[str]) -> list[str]:
 
 
 def write_result(folder, mask: np.ndarray, summary: dict, reason: np.ndarray | None) -> Path:
-    """Create ``folder`` (it must not exist) and write the mask, engine map and summary.json (last)."""
+    """Create ``folder`` (it must not exist) and write the mask, engine map and summary.json (last).
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        The folder to create.
+    mask : numpy.ndarray
+        The measured mask (written as uint8 bytes to ``defaultf_mask.u8``).
+    summary : dict
+        The summary document; ``mask_file`` (and ``engine_reason_file`` with a
+        reason map) are added before it is written as ``summary.json``.
+    reason : numpy.ndarray or None
+        The engine's reason codes (written as uint8 bytes to ``engine_reason.u8``), or None.
+
+    Returns
+    -------
+    pathlib.Path
+        The created folder.
+
+    Raises
+    ------
+    DefaultFMapError
+        When ``folder`` already exists.
+    """
     from .io.atomic_io import atomic_write_bytes, atomic_write_text
 
     d = Path(folder)

@@ -58,6 +58,7 @@ def pixel_geometry(sim, slow, fast) -> dict[str, np.ndarray]:
     Parameters
     ----------
     sim : Simulation
+        The simulation whose resolved set-up gives the geometry.
     slow, fast : int or array_like of int
         Pixel indices (any shape, broadcast together).
 
@@ -88,7 +89,19 @@ def pixel_geometry(sim, slow, fast) -> dict[str, np.ndarray]:
 def beam_centre_pixel(sim) -> tuple[float, float] | None:
     """(slow, fast) where the direct beam meets the detector plane, in pixel
     units whose integers are pixel centres (napari's convention); ``None``
-    when the beam misses the plane."""
+    when the beam misses the plane.
+
+    Parameters
+    ----------
+    sim : Simulation
+        The simulation; its first source gives the beam direction.
+
+    Returns
+    -------
+    tuple of (float, float) or None
+        ``(slow, fast)`` in pixels, or ``None`` when the beam does not meet the
+        detector plane in front of the sample.
+    """
     s = sim.setup
     beam = -s.source_dirs[0]
     return _plane_hit(s, beam)
@@ -114,8 +127,10 @@ def resolution_ring(sim, d_angstrom: float, points: int = 361) -> np.ndarray:
     Parameters
     ----------
     sim : Simulation
+        The simulation; its first source gives the beam direction and wavelength.
     d_angstrom : float
-        Resolution of the ring; must be at least half the wavelength.
+        Resolution of the ring (Å); must be at least half the wavelength, else
+        the result is empty.
     points : int
         Number of azimuths sampled (the first and last coincide).
 
@@ -145,7 +160,18 @@ def resolution_ring(sim, d_angstrom: float, points: int = 361) -> np.ndarray:
 
 def resolution_range(sim) -> tuple[float, float]:
     """(finest, coarsest) resolution in Å over the detector's edge pixels
-    (coarsest is ``inf`` when the beam centre is on the detector)."""
+    (coarsest is ``inf`` when the beam centre is on the detector).
+
+    Parameters
+    ----------
+    sim : Simulation
+        The simulation whose detector is measured.
+
+    Returns
+    -------
+    tuple of (float, float)
+        ``(finest, coarsest)`` resolution (Å) at the centres of the edge pixels.
+    """
     ny, nx = sim.shape
     e_s = np.concatenate([np.zeros(nx), np.full(nx, ny - 1), np.arange(ny), np.arange(ny)])
     e_f = np.concatenate([np.arange(nx), np.arange(nx), np.zeros(ny), np.full(ny, nx - 1)])
@@ -169,7 +195,21 @@ def _nice(d: float) -> float:
 def default_ring_spacings(sim, count: int = 5) -> list[float]:
     """Round resolutions (Å, coarse to fine) for ``count`` rings spread evenly in
     2θ up to the largest circle around the beam centre that the detector holds
-    (the finest edge resolution when the beam centre is off the detector)."""
+    (the finest edge resolution when the beam centre is off the detector).
+
+    Parameters
+    ----------
+    sim : Simulation
+        The simulation whose detector and first source are used.
+    count : int
+        Number of rings asked for.
+
+    Returns
+    -------
+    list of float
+        Resolutions (Å), rounded to 1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6 or 8 times a power
+        of ten; duplicates after rounding are dropped, so there may be fewer than ``count``.
+    """
     ny, nx = sim.shape
     centre = beam_centre_pixel(sim)
     lam_A = float(sim.setup.source_lambdas[0]) * 1e10
@@ -199,6 +239,7 @@ def table_box_mask(sim, step: int = 1) -> np.ndarray | None:
     Parameters
     ----------
     sim : Simulation
+        The simulation whose HKL table and geometry are used.
     step : int
         Sample every ``step``-th pixel in both directions (the mask of pixel
         ``(i * step, j * step)``).
@@ -226,6 +267,13 @@ def table_box_mask(sim, step: int = 1) -> np.ndarray | None:
 
 def structure_factor_source(sim, h0: int, k0: int, l0: int) -> tuple[float, str]:
     """F and where it comes from for one integer reflection, by the render's rule.
+
+    Parameters
+    ----------
+    sim : Simulation
+        The simulation whose HKL table and ``default_F`` are used.
+    h0, k0, l0 : int
+        Miller indices of the reflection.
 
     Returns
     -------

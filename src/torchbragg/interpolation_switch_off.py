@@ -51,6 +51,19 @@ class InterpolationSwitchOff:
         kernel deciding evaluations within rounding of C's tests), or, without
         it, the eager kernel does (:meth:`scan_eager`). All three give
         the eager scan's ordinal.
+
+        Parameters
+        ----------
+        until_row : int, optional
+            Last detector row (slow index) the scan needs to cover; the whole image
+            when omitted. Rows already scanned are not scanned again.
+
+        Returns
+        -------
+        int or None
+            The global ordinal (in render order, counting every evaluation of every
+            pixel) of the first evaluation that switches interpolation off, or None
+            when none does within the rows scanned (always None without interpolation).
         """
         kt = self.sim.kernel_tensors
         if not kt.interpolate:
@@ -73,7 +86,20 @@ class InterpolationSwitchOff:
         return cutoff
 
     def scan_eager(self, start: int, limit: int) -> int | None:
-        """The switch-off ordinal among rows ``start .. limit-1``, by the eager kernel (None: none)."""
+        """The switch-off ordinal among rows ``start .. limit-1``, by the eager kernel (None: none).
+
+        Parameters
+        ----------
+        start : int
+            First row to scan.
+        limit : int
+            One past the last row to scan.
+
+        Returns
+        -------
+        int or None
+            Global evaluation ordinal of the switch-off, or None.
+        """
         cols = torch.arange(self.sim.shape[1], device=self.sim.device)
         for r0 in range(start, limit, self.sim.chunk_rows):
             hit = self.eager_block(torch.arange(r0, min(limit, r0 + self.sim.chunk_rows), device=self.sim.device),
@@ -83,12 +109,36 @@ class InterpolationSwitchOff:
         return None
 
     def eager_pixel(self, slow: int, fast: int) -> int | None:
-        """The first evaluation of one (rendered) pixel that switches interpolation off, by the eager kernel."""
+        """The first evaluation of one (rendered) pixel that switches interpolation off, by the eager kernel.
+
+        Parameters
+        ----------
+        slow, fast : int
+            The pixel's indices.
+
+        Returns
+        -------
+        int or None
+            Global evaluation ordinal, or None when no lookup of the pixel leaves the table
+            (or the pixel is not rendered).
+        """
         return self.eager_block(torch.tensor([slow], device=self.sim.device),
                                         torch.tensor([fast], device=self.sim.device))
 
     def eager_block(self, rows: torch.Tensor, cols: torch.Tensor) -> int | None:
-        """The first evaluation of a block's rendered pixels whose lookup leaves the table (None: none)."""
+        """The first evaluation of a block's rendered pixels whose lookup leaves the table (None: none).
+
+        Parameters
+        ----------
+        rows, cols : torch.Tensor
+            1-D integer tensors of the block's slow and fast indices, on the simulation's device.
+
+        Returns
+        -------
+        int or None
+            The smallest global evaluation ordinal among the block's rendered pixels whose
+            interpolation neighbourhood leaves the table (skipped evaluations excluded), or None.
+        """
         kt = self.sim.kernel_tensors
         res = evaluate_block(kt, rows, cols, first_pixel=self.sim.first_pixel(), want_hkl_only=True)
         bad = interp_out_of_range(kt, res["hkl"]) & ~res["skipped"]
@@ -107,6 +157,20 @@ class InterpolationSwitchOff:
         and the scan goes on after that pixel when it does not switch off. The
         first pixel, whose first phi loop keeps the unrotated crystal when
         ``lattice_first`` applies, is always checked eagerly.
+
+        Parameters
+        ----------
+        plan : CpuPlan
+            The fused CPU kernel plan whose scan is used.
+        start : int
+            First row to scan.
+        limit : int
+            One past the last row to scan.
+
+        Returns
+        -------
+        int or None
+            Global evaluation ordinal of the switch-off, or None.
         """
         ny, nx = self.sim.shape
         E = self.sim.evaluations_per_pixel
@@ -147,7 +211,14 @@ class InterpolationSwitchOff:
         return None
 
     def scan_plan(self) -> CpuPlan | None:
-        """A fused-kernel plan whose switch-off scan applies here, or None (eager scan)."""
+        """A fused-kernel plan whose switch-off scan applies here, or None (eager scan).
+
+        Returns
+        -------
+        CpuPlan or None
+            The simulation's own CPU plan, or (for a render elsewhere) a CPU plan built and kept
+            here; None when compiled kernels are off, unsupported or have no scan function.
+        """
         plan = self.sim.compiled_plan()
         if not isinstance(plan, CpuPlan):
             # the render may be on the GPU while the scan runs on the CPU
@@ -169,6 +240,13 @@ class InterpolationSwitchOff:
         every lattice (phi step, mosaic domain, and the first pixel's unrotated
         one) and source. False does not mean it switches off, only that the scan
         has to look.
+
+        Returns
+        -------
+        bool
+            True when the bound proves every lookup stays inside the table (or nothing is
+            rendered); False without a table, for a curved detector, for non-orthonormal
+            detector axes, or when the bound cannot prove it.
         """
         kt = self.sim.kernel_tensors
         s = self.sim.setup

@@ -24,19 +24,54 @@ _ENV_KEYS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "TORC
 
 
 def utc_stamp(now: _dt.datetime | None = None) -> str:
-    """``YYYYMMDDTHHMMSSZ`` in UTC."""
+    """``YYYYMMDDTHHMMSSZ`` in UTC.
+
+    Parameters
+    ----------
+    now : datetime.datetime, optional
+        The moment to format (expected in UTC); the current time when omitted.
+
+    Returns
+    -------
+    str
+        The stamp, e.g. ``20240131T235959Z``.
+    """
     now = now or _dt.datetime.now(_dt.UTC)
     return now.strftime("%Y%m%dT%H%M%SZ")
 
 
 def is_bundle(path) -> bool:
-    """True for a folder laid out as a bundle (has ``py_taps/`` and ``comparison/``)."""
+    """True for a folder laid out as a bundle (has ``py_taps/`` and ``comparison/``).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The folder to test.
+
+    Returns
+    -------
+    bool
+        Whether both sub-folders exist.
+    """
     p = Path(path)
     return (p / "py_taps").is_dir() and (p / "comparison").is_dir()
 
 
 def new_bundle(parent) -> Path:
-    """Create a fresh ``<parent>/<UTC STAMP>/`` bundle; never reuses an existing folder."""
+    """Create a fresh ``<parent>/<UTC STAMP>/`` bundle; never reuses an existing folder.
+
+    When the stamp folder already exists, ``-2``, ``-3``, ... is appended to the stamp.
+
+    Parameters
+    ----------
+    parent : str or os.PathLike
+        Folder to create the bundle in (created with its parents when missing).
+
+    Returns
+    -------
+    pathlib.Path
+        The new bundle, holding empty ``py_taps/``, ``comparison/`` and ``commands.txt``.
+    """
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     stamp = utc_stamp()
@@ -55,7 +90,18 @@ def new_bundle(parent) -> Path:
 
 
 def open_bundle(path) -> Path:
-    """An existing bundle, or a fresh one under ``path`` when ``path`` is a parent folder."""
+    """An existing bundle, or a fresh one under ``path`` when ``path`` is a parent folder.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A bundle, or the folder to create a new bundle in.
+
+    Returns
+    -------
+    pathlib.Path
+        The bundle.
+    """
     return Path(path) if is_bundle(path) else new_bundle(path)
 
 
@@ -70,7 +116,21 @@ def _git_commit() -> str | None:
 
 def record_command(bundle, argv: Sequence[str], *, device: str = "cpu", dtype: str = "float64",
                    note: str | None = None) -> None:
-    """Append the exact command line and the environment of a run to ``commands.txt``."""
+    """Append the exact command line and the environment of a run to ``commands.txt``.
+
+    Parameters
+    ----------
+    bundle : str or os.PathLike
+        The bundle folder whose ``commands.txt`` is appended to.
+    argv : sequence of str
+        The command line; its first word is the program (only its file name is recorded).
+    device : str
+        Device of the run, as recorded in the entry.
+    dtype : str
+        Floating-point type of the run, as recorded in the entry.
+    note : str, optional
+        An extra comment line for the entry.
+    """
     import torch
 
     lines = [
@@ -92,5 +152,11 @@ def record_command(bundle, argv: Sequence[str], *, device: str = "cpu", dtype: s
 
 
 def command_line() -> list:
-    """The current process's command line."""
+    """The current process's command line.
+
+    Returns
+    -------
+    list of str
+        ``sys.argv`` as a new list.
+    """
     return [sys.argv[0]] + sys.argv[1:]

@@ -62,7 +62,150 @@ def _check_count(what: str, value, hint: str, limit_key: str = "steps") -> int:
 
 @dataclass
 class ResolvedSetup:
-    """All numbers one render needs, in SI units (float64)."""
+    """All numbers one render needs, in SI units (float64).
+
+    Vectors are float64 ``[3]`` arrays in the lab frame; unit vectors are normalised.
+
+    Attributes
+    ----------
+    convention : str
+        Detector convention, upper case (one of :data:`torchbragg.config.CONVENTIONS`).
+    pivot : str
+        Detector pivot in effect: ``"beam"`` or ``"sample"``.
+    fpixels, spixels : int
+        Detector size in pixels along the fast and slow axes.
+    pixel_size : float
+        Pixel size (m).
+    detsize_f, detsize_s : float
+        Detector size along the fast and slow axes (m).
+    fdet, sdet, odet : numpy.ndarray
+        Fast axis, slow axis and detector normal (unit vectors), after the detector rotations.
+    pix0 : numpy.ndarray
+        Position of the first pixel's corner (fast 0, slow 0) relative to the sample (m).
+    distance : float
+        Sample to detector distance along the beam (m).
+    close_distance : float
+        Sample to detector plane distance along the normal (m).
+    xbeam, ybeam : float
+        Direct-beam position in the convention's X and Y before the detector rotations (m),
+        as given or the convention's default.
+    fbeam, sbeam : float
+        Where the beam meets the detector plane, along the fast and slow axes from ``pix0`` (m).
+    xclose, yclose : float
+        Nearest-point position as given or defaulted (m).
+    fclose, sclose : float
+        Foot of the perpendicular from the sample on the detector plane, along the fast and
+        slow axes from ``pix0`` (m).
+    orgx, orgy : float
+        XDS origin (pixels): ``fclose / pixel_size + 0.5`` and ``sclose / pixel_size + 0.5``.
+    dials_origin : numpy.ndarray
+        ``pix0`` in the DIALS frame (mm).
+    twotheta : float
+        Detector two-theta swing (radians).
+    curved : bool
+        Curved detector (every pixel at the same distance).
+    point_pixel : bool
+        Inverse-square solid angle only.
+    roi : tuple of 4 int
+        Rendered region: fast min, fast max, slow min, slow max (pixels, inclusive); a maximum
+        may lie past the last pixel (the whole detector is ``(0, fpixels, 0, spixels)``).
+    mask : numpy.ndarray or None
+        ``[slow, fast]`` image of ``-mask`` (pixels that are 0 are not rendered), or None.
+    thicksteps : int
+        Number of sensor layers.
+    thickstep : float
+        Thickness of one sensor layer (m).
+    thick : float
+        Sensor thickness (m); 0 without a sensor model.
+    mu : float
+        Sensor attenuation coefficient (1/m).
+    beam : numpy.ndarray
+        Beam direction (unit vector, from the source towards the sample).
+    polar_vector : numpy.ndarray
+        Electric-field direction (unit vector).
+    vert_vector : numpy.ndarray
+        ``beam × polar_vector`` (unit vector): the axis of the horizontal divergence.
+    kahn : float
+        Kahn polarisation factor.
+    nopolar : bool
+        No polarisation correction.
+    lambda0 : float
+        Central wavelength (m).
+    source_dirs : numpy.ndarray
+        ``[S, 3]`` unit vectors from the sample towards each source.
+    source_lambdas : numpy.ndarray
+        ``[S]`` wavelength of each source (m).
+    fluence : float
+        Incident photons per m².
+    dmin : float
+        Resolution limit (m); 0 for none.
+    divsteps : int
+        Number of divergence directions kept (or of ``-sourcefile`` lines).
+    dispsteps : int
+        Number of wavelengths per divergence direction.
+    hdivrange, vdivrange : float
+        Horizontal and vertical divergence ranges (radians).
+    hdivstep, vdivstep : float
+        Horizontal and vertical divergence steps (radians).
+    dispersion : float
+        Spectral width as a fraction of the wavelength.
+    a0 : numpy.ndarray
+        ``[3, 3]`` real-space lattice vectors a, b, c as rows (m), after the misset.
+    a_star : numpy.ndarray
+        ``[3, 3]`` reciprocal lattice vectors a*, b*, c* as rows (1/Å), not rotated by the spindle.
+    cell : tuple of 6 float
+        Unit cell a, b, c (Å) and alpha, beta, gamma (degrees) of the lattice vectors.
+    V_cell : float
+        Unit cell volume (Å³).
+    N : tuple of 3 float
+        Number of unit cells along a, b and c.
+    shape : str
+        Shape transform: ``"square"``, ``"round"``, ``"gauss"`` or ``"tophat"``.
+    fudge : float
+        Shape-transform width fudge factor.
+    spindle : numpy.ndarray
+        Spindle rotation axis (unit vector).
+    phi0 : float
+        Starting spindle angle (radians).
+    phistep : float
+        Spindle step (radians).
+    phisteps : int
+        Number of spindle steps.
+    osc : float
+        Oscillation range (radians).
+    mosaic_spread : float
+        Mosaic spread (radians).
+    mosaic_umats : numpy.ndarray
+        ``[M, 3, 3]`` rotation matrix of each mosaic domain.
+    water_size : float
+        Water background thickness (m).
+    I_bg : float
+        Water background added to every pixel's sum before scaling.
+    oversample : int
+        Subpixels per pixel edge.
+    recommended_oversample : int
+        C's recommended oversampling (at least 1).
+    oversample_thick, oversample_polar, oversample_omega : bool
+        Apply the capture fraction, polarisation and solid angle per subpixel.
+    interpolate : bool
+        Tricubic interpolation of structure factors (False without a non-empty table).
+    steps : int
+        C's step count: sources × mosaic domains × phi steps × oversample² (the divisor
+        of the pixel scale).
+    hkl : torchbragg.io.hkl_table.HKLTable or None
+        The structure-factor table, or None.
+    default_F : float
+        Structure factor of reflections not in the table.
+    hkl_source : dict
+        Where the structure factors came from: ``kind``, ``source``, ``bounds``, ``count``,
+        ``default_F``, ``warnings`` and ``describe``.
+    log : list of str
+        Set-up messages in the C program's wording and order (warnings, files read,
+        automatic choices).
+    notes : list of str
+        This engine's notes on flags whose effect may surprise (ignored, switching the
+        convention, or giving a zero image).
+    """
 
     # detector
     convention: str
@@ -204,6 +347,19 @@ def c_header_value(text: str, keyword: str) -> float | None:
     C takes the *last* occurrence of ``keyword`` as a substring anywhere in the
     header, then the number after the next ``=``. So ``DISTANCE`` is read from a
     later ``CLOSE_DISTANCE`` line and ``ORGX`` from ``XDS_ORGX``.
+
+    Parameters
+    ----------
+    text : str
+        The header text.
+    keyword : str
+        The keyword to look for (case-sensitive).
+
+    Returns
+    -------
+    float or None
+        The number, 0.0 when no number follows the ``=`` (or no ``=`` follows), or None
+        when the keyword does not occur.
     """
     pos = text.rfind(keyword)
     if pos < 0:

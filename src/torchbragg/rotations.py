@@ -15,7 +15,19 @@ __all__ = ["rotate_xyz", "rotate_axis", "axis_rotation_matrix", "unit"]
 
 
 def unit(v) -> np.ndarray:
-    """Unit vector along ``v`` (zero vector stays zero)."""
+    """Unit vector along ``v`` (zero vector stays zero).
+
+    Parameters
+    ----------
+    v : array_like of float
+        A 3-vector (any length unit).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``[3]``: ``v`` divided by its length; zeros for a zero vector, NaNs when
+        ``v`` holds an infinite or NaN component.
+    """
     v = np.asarray(v, dtype=np.float64)
     with np.errstate(over="ignore", under="ignore"):
         n = float(np.sqrt(v @ v))
@@ -30,7 +42,21 @@ def unit(v) -> np.ndarray:
 
 
 def rotate_xyz(v, rx: float, ry: float, rz: float) -> np.ndarray:
-    """Rotate ``v`` about x by ``rx``, then y by ``ry``, then z by ``rz`` (radians)."""
+    """Rotate ``v`` about x by ``rx``, then y by ``ry``, then z by ``rz`` (radians).
+
+    Parameters
+    ----------
+    v : array_like of float
+        The 3-vector to rotate.
+    rx, ry, rz : float
+        Right-handed rotation angles about the x, y and z axes (radians); a zero
+        angle is skipped.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``[3]``: the rotated vector.
+    """
     x, y, z = (float(c) for c in v)
     if rx != 0:
         c, s = np.cos(rx), np.sin(rx)
@@ -45,13 +71,41 @@ def rotate_xyz(v, rx: float, ry: float, rz: float) -> np.ndarray:
 
 
 def rotate_axis(v, axis, angle: float) -> np.ndarray:
-    """Rotate ``v`` by ``angle`` (radians) about the unit vector ``axis``."""
+    """Rotate ``v`` by ``angle`` (radians) about the unit vector ``axis``.
+
+    Parameters
+    ----------
+    v : array_like of float
+        The 3-vector to rotate.
+    axis : array_like of float
+        Rotation axis, a unit 3-vector (it is not normalised here).
+    angle : float
+        Right-handed rotation angle (radians).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``[3]``: the rotated vector.
+    """
     v = np.asarray(v, dtype=np.float64)
     return axis_rotation_matrix(axis, angle) @ v
 
 
 def axis_rotation_matrix(axis, angle: float) -> np.ndarray:
-    """3×3 matrix of a right-handed rotation by ``angle`` about unit ``axis``."""
+    """3×3 matrix of a right-handed rotation by ``angle`` about unit ``axis``.
+
+    Parameters
+    ----------
+    axis : array_like of float
+        Rotation axis, a unit 3-vector (it is not normalised here).
+    angle : float
+        Rotation angle (radians).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``[3, 3]`` rotation matrix ``R`` (rotated vector = ``R @ v``).
+    """
     ax, ay, az = (float(c) for c in axis)
     c, s = np.cos(angle), np.sin(angle)
     t = 1.0 - c

@@ -55,6 +55,8 @@ class FallbackMap:
         uint8 [slow, fast]: the dominant fallback reason of each pixel
         (0 none, 1 no table, 2 outside the table, 3 unlisted in the table).
     evaluations_per_pixel : int
+        Evaluations of each pixel (sensor layers × subpixels × sources × phi steps ×
+        mosaic domains): the largest possible count.
     """
 
     counts: torch.Tensor
@@ -63,14 +65,43 @@ class FallbackMap:
     REASONS = FALLBACK_REASONS
 
     def pixel_counts(self) -> dict:
-        """Number of pixels whose dominant reason is each code."""
+        """Number of pixels whose dominant reason is each code.
+
+        Returns
+        -------
+        dict of str to int
+            Pixel count per reason name (``REASONS``), the ``none`` code included.
+        """
         values = torch.bincount(self.reason.flatten().long(), minlength=4).tolist()
         return {self.REASONS[i]: int(values[i]) for i in range(4)}
 
 
 @dataclass
 class RenderStats:
-    """The statistics nanoBragg prints after a render."""
+    """The statistics nanoBragg prints after a render.
+
+    Attributes
+    ----------
+    max_I : float
+        Largest rendered pixel value (photons); 0 when no pixel is above 0.
+    max_I_fast_m, max_I_slow_m : float
+        Position of that pixel's last subpixel centre along the fast and slow axes (m),
+        as C prints it; 0 when no pixel is above 0.
+    max_pixel : tuple of (int, int)
+        ``(slow, fast)`` of that pixel (the first one in render order on ties).
+    mean : float
+        Mean of the rendered pixels (inside ``-roi``, not masked), photons.
+    rms : float
+        Root mean square of the rendered pixels (divided by n - 1, as C), photons.
+    rmsd : float
+        Root-mean-square deviation from ``mean`` over every pixel inside ``-roi``
+        (masked ones included, as C), photons.
+    solid_angle_sr : float
+        Solid angle subtended by the rendered pixels (steradians), as C computes it
+        (the summed solid angles of the evaluations divided by ``steps``).
+    pixels : int
+        Number of rendered pixels.
+    """
 
     max_I: float
     max_I_fast_m: float
@@ -83,6 +114,13 @@ class RenderStats:
     pixels: int
 
     def lines(self) -> list[str]:
+        """The statistics as nanoBragg prints them.
+
+        Returns
+        -------
+        list of str
+            Three lines: solid angle, maximum and its position, mean/rms/rmsd.
+        """
         return [
             f"solid angle subtended by detector = {self.solid_angle_sr:g} steradian "
             f"( {100 * self.solid_angle_sr / 4 / math.pi:g}% sphere)",
@@ -97,12 +135,21 @@ class Simulation:
     Parameters
     ----------
     config : SimulationConfig
+        The configuration; it is resolved (:func:`torchbragg.resolve.resolve`) at once.
     device : str or torch.device
+        Where to render (``"cpu"``, ``"cuda"``, ``"cuda:N"``).
     dtype : torch.dtype
         ``torch.float32`` (default) or ``torch.float64``.
     chunk_rows : int, optional
         Detector rows rendered at once; by default chosen to hold about two
         million evaluations. The image does not depend on it.
+
+    Raises
+    ------
+    SetupError
+        For a configuration that cannot be rendered, or a ``chunk_rows`` below 1.
+    ValueError
+        For a ``dtype`` other than float32 or float64.
 
     Examples
     --------
@@ -151,7 +198,27 @@ class Simulation:
     def from_args(cls, args: Sequence[str], device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, cwd: str | None = None,
                   chunk_rows: int | None = None) -> Simulation:
-        """Build a simulation from nanoBragg command-line arguments."""
+        """Build a simulation from nanoBragg command-line arguments.
+
+        Parameters
+        ----------
+        args : sequence of str
+            nanoBragg arguments, without the program name (see :func:`torchbragg.parse_args`).
+        device : str or torch.device
+            Where to render.
+        dtype : torch.dtype
+            ``torch.float32`` or ``torch.float64``.
+        cwd : str, optional
+            Folder that relative file names in ``args`` are resolved against; the current
+            folder when omitted.
+        chunk_rows : int, optional
+            Detector rows rendered at once (see :class:`Simulation`).
+
+        Returns
+        -------
+        Simulation
+            The simulation of those arguments.
+        """
         cfg = parse_args(list(args))
         cfg.cwd = str(cwd) if cwd is not None else None
         return cls(cfg, device=device, dtype=dtype, chunk_rows=chunk_rows)
@@ -168,6 +235,7 @@ class Simulation:
 
     @property
     def evaluations_per_pixel(self) -> int:
+        """Evaluations of one pixel: sensor layers × oversample² × sources × phi steps × mosaic domains."""
         s = self.setup
         return s.thicksteps * s.oversample ** 2 * len(s.source_lambdas) * s.phisteps * len(s.mosaic_umats)
 
@@ -177,7 +245,28 @@ class Simulation:
         return dict(self.setup.hkl_source)
 
     def render(self, progress: ProgressFn | None = None, should_cancel: CancelFn | None = None) -> torch.Tensor:
-        """Render the image: photons per pixel, ``[slow, fast]`` on the simulation's device."""
+        """Render the image: photons per pixel, ``[slow, fast]`` on the simulation's device.
+
+        Also sets :attr:`last_stats`, :attr:`last_kernel` and :attr:`last_kernel_note`.
+
+        Parameters
+        ----------
+        progress : callable, optional
+            Called as ``progress(rows_done, rows_total)`` after each block of rows.
+        should_cancel : callable, optional
+            Called with no arguments before each block; when it returns True the render stops.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[slow, fast]`` image in the simulation's dtype; pixels outside ``-roi`` or
+            masked are 0.
+
+        Raises
+        ------
+        RenderCancelled
+            When ``should_cancel()`` returned True.
+        """
         image, _ = self._render(progress, should_cancel, fallback=False)
         return image
 
@@ -188,11 +277,43 @@ class Simulation:
         On the CPU the map's memory is recycled from earlier maps that nothing refers to
         any more (never from one still in use), which saves mapping fresh pages on repeated
         renders.
+
+        Parameters
+        ----------
+        progress : callable, optional
+            Called as ``progress(rows_done, rows_total)`` after each block of rows.
+        should_cancel : callable, optional
+            Called with no arguments before each block; when it returns True the render stops.
+
+        Returns
+        -------
+        image : torch.Tensor
+            ``[slow, fast]`` image, as :meth:`render` gives it.
+        fallback : FallbackMap
+            Where each pixel's structure factors fell back to ``default_F``.
+
+        Raises
+        ------
+        RenderCancelled
+            When ``should_cancel()`` returned True.
         """
         return self._render(progress, should_cancel, fallback=True)
 
     def tap(self, slow: int, fast: int, taps: Sequence[str] = ("hkl_subpixel",)):
-        """Run the engine's kernel on one pixel and return its :class:`~torchbragg.taps.PixelTap`."""
+        """Run the engine's kernel on one pixel and return its :class:`~torchbragg.taps.PixelTap`.
+
+        Parameters
+        ----------
+        slow, fast : int
+            Pixel indices (0-based).
+        taps : sequence of str
+            Names of the taps to compute (:data:`torchbragg.taps.TAP_NAMES`).
+
+        Returns
+        -------
+        PixelTap
+            See :func:`torchbragg.taps.run_tap`.
+        """
         from .taps import run_tap
 
         return run_tap(self, slow, fast, taps)
@@ -245,7 +366,18 @@ class Simulation:
         )
 
     def active_mask(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Pixels of a block that C renders (inside -roi, not zero in -mask)."""
+        """Pixels of a block that C renders (inside -roi, not zero in -mask).
+
+        Parameters
+        ----------
+        rows, cols : torch.Tensor
+            1-D integer tensors of the block's slow and fast indices, on the simulation's device.
+
+        Returns
+        -------
+        torch.Tensor
+            bool ``[len(rows), len(cols)]``.
+        """
         xmin, xmax, ymin, ymax = self.setup.roi
         act = ((rows >= ymin) & (rows <= ymax))[:, None] & ((cols >= xmin) & (cols <= xmax))[None, :]
         if self.setup.mask is not None:
@@ -254,7 +386,13 @@ class Simulation:
         return act
 
     def first_pixel(self) -> tuple[int, int] | None:
-        """The first pixel C renders (row-major inside the ROI and mask)."""
+        """The first pixel C renders (row-major inside the ROI and mask).
+
+        Returns
+        -------
+        tuple of (int, int) or None
+            ``(slow, fast)``, or None when no pixel is rendered. Computed once and kept.
+        """
         if not hasattr(self, "_first_pixel"):
             self._first_pixel = self._find_first_pixel()
         return self._first_pixel
@@ -272,35 +410,88 @@ class Simulation:
         """Global evaluation ordinal where C switches interpolation off (None: never).
 
         See :meth:`torchbragg.interpolation_switch_off.InterpolationSwitchOff.cutoff`.
+
+        Parameters
+        ----------
+        until_row : int, optional
+            Last row the search needs to cover; the whole image when omitted.
+
+        Returns
+        -------
+        int or None
+            The global evaluation ordinal, or None.
         """
         return self.switch_off.cutoff(until_row)
 
     def evaluate(self, rows: torch.Tensor, cols: torch.Tensor, detail: bool = False) -> dict:
-        """Run the kernel on a block (used by rendering and taps)."""
+        """Run the kernel on a block (used by rendering and taps).
+
+        Parameters
+        ----------
+        rows, cols : torch.Tensor
+            1-D integer tensors of the block's slow and fast indices, on the simulation's device.
+        detail : bool
+            Also keep the per-evaluation quantities a tap reports.
+
+        Returns
+        -------
+        dict
+            The per-evaluation results of :func:`torchbragg.kernels.eager.evaluate_block`.
+        """
         cutoff = self.interpolation_cutoff(until_row=int(rows.max()))
         return evaluate_block(self._tensors, rows, cols, interp_cutoff=cutoff,
                               fpixels=self.setup.fpixels, first_pixel=self.first_pixel(), detail=detail)
 
     def reduce(self, res: dict) -> dict:
-        """Reduce per-evaluation results to pixel values (:func:`torchbragg.kernels.eager.reduce_evaluations`)."""
+        """Reduce per-evaluation results to pixel values (:func:`torchbragg.kernels.eager.reduce_evaluations`).
+
+        Parameters
+        ----------
+        res : dict
+            Results of :meth:`evaluate`.
+
+        Returns
+        -------
+        dict
+            Pixel values (``value``) and the factors applied to them.
+        """
         return reduce_evaluations(res, self.setup, dtype=self.dtype,
                                   running_product=self.config.compat.oversample_running_product)
 
     def plan_arguments(self) -> dict:
         """The keyword arguments of a compiled-kernel plan (:class:`~torchbragg.kernels.cpu.CpuPlan`,
-        :class:`~torchbragg.kernels.gpu.GpuPlan`) for this simulation, besides its tensors."""
+        :class:`~torchbragg.kernels.gpu.GpuPlan`) for this simulation, besides its tensors.
+
+        Returns
+        -------
+        dict
+            ``I_bg``, ``scale`` (r_e² × fluence / steps), ``fpixels``, ``mask``,
+            ``oversample_factors`` (thick, polar, omega) and ``running_product``.
+        """
         s = self.setup
         return dict(I_bg=s.I_bg, scale=R_E_SQR * s.fluence / s.steps, fpixels=s.fpixels, mask=s.mask,
                     oversample_factors=(s.oversample_thick, s.oversample_polar, s.oversample_omega),
                     running_product=self.config.compat.oversample_running_product)
 
     def compiled_kernels_on(self) -> bool:
-        """``use_compiled_kernels`` (instance or class attribute) when not None, else ``TORCHBRAGG_FAST``."""
+        """``use_compiled_kernels`` (instance or class attribute) when not None, else ``TORCHBRAGG_FAST``.
+
+        Returns
+        -------
+        bool
+            Whether renders may use a compiled kernel.
+        """
         return compiled_kernels_enabled() if self.use_compiled_kernels is None else bool(self.use_compiled_kernels)
 
     def compiled_plan(self) -> CpuPlan | None:
         """The compiled-kernel plan for this simulation (fused CPU or GPU), or None where only the
-        eager kernel applies (see :meth:`compiled_kernels_on`)."""
+        eager kernel applies (see :meth:`compiled_kernels_on`).
+
+        Returns
+        -------
+        CpuPlan or GpuPlan or None
+            The plan, built on first use and kept.
+        """
         if not self.compiled_kernels_on():
             return None
         cached = self.__dict__.get("_compiled_plan_cache")

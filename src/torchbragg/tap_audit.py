@@ -23,7 +23,23 @@ _RULE_END = "<!-- /rule:nearest-neighbour -->"
 
 
 def nearest_neighbour_rule() -> tuple[str, str]:
-    """The nearest-neighbour lookup rule as written in ``specs/engine.md`` and where it was read."""
+    """The nearest-neighbour lookup rule as written in ``specs/engine.md`` and where it was read.
+
+    ``specs/engine.md`` is looked for in the repository holding this package, then in the
+    current folder; the rule is the text between its ``rule:nearest-neighbour`` markers.
+
+    Returns
+    -------
+    rule : str
+        The rule's text, stripped of surrounding white space.
+    source : str
+        Path of the ``engine.md`` it was read from.
+
+    Raises
+    ------
+    FileNotFoundError
+        When no ``specs/engine.md`` with the markers is found.
+    """
     for base in (Path(__file__).resolve().parents[2], Path.cwd()):
         spec = base / "specs" / "engine.md"
         if spec.exists():
@@ -45,7 +61,23 @@ def _norm_args(args) -> list[str]:
 
 
 def load_c_taps(path) -> dict:
-    """Read a C taps file (``configs → args, pixels[pixel_slow_fast, pixel_value, rows]``)."""
+    """Read a C taps file (``configs → args, pixels[pixel_slow_fast, pixel_value, rows]``).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The JSON file (the format of ``c_subpixel_taps.json``).
+
+    Returns
+    -------
+    dict
+        The parsed document; only the presence of its ``configs`` key is checked.
+
+    Raises
+    ------
+    AuditError
+        When the file is not valid JSON or has no ``configs`` key.
+    """
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -85,7 +117,24 @@ def nonfinite_fields(value, where: str = "") -> list[str]:
 
 
 def compare_with_c(doc: dict, c_pixel: dict) -> list[str]:
-    """Every mismatch between one engine tap document and the C rows of the same pixel."""
+    """Every mismatch between one engine tap document and the C rows of the same pixel.
+
+    Fractional indices must agree within ``HKL_TOL``, rounded indices, ``F_cell`` and the
+    out-of-bounds flag exactly, ``F_latt`` within 1e-6 (relative above 1) and the final
+    intensity within ``INTENSITY_RTOL`` relative; NaN or infinite numbers are mismatches.
+
+    Parameters
+    ----------
+    doc : dict
+        One engine ``hkl_subpixel`` tap document (as written by :func:`torchbragg.taps.write_tap_json`).
+    c_pixel : dict
+        The C taps entry of the same pixel (``pixel_slow_fast``, ``pixel_value``, ``rows``).
+
+    Returns
+    -------
+    list of str
+        One message per mismatch; empty when everything agrees.
+    """
     problems = [f"engine tap has a non-finite number: {p}" for p in nonfinite_fields(doc)]
     problems += [f"C taps have a non-finite number: {p}" for p in nonfinite_fields(c_pixel)]
     ours = doc["values"]["subpixels"]
@@ -145,7 +194,27 @@ def _conclusion(doc: dict) -> str:
 
 
 def write_audit(bundle, c_taps_path=None) -> Path:
-    """Write ``<bundle>/comparison/tap5_hkl_audit.md`` (never overwriting; a rerun gets ``-2``)."""
+    """Write ``<bundle>/comparison/tap5_hkl_audit.md`` (never overwriting; a rerun gets ``-2``).
+
+    Parameters
+    ----------
+    bundle : str or os.PathLike
+        An evidence bundle (see :mod:`torchbragg.report_bundle`) whose ``py_taps/`` holds
+        at least one ``hkl_subpixel`` tap JSON.
+    c_taps_path : str or os.PathLike, optional
+        A C taps file to compare with (see :func:`load_c_taps`); no comparison when omitted.
+
+    Returns
+    -------
+    pathlib.Path
+        The audit file written.
+
+    Raises
+    ------
+    AuditError
+        For a folder that is not a bundle, a bundle without ``hkl_subpixel`` taps, or a
+        tap or C taps file that is malformed.
+    """
     from .report_bundle import is_bundle
 
     bundle = Path(bundle)

@@ -55,6 +55,7 @@ class PixelTap:
     Attributes
     ----------
     slow, fast : int
+        Pixel indices along the slow and fast detector axes (0-based).
     taps : tuple of str
         The taps requested.
     rows : list of dict
@@ -67,6 +68,14 @@ class PixelTap:
         Per-tap payloads (see the module docstring).
     summary : str
         One line such as "4 of 4 evaluations used default_F: no HKL table loaded".
+    geometry : dict
+        The ``geometry`` tap's payload (pixel centre position in m, diffracted direction,
+        scattering vector in 1/Å, 2θ in degrees, sin(θ)/λ, d in Å, wavelength in Å),
+        kept whether or not that tap was requested.
+    meta : dict
+        Fields shared by every tap document: ``oversample``, ``config`` (arguments,
+        convention, structure-factor source, ...), ``device``, ``dtype``,
+        ``timestamp_utc`` and ``engine``.
     """
 
     slow: int
@@ -80,7 +89,23 @@ class PixelTap:
     meta: dict = field(default_factory=dict)
 
     def to_json(self, tap_id: str = "hkl_subpixel") -> dict:
-        """The JSON document of one tap of this pixel (``specs/tap_schema.json``)."""
+        """The JSON document of one tap of this pixel (``specs/tap_schema.json``).
+
+        Parameters
+        ----------
+        tap_id : str
+            Name of a computed tap (one of :data:`TAP_NAMES` in ``values``).
+
+        Returns
+        -------
+        dict
+            The document: schema version, tap id, pixel, shared metadata and the tap's values.
+
+        Raises
+        ------
+        TapError
+            When ``tap_id`` was not computed for this pixel.
+        """
         if tap_id not in self.values:
             raise TapError(f"tap {tap_id!r} was not computed for this pixel; computed: {', '.join(self.values)}")
         doc = {
@@ -100,7 +125,13 @@ class PixelTap:
         return doc
 
     def to_json_all(self) -> list[dict]:
-        """One document per computed tap."""
+        """One document per computed tap.
+
+        Returns
+        -------
+        list of dict
+            :meth:`to_json` of each computed tap, in the order they were requested.
+        """
         return [self.to_json(t) for t in self.values]
 
 
@@ -124,6 +155,21 @@ def _lookup_summary(rows: list[dict], hkl_info: dict) -> str:
 
 def run_tap(sim, slow: int, fast: int, taps: Sequence[str] = ("hkl_subpixel",)) -> PixelTap:
     """Tap one pixel of a :class:`~torchbragg.simulation.Simulation`.
+
+    Parameters
+    ----------
+    sim : Simulation
+        The simulation to run the kernel of.
+    slow, fast : int
+        Pixel indices along the slow and fast axes (0-based).
+    taps : sequence of str
+        Names of the taps to compute (from :data:`TAP_NAMES`).
+
+    Returns
+    -------
+    PixelTap
+        The per-evaluation records, the requested taps' payloads and the pixel's final
+        value (0 for a pixel outside ``-roi`` or masked, which C does not render).
 
     Raises
     ------
@@ -309,7 +355,20 @@ def _config_block(sim) -> dict:
 
 
 def format_tap_table(tap: PixelTap) -> str:
-    """A readable table of an ``hkl_subpixel`` tap (what ``bragg-tap`` prints)."""
+    """A readable table of an ``hkl_subpixel`` tap (what ``bragg-tap`` prints).
+
+    Parameters
+    ----------
+    tap : PixelTap
+        The tapped pixel.
+
+    Returns
+    -------
+    str
+        A heading (pixel, value, 2θ in degrees, d in Å, summary) and one line per
+        evaluation; the thickness, source, phi and mosaic columns appear only when any
+        of them is non-zero.
+    """
     multi = any(r["thick"] or r["source"] or r["phi"] or r["mosaic"] for r in tap.rows)
     head = ["subS", "subF"] + (["thick", "src", "phi", "mos"] if multi else []) + [
         "h", "k", "l", "h0", "k0", "l0", "F_cell", "F_latt", "lookup"]
@@ -335,7 +394,22 @@ def format_tap_table(tap: PixelTap) -> str:
 
 
 def tap_filename(slow: int, fast: int, tap_id: str, tag: str | None = None) -> str:
-    """``tap_<tap>_s<slow>_f<fast>[_<tag>].json``."""
+    """``tap_<tap>_s<slow>_f<fast>[_<tag>].json``.
+
+    Parameters
+    ----------
+    slow, fast : int
+        Pixel indices along the slow and fast axes.
+    tap_id : str
+        The tap's name.
+    tag : str, optional
+        A suffix; characters other than letters, digits, ``-``, ``_`` and ``.`` become ``_``.
+
+    Returns
+    -------
+    str
+        The file name.
+    """
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in tag) if tag else None
     return f"tap_{tap_id}_s{slow}_f{fast}{'_' + safe if safe else ''}.json"
 
@@ -345,6 +419,29 @@ def write_tap_json(tap: PixelTap, folder, tag: str | None = None, tap_id: str = 
 
     An existing file of the same name is kept; the new one gets ``-2``, ``-3``
     ... before ``.json``. The write is atomic (no half-written JSON).
+
+    Parameters
+    ----------
+    tap : PixelTap
+        The tapped pixel.
+    folder : str or os.PathLike
+        Folder to write into (created with its parents when missing).
+    tag : str, optional
+        A suffix of the file name (see :func:`tap_filename`).
+    tap_id : str
+        Which computed tap to write.
+
+    Returns
+    -------
+    pathlib.Path
+        The file written.
+
+    Raises
+    ------
+    TapError
+        When ``tap_id`` was not computed for this pixel.
+    ValueError
+        When the document holds a NaN or infinite number (JSON cannot store it).
     """
     from .io.atomic_io import atomic_write_bytes
 

@@ -30,6 +30,8 @@ from ..io import image_suffixes
 if TYPE_CHECKING:
     import napari
 
+__all__ = ["SimulationPanel", "wrapped_label", "fit_label", "heading", "row"]
+
 STATUS_STYLE = {"error": "color: #ff6b6b;", "busy": "color: #ffd166;", "warning": "color: #f4a261;", "info": ""}
 
 
@@ -50,7 +52,20 @@ def _devices(_widget=None) -> list[str]:
 
 
 def wrapped_label(value: str = "", name: str = "") -> Label:
-    """A selectable, word-wrapped label that grows with its text."""
+    """A selectable, word-wrapped label that grows with its text.
+
+    Parameters
+    ----------
+    value : str
+        The text.
+    name : str
+        The widget's name.
+
+    Returns
+    -------
+    magicgui.widgets.Label
+        The label.
+    """
     lab = Label(value=value, name=name)
     q = lab.native
     q.setWordWrap(True)
@@ -61,7 +76,13 @@ def wrapped_label(value: str = "", name: str = "") -> Label:
 
 def fit_label(lab: Label) -> None:
     """Qt sizes a wrapped label from its first text: ask for the wrapped height again
-    (now, and once the layout has given the label its width)."""
+    (now, and once the layout has given the label its width).
+
+    Parameters
+    ----------
+    lab : magicgui.widgets.Label
+        A label made by :func:`wrapped_label`.
+    """
     from qtpy.QtCore import QTimer
 
     def fit():
@@ -81,15 +102,54 @@ def fit_label(lab: Label) -> None:
 
 
 def heading(text: str) -> Label:
+    """A bold section heading.
+
+    Parameters
+    ----------
+    text : str
+        The heading (HTML-escaped).
+
+    Returns
+    -------
+    magicgui.widgets.Label
+        The label.
+    """
     return Label(value=f"<b>{html.escape(text)}</b>")
 
 
 def row(*widgets) -> Container:
+    """Widgets side by side, without labels.
+
+    Parameters
+    ----------
+    *widgets : magicgui.widgets.Widget
+        The widgets, left to right.
+
+    Returns
+    -------
+    magicgui.widgets.Container
+        A horizontal container.
+    """
     return Container(widgets=list(widgets), layout="horizontal", labels=False)
 
 
 class SimulationPanel(Container):
-    """nanoBragg arguments → Run; where F came from; rings; default_F regions; compare."""
+    """nanoBragg arguments → Run; where F came from; rings; default_F regions; compare.
+
+    Parameters
+    ----------
+    viewer : napari.viewer.Viewer
+        The viewer (napari passes it); the panel uses its shared controller (:func:`controller_for`).
+
+    Attributes
+    ----------
+    controller : InspectorController
+        The viewer's controller.
+    args_edit : magicgui.widgets.TextEdit
+        The nanoBragg argument line.
+    status_label : magicgui.widgets.Label
+        The controller's status messages.
+    """
 
     def __init__(self, viewer: napari.viewer.Viewer):
         self.controller = c = controller_for(viewer)
@@ -208,6 +268,13 @@ class SimulationPanel(Container):
 
     # ------------------------------------------------------------------ actions
     def args_text(self) -> str:
+        """The argument line as typed.
+
+        Returns
+        -------
+        str
+            The text without leading and trailing white space.
+        """
         return self.args_edit.value.strip()
 
     def _run(self, *_):
@@ -215,7 +282,13 @@ class SimulationPanel(Container):
                                  dtype=self.dtype_combo.value, wait=False)
 
     def set_hkl(self, path) -> None:
-        """Add, replace (a path) or remove (None) ``-hkl`` in the argument line."""
+        """Add, replace (a path) or remove (None) ``-hkl`` in the argument line.
+
+        Parameters
+        ----------
+        path : str or Path or None
+            The HKL file, or None to remove ``-hkl``.
+        """
         try:
             self.controller.set_hkl(None if path is None else str(path), self.args_text())
         except ValueError as exc:
@@ -226,7 +299,20 @@ class SimulationPanel(Container):
             self.set_hkl(value)
 
     def reference_shape(self) -> tuple[int, int] | None:
-        """The shape field as (slow, fast); None when blank.  Raises ValueError."""
+        """The shape field as (slow, fast); None when blank.  Raises ValueError.
+
+        Accepts ``×``, ``x``, commas or spaces between the two numbers.
+
+        Returns
+        -------
+        (int, int) or None
+            The shape.
+
+        Raises
+        ------
+        ValueError
+            Not two positive integers.
+        """
         text = self.ref_shape.value.strip().lower().replace("x", " ").replace("×", " ").replace(",", " ")
         if not text:
             return None

@@ -18,6 +18,8 @@ from .simulation_panel import fit_label, heading, row, wrapped_label
 if TYPE_CHECKING:
     import napari
 
+__all__ = ["TapPanel"]
+
 DEFAULT_F_ROW_COLOUR = QColor(255, 140, 0, 90)
 
 
@@ -38,7 +40,22 @@ class _KeyActions(QObject):
 
 
 class TapPanel(Container):
-    """The tap table of the last clicked pixel, the selection and export."""
+    """The tap table of the last clicked pixel, the selection and export.
+
+    Parameters
+    ----------
+    viewer : napari.viewer.Viewer
+        The viewer (napari passes it); the panel uses its shared controller (:func:`controller_for`).
+
+    Attributes
+    ----------
+    controller : InspectorController
+        The viewer's controller.
+    table : magicgui.widgets.Table
+        The tap table.
+    selection_list : magicgui.widgets.Select
+        The selected pixels.
+    """
 
     def __init__(self, viewer: napari.viewer.Viewer):
         self.controller = c = controller_for(viewer)
@@ -103,6 +120,13 @@ class TapPanel(Container):
 
     # ------------------------------------------------------------------ table
     def show_tap(self, rec):
+        """Show a record's pixel line, summary and table.
+
+        Parameters
+        ----------
+        rec : TapRecord
+            The tapped pixel.
+        """
         self._record = rec
         text = rec.info_line()
         if rec.source != "engine":
@@ -142,18 +166,42 @@ class TapPanel(Container):
             t.setUpdatesEnabled(True)
 
     def table_text(self) -> list[dict[str, str]]:
-        """The table's cells as text, one dict per row."""
+        """The table's cells as text, one dict per row.
+
+        Returns
+        -------
+        list of dict of str to str
+            Column header → cell text.
+        """
         t = self.table.native
         cols = [t.horizontalHeaderItem(j).text() for j in range(t.columnCount())]
         return [{c: t.item(i, j).text() for j, c in enumerate(cols)} for i in range(t.rowCount())]
 
     def row_highlighted(self, i: int) -> bool:
+        """Whether a row of the table has the default_F highlight.
+
+        Parameters
+        ----------
+        i : int
+            Row index.
+
+        Returns
+        -------
+        bool
+            True when its first cell has a visible background brush.
+        """
         item = self.table.native.item(i, 0)
         return item is not None and item.background().style() != Qt.BrushStyle.NoBrush and \
             item.background().color().alpha() > 0
 
     def copy_table(self) -> str:
-        """Copy the table (the selected rows, or all) to the clipboard as TSV; returns the text."""
+        """Copy the table (the selected rows, or all) to the clipboard as TSV; returns the text.
+
+        Returns
+        -------
+        str
+            The tab-separated text, header line first.
+        """
         t = self.table.native
         cols = [t.horizontalHeaderItem(j).text() for j in range(t.columnCount())]
         rows = sorted({ix.row() for ix in t.selectedIndexes()}) or list(range(t.rowCount()))
@@ -204,6 +252,18 @@ class TapPanel(Container):
         return self.export(folder)
 
     def export(self, folder):
+        """Export the selection (:meth:`InspectorController.export`) and list the written files.
+
+        Parameters
+        ----------
+        folder : str or Path or None
+            A folder, an existing evidence bundle, or None for a fresh bundle.
+
+        Returns
+        -------
+        list of Path
+            The written files; empty on failure.
+        """
         paths = self.controller.export(folder)
         if paths:
             self.export_label.value = "written:\n" + "\n".join(str(p) for p in paths)

@@ -7,13 +7,23 @@ import time
 
 from qtpy.QtCore import QEventLoop, QObject, QTimer, Signal
 
+__all__ = ["QtRunner"]
+
 
 class _Bridge(QObject):
     progressed = Signal(int, int)
 
 
 class QtRunner:
-    """The controller's runner in a Qt application (see ``SyncRunner``)."""
+    """The controller's runner in a Qt application (see ``SyncRunner``).
+
+    Takes no arguments; each job runs in a napari worker thread.
+
+    Attributes
+    ----------
+    progress_interval_s : float
+        The fewest seconds between two progress updates sent to the panels (the last one is always sent).
+    """
 
     #: the fewest seconds between two progress updates sent to the panels
     progress_interval_s = 0.05
@@ -24,6 +34,19 @@ class QtRunner:
         self._finished_callbacks: list = []
 
     def start(self, job, on_progress, on_done, on_error) -> None:
+        """Run ``job(progress)`` in a worker thread; the callbacks run on the main thread.
+
+        Parameters
+        ----------
+        job : callable
+            Called with a ``progress(done, total)`` function; its result goes to ``on_done``.
+        on_progress : callable
+            ``on_progress(done, total)``, throttled to :attr:`progress_interval_s`.
+        on_done : callable
+            Called with the job's result.
+        on_error : callable
+            Called with the job's exception (or a ``RuntimeError`` when the thread ended without a result).
+        """
         from napari.qt.threading import create_worker
 
         bridge = _Bridge()
@@ -65,7 +88,15 @@ class QtRunner:
 
     def wait(self, timeout, cancel) -> None:
         """Run the event loop until the render's thread has finished; ``cancel()``
-        after ``timeout`` seconds."""
+        after ``timeout`` seconds.
+
+        Parameters
+        ----------
+        timeout : float or None
+            Seconds before ``cancel`` is called; None: no limit.
+        cancel : callable
+            Called without arguments when the time is up.
+        """
         if not self._running:
             return
         loop = QEventLoop()

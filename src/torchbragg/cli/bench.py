@@ -110,7 +110,22 @@ _WIDE_TABLE = re.compile(r"^interp_wide(\d+)\.hkl$")
 
 
 def write_wide_table(path, n: int) -> Path:
-    """A smooth structure-factor table with every h, k, l in -n..n (about 1.2 s for n = 60)."""
+    """A smooth structure-factor table with every h, k, l in -n..n (about 1.2 s for n = 60).
+
+    Each line is ``h k l F`` with ``F = 100 + h/2 - k/4 + l/8``, written one h plane at a time.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The text file to write (created or overwritten).
+    n : int
+        The largest absolute Miller index: h, k and l each run over -n..n.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path`` as a :class:`~pathlib.Path`.
+    """
     import numpy as np
 
     r = np.arange(-n, n + 1)
@@ -127,7 +142,21 @@ def write_wide_table(path, n: int) -> Path:
 
 
 def prepare_files(args: Sequence[str], folder) -> list[Path]:
-    """Write the generated input files a configuration names (``interp_wide<n>.hkl``) into ``folder``."""
+    """Write the generated input files a configuration names (``interp_wide<n>.hkl``) into ``folder``.
+
+    Parameters
+    ----------
+    args : Sequence[str]
+        The configuration's nanoBragg arguments; every one that matches ``interp_wide<n>.hkl`` names a table
+        written by :func:`write_wide_table` with that ``n``.
+    folder : str or os.PathLike
+        The folder the tables are written into (the run's working folder); a table already there is kept.
+
+    Returns
+    -------
+    list[pathlib.Path]
+        The files written by this call (empty when none were needed).
+    """
     made = []
     for a in args:
         m = _WIDE_TABLE.match(str(a))
@@ -431,7 +460,25 @@ def _host() -> dict:
 
 
 def run_bench(opts) -> dict:
-    """Measure every requested configuration; returns the JSON document."""
+    """Measure every requested configuration; returns the JSON document.
+
+    Parameters
+    ----------
+    opts : argparse.Namespace
+        The options parsed by :func:`build_parser`, plus ``argv`` (the arguments as given, recorded in the
+        document's ``command``). ``opts.configs`` is a comma-separated list of :data:`CONFIGS` names.
+
+    Returns
+    -------
+    dict
+        The report (schema :data:`SCHEMA`): creation time, host, options and, under ``configs``, one entry
+        per configuration with its runs per dtype and, where a C time is known, the ratios against it.
+
+    Raises
+    ------
+    ValueError
+        If a configuration name is not in :data:`CONFIGS`.
+    """
     from .. import __version__
 
     names = [n.strip() for n in opts.configs.split(",") if n.strip()]
@@ -506,7 +553,18 @@ def _fmt(x, unit="s", digits=3) -> str:
 
 
 def format_table(doc: dict) -> str:
-    """The human-readable summary printed by ``torchbragg bench``."""
+    """The human-readable summary printed by ``torchbragg bench``.
+
+    Parameters
+    ----------
+    doc : dict
+        A report as returned by :func:`run_bench`.
+
+    Returns
+    -------
+    str
+        The table, one configuration and dtype a line followed by indented notes, lines joined by newlines.
+    """
     h = doc["host"]
     load = h.get("load_average")
     lines = [f"torchbragg {doc['torchbragg']} bench — {h['cpu']}, {h['cpu_count']} CPUs, torch {h['torch']} "
@@ -600,6 +658,13 @@ def _write_report(doc: dict, out_dir: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``torchbragg bench`` command line.
+
+    Returns
+    -------
+    argparse.ArgumentParser
+        Its options (``--configs``, ``--device``, ``--dtype``, ``--repeats``, ...), read by :func:`run_bench`.
+    """
     p = argparse.ArgumentParser(
         prog="torchbragg bench", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -629,7 +694,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``torchbragg bench``; returns the exit code."""
+    """Entry point of ``torchbragg bench``; returns the exit code.
+
+    Parameters
+    ----------
+    argv : Sequence[str] or None, optional
+        The arguments after ``bench``; ``None`` reads ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        The exit status: 0 when every measuring process succeeded, 1 when a command-line run or a render
+        process failed, 2 for a usage error (bad option, ``--repeats`` below 1, ``--c-binary`` not
+        executable, unknown configuration); ``--help`` returns 0.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:

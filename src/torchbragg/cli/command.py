@@ -37,7 +37,30 @@ example:
 
 
 class TerminalProgress:
-    """A one-line progress bar on a terminal (silent when not a terminal)."""
+    """A one-line progress bar on a terminal (silent when not a terminal).
+
+    An instance is the ``progress`` callback of a render: calling it with ``(done, total)`` redraws
+    the bar with the percentage done and the seconds since the instance was made.
+
+    Parameters
+    ----------
+    stream : TextIO, optional
+        Where the bar is written (standard error by default); nothing is written unless its ``isatty()``
+        is true.
+    label : str, optional
+        The word printed before the bar.
+
+    Attributes
+    ----------
+    stream : TextIO
+        The stream the bar is written to.
+    label : str
+        The word printed before the bar.
+    enabled : bool
+        Whether ``stream`` is a terminal (the bar is drawn only then).
+    start : float
+        ``time.perf_counter()`` when the instance was made, in seconds.
+    """
 
     def __init__(self, stream: TextIO = sys.stderr, label: str = "rendering"):
         self.stream = stream
@@ -46,6 +69,15 @@ class TerminalProgress:
         self.start = time.perf_counter()
 
     def __call__(self, done: int, total: int) -> None:
+        """Redraw the bar; a newline ends it once ``done`` reaches ``total``.
+
+        Parameters
+        ----------
+        done : int
+            The units of work finished so far.
+        total : int
+            The units of work in all; nothing is drawn when it is not positive.
+        """
         if not self.enabled or total <= 0:
             return
         frac = done / total
@@ -58,7 +90,30 @@ class TerminalProgress:
 
 
 def split_engine_options(argv: Sequence[str]):
-    """Separate this engine's options (-device, -dtype, -chunk_rows) from nanoBragg's."""
+    """Separate this engine's options (-device, -dtype, -chunk_rows) from nanoBragg's.
+
+    Each option may also be spelled with two dashes and takes the next argument as its value.
+
+    Parameters
+    ----------
+    argv : Sequence[str]
+        The command-line arguments, nanoBragg's and this engine's mixed.
+
+    Returns
+    -------
+    rest : list[str]
+        The arguments that are not this engine's, in their order.
+    opts : dict
+        ``device`` (str, default ``"cpu"``), ``dtype`` (``"float32"`` or ``"float64"``, default
+        ``"float32"``), ``chunk_rows`` (int or None) and ``dtype_given`` (the ``-dtype`` value as given, or
+        None when there was none).
+
+    Raises
+    ------
+    torchbragg.arguments.ArgumentError
+        If an option lacks its value, the dtype is not float32/float64, the device is not one torch knows
+        or is CUDA where CUDA is not available, or ``-chunk_rows`` is not an integer in 1..2**31-1.
+    """
     from ..arguments import ArgumentError
 
     rest: list[str] = []
@@ -145,7 +200,19 @@ def _describe_setup(sim, out: TextIO) -> None:
 
 
 def header_fields(sim) -> dict:
-    """SMV header entries for this simulation, as C writes them."""
+    """SMV header entries for this simulation, as C writes them.
+
+    Parameters
+    ----------
+    sim : torchbragg.Simulation
+        The simulation whose resolved set-up (in metres and radians) gives the entries.
+
+    Returns
+    -------
+    dict
+        The header entries from :func:`torchbragg.io.smv.smv_header_fields`, lengths in mm, the wavelength
+        in Å and angles in degrees.
+    """
     from ..io.smv import smv_header_fields
 
     s = sim.setup
@@ -165,7 +232,22 @@ OUTPUT_FLAGS = (("floatfile", "-floatfile"), ("intfile", "-intfile"), ("noisefil
 
 
 def check_output_paths(cfg) -> None:
-    """Refuse, before any work, an output that could not be written (specs/cli.md §1.2)."""
+    """Refuse, before any work, an output that could not be written (specs/cli.md §1.2).
+
+    Each output file named in the configuration must lie in an existing, writable folder, not be a
+    folder, not be one of the input files, and not be named twice; a temporary file is created and
+    removed in its folder to prove that writing there works.
+
+    Parameters
+    ----------
+    cfg : torchbragg.config.SimulationConfig
+        The parsed configuration; relative paths are taken from ``cfg.cwd`` (or the current folder).
+
+    Raises
+    ------
+    torchbragg.resolve.SetupError
+        Naming the flag and file of the first output that could not be written.
+    """
     import os
 
     from ..resolve import SetupError
@@ -213,7 +295,21 @@ def check_output_paths(cfg) -> None:
 
 
 def write_outputs(sim, image: np.ndarray, out: TextIO) -> None:
-    """Write the files named by -floatfile/-intfile/-pgmfile/-noisefile (atomically)."""
+    """Write the files named by -floatfile/-intfile/-pgmfile/-noisefile (atomically).
+
+    Also ``-write_fdump`` when an HKL table was read. Each file is written through
+    :func:`torchbragg.io.atomic_io.atomic_write_bytes` or the writers built on it.
+
+    Parameters
+    ----------
+    sim : torchbragg.Simulation
+        The simulation that rendered ``image`` (its configuration names the files; its last statistics
+        give the default integer and PGM scales).
+    image : numpy.ndarray
+        The rendered image, (slow, fast) pixels, in photons; written as little-endian float32.
+    out : TextIO
+        Where the ``writing ...`` lines (and the scales and noise seed used) are printed.
+    """
     from ..io.atomic_io import atomic_write_bytes
     from ..io.smv import to_intimage, write_smv
 
@@ -268,7 +364,34 @@ def write_outputs(sim, image: np.ndarray, out: TextIO) -> None:
 
 
 def run_simulation(argv: Sequence[str], out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Render nanoBragg arguments like the C program; returns the exit code."""
+    """Render nanoBragg arguments like the C program; returns the exit code.
+
+    Prints the set-up and the image statistics, then writes every requested file or none of them.
+
+    Parameters
+    ----------
+    argv : Sequence[str]
+        nanoBragg arguments, with this engine's ``-device``, ``-dtype`` and ``-chunk_rows`` among them.
+    out : TextIO or None, optional
+        Where the set-up, statistics and file lines are printed; ``None`` means standard output.
+    err : TextIO or None, optional
+        Where the progress bar is drawn; ``None`` means standard error.
+
+    Returns
+    -------
+    int
+        0 once the image is rendered and its files are written (errors are raised, not returned).
+
+    Raises
+    ------
+    torchbragg.arguments.ArgumentError
+        For arguments that cannot be parsed.
+    torchbragg.resolve.SetupError
+        For a set-up that cannot be rendered, an output that cannot be written, or an image with
+        non-finite pixels (nothing is written then).
+    torchbragg.simulation.RenderCancelled
+        When the render is interrupted.
+    """
     import torch
 
     out = sys.stdout if out is None else out
@@ -363,7 +486,11 @@ def _on_signal(signum, frame):
 
 
 def install_signal_handlers() -> None:
-    """SIGINT and SIGTERM become exceptions that the command turns into exit 130 / 143."""
+    """SIGINT and SIGTERM become exceptions that the command turns into exit 130 / 143.
+
+    SIGINT raises ``KeyboardInterrupt`` and SIGTERM raises :class:`Terminated`; after the first signal
+    both are ignored. Nothing is changed outside the main thread.
+    """
     import threading
 
     if threading.current_thread() is threading.main_thread():
@@ -398,7 +525,25 @@ def run_command(prog: str, body, argv: Sequence[str] | None = None, aftermath=No
     """Run a console script's ``body(argv)`` with SIGINT/SIGTERM turned into exit 130/143
     and one line on standard error (``aftermath()`` says what happened to the outputs).
 
-    Called from Python (``argv`` given) the caller's signal handlers are restored."""
+    Called from Python (``argv`` given) the caller's signal handlers are restored.
+
+    Parameters
+    ----------
+    prog : str
+        The command's name, used in the line on standard error and in its warnings.
+    body : callable
+        ``body(argv) -> int``: the command's work; its return value is the exit status.
+    argv : Sequence[str] or None, optional
+        The arguments passed to ``body``; ``None`` means run as a console script (warnings become one-line
+        messages and the signal handlers are left in place).
+    aftermath : callable or None, optional
+        ``aftermath() -> str``: after an interruption, what became of the outputs (appended to the line).
+
+    Returns
+    -------
+    int
+        ``body``'s exit status, or 130 after SIGINT and 143 after SIGTERM.
+    """
     import threading
 
     as_command = argv is None  # called from Python (argv given): leave the caller's handlers as they were
@@ -433,7 +578,23 @@ def run_command(prog: str, body, argv: Sequence[str] | None = None, aftermath=No
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``torchbragg`` console script."""
+    """Entry point of the ``torchbragg`` console script.
+
+    Dispatches ``compare``, ``bench`` and ``defaultf-map`` to their subcommands, prints the usage or the
+    flag list for ``--help`` and ``--help-flags``, and otherwise renders with :func:`run_simulation`.
+
+    Parameters
+    ----------
+    argv : Sequence[str] or None, optional
+        The command-line arguments (without the program name); ``None`` reads ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        The exit status: 0 on success or ``--help``; 2 for no arguments (after the usage), a bad argument,
+        set-up or file error; 130 when the render was cancelled or SIGINT arrived; 143 after SIGTERM;
+        a subcommand's own status otherwise.
+    """
     return run_command("torchbragg", _main, argv,
                        lambda: "after its files were written" if _OUTPUTS_WRITTEN else "no output file was changed")
 

@@ -16,7 +16,25 @@ __all__ = ["main"]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``torchbragg defaultf-map --renderer PROGRAM [--out DIR] [--list N] [--no-engine] [--timeout S]
-    -- <nanoBragg args>``."""
+    -- <nanoBragg args>``.
+
+    Measures, with :func:`torchbragg.defaultf_map.measure_defaultf_map`, which pixels of ``PROGRAM``'s
+    image change with default_F, prints the counts (and, unless ``--no-engine``, how they agree with this
+    engine's fallback map) and, with ``--out``, writes the result into that new folder.
+
+    Parameters
+    ----------
+    argv : Sequence[str] or None, optional
+        The arguments after ``defaultf-map``: this command's options, then ``--`` and the nanoBragg
+        arguments; ``None`` reads ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        The exit status: 0 after printing the summary (or for ``--help``); 2 for a usage error, bad option
+        value, missing nanoBragg arguments, an existing ``--out`` folder or a failed measurement (one line
+        on standard error).
+    """
 
     argv = list(sys.argv[1:] if argv is None else argv)
     nb = []

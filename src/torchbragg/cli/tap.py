@@ -90,7 +90,24 @@ def _writable_folder(path: Path) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``bragg-tap`` console script (SIGINT/SIGTERM: exit 130/143, one line)."""
+    """Entry point of the ``bragg-tap`` console script (SIGINT/SIGTERM: exit 130/143, one line).
+
+    ``bragg-tap audit BUNDLE`` writes a bundle's audit; otherwise the chosen pixels are tapped and their
+    tables printed, or their JSON printed or written to ``--out-dir`` / ``--bundle``.
+
+    Parameters
+    ----------
+    argv : Sequence[str] or None, optional
+        The command-line arguments (without the program name), nanoBragg arguments after ``--``;
+        ``None`` reads ``sys.argv[1:]`` and runs as a console script.
+
+    Returns
+    -------
+    int
+        The exit status: 0 on success (or ``--help``); 2 for a usage error, unknown tap, unwritable folder,
+        unusable device or failed set-up or tap (one line on standard error, before any file is written);
+        130 after SIGINT and 143 after SIGTERM.
+    """
     from .command import run_command
 
     return run_command("bragg-tap", _main, argv, lambda: "no tap file was left half-written")

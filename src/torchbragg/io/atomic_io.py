@@ -119,6 +119,13 @@ class OutputSet:
     normally) renames every temporary over its destination, with SIGINT/SIGTERM
     blocked so that no signal splits the set; an exception or a signal before that
     removes every temporary, so no destination changes.
+
+    The constructor takes no arguments. Sets may be nested: the innermost active one stages.
+
+    Attributes
+    ----------
+    temporaries : list[pathlib.Path]
+        The temporary files staged so far, in the order they were written (read-only property).
     """
 
     def __init__(self) -> None:
@@ -140,9 +147,38 @@ class OutputSet:
 
     @property
     def temporaries(self) -> list[Path]:
+        """The temporary files staged so far.
+
+        Returns
+        -------
+        list[pathlib.Path]
+            One temporary per staged write, in order.
+        """
         return [t for t, _, _ in self._staged]
 
     def stage(self, path: PathLike, data: bytes) -> Path:
+        """Write ``data`` to a temporary beside ``path``, to be renamed over it by :meth:`commit`.
+
+        As with a replacing :func:`atomic_write_bytes`, a symbolic link is written through and an existing
+        file keeps its permission bits.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+            The destination file; its folder must exist.
+        data : bytes-like
+            The complete new contents.
+
+        Returns
+        -------
+        pathlib.Path
+            ``path`` as a :class:`~pathlib.Path` (not yet written).
+
+        Raises
+        ------
+        OSError
+            If the temporary cannot be created or written; the message names ``path``.
+        """
         dest = Path(path)
         real, mode = _replace_target(dest)
         folder = real.parent if str(real.parent) else Path(".")
@@ -160,6 +196,15 @@ class OutputSet:
         return dest
 
     def commit(self) -> None:
+        """Rename every staged temporary over its destination, with SIGINT/SIGTERM blocked.
+
+        Whatever happens, no temporary is left behind afterwards.
+
+        Raises
+        ------
+        OSError
+            If a rename fails; the message names that destination (earlier ones have been replaced).
+        """
         with blocked_signals():
             try:
                 for tmp, real, shown in self._staged:
@@ -173,6 +218,7 @@ class OutputSet:
             _fsync_directory(folder)
 
     def rollback(self) -> None:
+        """Remove every staged temporary that still exists; no destination changes."""
         for tmp, _, _ in self._staged:
             try:
                 tmp.unlink()

@@ -168,8 +168,18 @@ class HKLTable:
     listed : numpy.ndarray
         bool, same shape: True where the file gave a value.  For an Fdump
         this is ``values != default_F`` (see module notes).
-    h_min, h_max, k_min, k_max, l_min, l_max : int
-        Inclusive index bounds of the box.
+    h_min : int
+        Smallest h in the box (inclusive).
+    h_max : int
+        Largest h in the box (inclusive).
+    k_min : int
+        Smallest k in the box (inclusive).
+    k_max : int
+        Largest k in the box (inclusive).
+    l_min : int
+        Smallest l in the box (inclusive).
+    l_max : int
+        Largest l in the box (inclusive).
     default_F : float
         The value of unlisted cells, and what the engine uses outside the box.
     source : str
@@ -215,12 +225,24 @@ class HKLTable:
 
     @property
     def bounds(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-        """``((h_min, h_max), (k_min, k_max), (l_min, l_max))``."""
+        """``((h_min, h_max), (k_min, k_max), (l_min, l_max))``.
+
+        Returns
+        -------
+        tuple of three (int, int) pairs
+            The inclusive index bounds along h, k and l.
+        """
         return ((self.h_min, self.h_max), (self.k_min, self.k_max), (self.l_min, self.l_max))
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        """``(nh, nk, nl)``, the shape of :attr:`values`."""
+        """``(nh, nk, nl)``, the shape of :attr:`values`.
+
+        Returns
+        -------
+        tuple of three int
+            Cells along h, k and l.
+        """
         return tuple(int(n) for n in self.values.shape)  # type: ignore[return-value]
 
     def lookup(self, h: int, k: int, l: int) -> float:
@@ -228,8 +250,12 @@ class HKLTable:
 
         Parameters
         ----------
-        h, k, l : int
-            Integer Miller indices (already rounded by the caller).
+        h : int
+            Integer Miller index h (already rounded by the caller).
+        k : int
+            Integer Miller index k.
+        l : int
+            Integer Miller index l.
 
         Returns
         -------
@@ -245,7 +271,18 @@ class HKLTable:
         return float(self.default_F)
 
     def same_values(self, other: HKLTable) -> bool:
-        """True when both tables have the same bounds and bit-equal values."""
+        """True when both tables have the same bounds and bit-equal values.
+
+        Parameters
+        ----------
+        other : HKLTable
+            The table to compare with; ``listed``, ``default_F`` and the other fields are not compared.
+
+        Returns
+        -------
+        bool
+            Whether the bounds match and ``values`` are equal element by element.
+        """
         return self.bounds == other.bounds and np.array_equal(self.values, other.values)
 
     def describe(self) -> str:

@@ -148,12 +148,14 @@ def load_image(path: PathLike, shape: Sequence[int] | None = None) -> np.ndarray
     Parameters
     ----------
     path : str or os.PathLike
+        ``.smv``/``.img`` (SMV) or ``.bin``/``.f32``/``.raw`` (raw float32).
     shape : (slow, fast), optional
+        Shape of a raw file in pixels; for SMV files only checked against the header.
 
     Returns
     -------
     numpy.ndarray
-        2-D ``(slow, fast)``.
+        2-D ``(slow, fast)``, in the stored dtype (float32 for raw files).
     """
     return load_image_info(path, shape)[0]
 
@@ -190,6 +192,19 @@ def load_image_photons(path: PathLike, shape: Sequence[int] | None = None, *, sc
     ``<file>.log``: the ``intfile_scale = X`` line before ``writing <file>``); the
     ADC offset from ``adc``, a header key ``ADC_OFFSET``/``ADC``, else nanoBragg's
     default 40.  Count 0 (outside ``-roi``) is 0 photons.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        ``.smv``/``.img`` (SMV) or ``.bin``/``.f32``/``.raw`` (raw float32, already in photons).
+    shape : (slow, fast), optional
+        Shape of a raw file in pixels (see :func:`load_image_info`).
+    scale : float, optional
+        SMV counts per photon; overrides the header and the log.
+    adc : float, optional
+        SMV ADC offset in counts; overrides the header (default 40).
+    fallback_shape : (slow, fast), optional
+        Shape tried for a raw file after its sidecar (see :func:`load_image_info`).
 
     Returns
     -------

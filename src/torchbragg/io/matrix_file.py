@@ -157,9 +157,18 @@ def mosflm_reciprocal_vectors(
 
     Returns
     -------
-    a_star, b_star, c_star : numpy.ndarray
-        Each of shape (3,), Angstrom^-1, in the C lab frame: the columns of
+    a_star : numpy.ndarray
+        Shape (3,), Angstrom^-1, in the C lab frame: the first column of
         ``matrix`` divided by ``wavelength_A``.
+    b_star : numpy.ndarray
+        The same from the second column.
+    c_star : numpy.ndarray
+        The same from the third column.
+
+    Raises
+    ------
+    ValueError
+        If ``wavelength_A`` is not positive or ``matrix`` is not 3x3.
     """
     if not wavelength_A > 0.0:
         raise ValueError(f"wavelength must be positive, got {wavelength_A!r}")

@@ -214,7 +214,23 @@ def read_smv_header(path: PathLike) -> dict[str, str]:
 
 
 def read_smv_header_text(path: PathLike) -> str:
-    """The raw header text between ``{`` and ``}`` (for C's substring look-ups)."""
+    """The raw header text between ``{`` and ``}`` (for C's substring look-ups).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The SMV file.
+
+    Returns
+    -------
+    str
+        The header block's text after the opening ``{`` and before the first ``}``, decoded as Latin-1.
+
+    Raises
+    ------
+    SMVFormatError
+        Not an SMV file, or a file shorter than its header.
+    """
     return _header_block(path)[0]
 
 
@@ -415,10 +431,12 @@ def c_beam_centers_mm(
 
     Parameters
     ----------
-    fbeam_mm, sbeam_mm : float
-        Direct-beam position on the detector along the fast and slow axes,
-        measured from the outer corner of the first pixel (C ``Fbeam``,
-        ``Sbeam`` after the detector is placed), in mm.
+    fbeam_mm : float
+        Direct-beam position on the detector along the fast axis, measured
+        from the outer corner of the first pixel (C ``Fbeam`` after the
+        detector is placed), in mm.
+    sbeam_mm : float
+        The same along the slow axis (C ``Sbeam``), in mm.
     detsize_s_mm : float
         Detector size along the slow axis (slow pixels x pixel size), mm.
     pixel_size_mm : float
@@ -465,33 +483,41 @@ def smv_header_fields(
     Parameters
     ----------
     pixel_size_mm : float
-        ``PIXEL_SIZE``.
+        ``PIXEL_SIZE``, mm.
     distance_mm : float
-        ``DISTANCE``: sample to detector plane along the beam.
+        ``DISTANCE``: sample to detector plane along the beam, mm.
     wavelength_A : float
         ``WAVELENGTH``: the nominal wavelength (``-lambda``), Angstrom.
-    beam_center_x_mm, beam_center_y_mm : float
-        ``BEAM_CENTER_X`` / ``BEAM_CENTER_Y``: C ``Xbeam`` / ``Ybeam``.
-    adxv_center_mm, mosflm_center_mm, denzo_beam_mm : pair of float
-        ``ADXV_CENTER_X/Y``, ``MOSFLM_CENTER_X/Y``, ``DENZO_X_BEAM`` /
-        ``DENZO_Y_BEAM``; see :func:`c_beam_centers_mm` for how C derives them.
+    beam_center_x_mm : float
+        ``BEAM_CENTER_X``: C ``Xbeam``, mm.
+    beam_center_y_mm : float
+        ``BEAM_CENTER_Y``: C ``Ybeam``, mm.
+    adxv_center_mm : pair of float
+        ``ADXV_CENTER_X`` / ``ADXV_CENTER_Y``, mm; see :func:`c_beam_centers_mm`
+        for how C derives it and the next two.
+    mosflm_center_mm : pair of float
+        ``MOSFLM_CENTER_X`` / ``MOSFLM_CENTER_Y``, mm.
+    denzo_beam_mm : pair of float
+        ``DENZO_X_BEAM`` / ``DENZO_Y_BEAM``, mm.
     dials_origin_mm : three floats
         ``DIALS_ORIGIN``: the first pixel's corner projected on the DIALS
         lab axes (+z, +y, -x of the C frame), mm.
     xds_org_px : pair of float
         ``XDS_ORGX`` / ``XDS_ORGY``, pixels.
     close_distance_mm : float
-        ``CLOSE_DISTANCE``: perpendicular sample-detector distance.
+        ``CLOSE_DISTANCE``: perpendicular sample-detector distance, mm.
     phi_deg : float, optional
-        ``PHI``, the start of the rotation.
+        ``PHI``, the start of the rotation, degrees.
     osc_range_deg : float, optional
-        ``OSC_RANGE``.
+        ``OSC_RANGE``, degrees.
     twotheta_deg : float, optional
-        ``TWOTHETA``.
+        ``TWOTHETA``, degrees.
     osc_start_deg : float, optional
-        ``OSC_START``; C always writes ``phi`` here (the default).
-    detector_sn, beamline : str, optional
-        Fixed texts, ``000`` and ``fake`` in C.
+        ``OSC_START``, degrees; C always writes ``phi`` here (the default).
+    detector_sn : str, optional
+        ``DETECTOR_SN``, a fixed text (``000`` in C).
+    beamline : str, optional
+        ``BEAMLINE``, a fixed text (``fake`` in C).
     extra : mapping, optional
         More entries appended at the end (not written by C).
 

@@ -106,7 +106,14 @@ def cxx_compiler() -> str | None:
 
 
 def cpu_signature() -> str:
-    """The machine and its instruction-set flags (``-march=native`` builds are kept per CPU)."""
+    """The machine and its instruction-set flags (``-march=native`` builds are kept per CPU).
+
+    Returns
+    -------
+    str
+        ``platform.machine()`` followed by the ``flags``/``Features`` line of ``/proc/cpuinfo``, or by
+        ``platform.processor()`` where there is no such line.
+    """
     sig = platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -122,12 +129,14 @@ def cpu_signature() -> str:
 class NativeSource:
     """One native source file and the ``-D`` switches of a variant of it.
 
-    Parameters
+    Attributes
     ----------
     name : str
         The file's name in :data:`KERNEL_DIR` (``cpu_render.cpp`` or ``gpu_render.cu``).
     defines : tuple of str
-        ``NAME=VALUE`` switches.
+        ``NAME=VALUE`` switches (empty by default).
+    text_override : str or None
+        The text to compile instead of the file's (for tests of compiler messages); None for the file.
     """
 
     name: str
@@ -137,28 +146,69 @@ class NativeSource:
 
     @property
     def path(self) -> Path:
-        """The file."""
+        """The file.
+
+        Returns
+        -------
+        pathlib.Path
+            ``KERNEL_DIR / name``.
+        """
         return KERNEL_DIR / self.name
 
     def text(self) -> str:
-        """The file's text."""
+        """The file's text.
+
+        Returns
+        -------
+        str
+            :attr:`text_override` when set, else the file's contents.
+        """
         return self.path.read_text() if self.text_override is None else self.text_override
 
     def with_text(self, text: str) -> NativeSource:
-        """This source with another text (compiled from a temporary copy next to the file's headers)."""
+        """This source with another text (compiled from a temporary copy next to the file's headers).
+
+        Parameters
+        ----------
+        text : str
+            The source text to compile instead of the file's.
+
+        Returns
+        -------
+        NativeSource
+            The same name and switches with ``text_override=text``.
+        """
         return NativeSource(self.name, self.defines, text)
 
     def headers(self) -> dict[str, str]:
-        """Name -> text of the headers it may include (NVRTC takes them as a list)."""
+        """Name -> text of the headers it may include (NVRTC takes them as a list).
+
+        Returns
+        -------
+        dict of str to str
+            Each header of :data:`HEADERS` and its text, read from :data:`KERNEL_DIR`.
+        """
         return {name: (KERNEL_DIR / name).read_text() for name in HEADERS}
 
     def text_hash(self) -> str:
-        """A hash of the source's and headers' text: what identifies its build in the cache."""
+        """A hash of the source's and headers' text: what identifies its build in the cache.
+
+        Returns
+        -------
+        str
+            The first 12 hexadecimal digits of the SHA-256 of the name, text and headers.
+        """
         parts = [self.name, self.text()] + [f"{k}\0{v}" for k, v in sorted(self.headers().items())]
         return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
     def define_flags(self) -> list[str]:
-        """The switches as compiler options."""
+        """The switches as compiler options.
+
+        Returns
+        -------
+        list of str
+            ``-DNAME=VALUE`` for every switch, in order.
+        """
         return [f"-D{d}" for d in self.defines]
 
 
@@ -220,10 +270,14 @@ def prune_kernel_cache(prefix: str, text_hash: str, suffix: str, min_age_s: floa
 
     Parameters
     ----------
-    prefix, text_hash, suffix : str
-        The build kind, the current source text's hash and the file suffix.
-    min_age_s : float
-        Files younger than this are kept.
+    prefix : str
+        The build kind (``tb_render_``, ``tb_gpu_``).
+    text_hash : str
+        The current source text's hash (:meth:`NativeSource.text_hash`); its files are kept.
+    suffix : str
+        The file suffix (``.so`` or ``.bin``).
+    min_age_s : float, optional
+        Files younger than this are kept, seconds.
 
     Returns
     -------
@@ -271,7 +325,7 @@ def compile_shared_library(cxx: str, flag_sets: Sequence[Sequence[str]], source:
         The file and its switches.
     out : str
         The library to write.
-    extra : sequence of str
+    extra : sequence of str, optional
         More options for every try (``-x c++`` for the GPU source's host build).
 
     Raises

@@ -58,6 +58,27 @@ def cpu_render_function(dtype: torch.dtype, shape: str, table: bool, count: bool
 
     ``over``: the -oversample_* rule (0 none, 1 C's running product, 2 per-term weighting).
     The reason for a None is in :func:`cpu_kernel_error`.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+        The render dtype, float32 or float64.
+    shape : str
+        Crystal shape, a key of :data:`~torchbragg.kernels.packing.SHAPE_CODES`.
+    table : bool
+        Whether the set-up has a structure-factor table.
+    count : bool
+        Whether the variant also writes the default_F fallback maps.
+    interp : bool, optional
+        Whether every lookup is interpolated (only with a table).
+    over : int, optional
+        The -oversample_* rule: 0 none, 1 C's running product, 2 per-term weighting.
+
+    Returns
+    -------
+    ctypes function or None
+        The library's ``tb_render`` (argument types :data:`~torchbragg.kernels.packing.RENDER_ARGTYPES`),
+        or None when the variant could not be built or loaded (a warning is issued once).
     """
     key = (dtype, shape, bool(table), bool(count), bool(interp and table), int(over))
     if key in _libraries:
@@ -73,7 +94,20 @@ def cpu_render_function(dtype: torch.dtype, shape: str, table: bool, count: bool
 
 
 def cpu_scan_function(dtype: torch.dtype, shape: str):
-    """The compiled interpolation switch-off scan (:meth:`CpuPlan.scan`), or None."""
+    """The compiled interpolation switch-off scan (:meth:`CpuPlan.scan`), or None.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+        The render dtype, float32 or float64.
+    shape : str
+        Crystal shape, a key of :data:`~torchbragg.kernels.packing.SHAPE_CODES`.
+
+    Returns
+    -------
+    ctypes function or None
+        ``tb_scan`` of the interpolating variant with a table, or None when that variant is unavailable.
+    """
     key = (dtype, shape, True, False, True, 0)
     if cpu_render_function(*key) is None:
         return None
@@ -85,6 +119,27 @@ def kernel_math_probe(dtype: torch.dtype, which: str, x: np.ndarray) -> np.ndarr
 
     ``which``: ``"sinpi"``, ``"cospi"``, ``"exp"`` or ``"round_factor"`` (of hrad = x,
     fudge 1, N 1). For tests of that arithmetic against numpy.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+        The variant whose arithmetic is probed (float32 or float64).
+    which : str
+        The function: ``"sinpi"``, ``"cospi"``, ``"exp"`` or ``"round_factor"``.
+    x : numpy.ndarray
+        The arguments (taken as float64).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, the shape of ``x``: the function's values.
+
+    Raises
+    ------
+    RuntimeError
+        When the CPU kernel is unavailable.
+    KeyError
+        For an unknown ``which``.
     """
     codes = {"sinpi": 0, "cospi": 1, "exp": 2, "round_factor": 3}
     key = (dtype, "square", False, False, False, 0)
@@ -102,8 +157,18 @@ def cpu_kernel_error(dtype: torch.dtype, shape: str, table: bool, count: bool, i
 
     Parameters
     ----------
-    dtype, shape, table, count, interp, over
-        The variant, as for :func:`cpu_render_function`.
+    dtype : torch.dtype
+        The variant's render dtype, as for :func:`cpu_render_function`.
+    shape : str
+        The variant's crystal shape.
+    table : bool
+        Whether the variant reads a structure-factor table.
+    count : bool
+        Whether the variant writes fallback maps.
+    interp : bool, optional
+        Whether the variant interpolates.
+    over : int, optional
+        The variant's -oversample_* rule.
 
     Returns
     -------
@@ -116,7 +181,28 @@ def cpu_kernel_error(dtype: torch.dtype, shape: str, table: bool, count: bool, i
 
 
 def cpu_source(dtype, shape, table, count, interp, over) -> NativeSource:
-    """``cpu_render.cpp`` with the switches of one variant."""
+    """``cpu_render.cpp`` with the switches of one variant.
+
+    Parameters
+    ----------
+    dtype : torch.dtype
+        The render dtype, float32 or float64.
+    shape : str
+        Crystal shape, a key of :data:`~torchbragg.kernels.packing.SHAPE_CODES`.
+    table : bool
+        Whether the set-up has a structure-factor table.
+    count : bool
+        Whether the variant also writes the default_F fallback maps.
+    interp : bool
+        Whether every lookup is interpolated (only with a table).
+    over : int
+        The -oversample_* rule: 0 none, 1 C's running product, 2 per-term weighting.
+
+    Returns
+    -------
+    NativeSource
+        The source file name and its ``NAME=VALUE`` switches.
+    """
     return NativeSource("cpu_render.cpp", tuple(variant_defines(dtype, shape, table, count, interp, over)))
 
 
@@ -164,8 +250,26 @@ class CpuPlan(KernelParameters):
 
     :meth:`run` renders a block of whole rows straight into the image (and the
     fallback maps) and returns each row's statistics; :meth:`scan` is C's
-    interpolation switch-off scan. Parameters: those of
-    :class:`~torchbragg.kernels.packing.KernelParameters`.
+    interpolation switch-off scan.
+
+    Parameters
+    ----------
+    kt : KernelTensors
+        The set-up (on the CPU).
+    I_bg : float
+        The background added to every pixel's sum.
+    scale : float
+        The pixel scale applied after the sum.
+    fpixels : int
+        Pixels per detector row.
+    mask : numpy.ndarray, optional
+        [slow, fast] non-zero where a pixel is rendered.
+    oversample_factors : tuple of bool, optional
+        -oversample_thick, -oversample_polar, -oversample_omega.
+    running_product : bool, optional
+        With any of those: C's running product (True) or per-term weighting.
+
+    All as for :class:`~torchbragg.kernels.packing.KernelParameters`, whose attributes the plan has.
     """
 
     #: what ``Simulation.last_kernel`` calls this kernel
@@ -178,7 +282,7 @@ class CpuPlan(KernelParameters):
         ----------
         count : bool
             Whether the variant also writes the default_F fallback maps.
-        interp : bool
+        interp : bool, optional
             The variant that interpolates every lookup.
 
         Returns
@@ -192,11 +296,30 @@ class CpuPlan(KernelParameters):
         return cpu_render_function(self.dtype, self.kt.shape, self.table is not None, count, interp, self.over)
 
     def problem(self, count: bool, interp: bool = False) -> str | None:
-        """Why :meth:`function` returned None (no compiler, a build error), else None."""
+        """Why :meth:`function` returned None (no compiler, a build error), else None.
+
+        Parameters
+        ----------
+        count : bool
+            As for :meth:`function`.
+        interp : bool, optional
+            As for :meth:`function`.
+
+        Returns
+        -------
+        str or None
+            The reason, or None when the variant was built (or not yet tried).
+        """
         return cpu_kernel_error(self.dtype, self.kt.shape, self.table is not None, count, interp, self.over)
 
     def scan_function(self):
-        """The compiled switch-off scan for this set-up, or None (no table, no compiler)."""
+        """The compiled switch-off scan for this set-up, or None (no table, no compiler).
+
+        Returns
+        -------
+        ctypes function or None
+            See :func:`cpu_scan_function`.
+        """
         if self.table is None:
             return None
         return cpu_scan_function(self.dtype, self.kt.shape)
@@ -211,6 +334,29 @@ class CpuPlan(KernelParameters):
         within rounding of C's bounds or skip tests, and the eager kernel has to decide it). The
         first pixel's phi=0 quirk is not applied: the caller checks that pixel eagerly. Row slices
         run on a thread pool in order; slices after a row with a hit are not scanned.
+
+        Parameters
+        ----------
+        row0 : int
+            First detector row (slow index) scanned.
+        nrows : int
+            Rows scanned.
+        col0 : int
+            First column (fast index) scanned.
+        ncols : int
+            Columns scanned.
+        threads : int or None, optional
+            Threads to use (None: ``torch.get_num_threads()``), at most ``nrows``.
+
+        Returns
+        -------
+        tuple or None
+            ``(ordinal, certain)`` as above, or None.
+
+        Raises
+        ------
+        RuntimeError
+            When the compiled scan is unavailable or fails.
         """
         fn = self.scan_function()
         if fn is None:
@@ -260,6 +406,39 @@ class CpuPlan(KernelParameters):
         be strided, columns must be contiguous. ``interp`` interpolates every lookup of the block (the
         caller keeps it to rows before C's switch-off point). Returns the
         ``[nrows, 8]`` float64 row statistics (see :data:`ROW_STATS`).
+
+        Parameters
+        ----------
+        row0 : int
+            First detector row (slow index) of the block.
+        nrows : int
+            Rows in the block.
+        col0 : int
+            First column (fast index) of the block.
+        ncols : int
+            Columns in the block.
+        image : torch.Tensor
+            ``[nrows, ncols]`` CPU view of the plan's dtype to fill with photons per pixel.
+        counts : torch.Tensor or None, optional
+            ``[nrows, ncols]`` fallback counts (dtype :attr:`count_dtype`) to fill, or None for no fallback map.
+        reasons : torch.Tensor or None, optional
+            ``[nrows, ncols]`` uint8 fallback reasons, with the same row stride as ``counts``.
+        threads : int or None, optional
+            Threads to use (None: ``torch.get_num_threads()``), at most ``nrows``.
+        interp : bool, optional
+            Interpolate every lookup of the block.
+
+        Returns
+        -------
+        numpy.ndarray
+            float64 ``[nrows, 8]`` row statistics.
+
+        Raises
+        ------
+        RuntimeError
+            When the variant is unavailable or the kernel fails.
+        ValueError
+            When an output view has the wrong dtype, shape, layout or device.
         """
         count = counts is not None
         fn = self.function(count, interp)

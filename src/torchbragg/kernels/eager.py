@@ -27,7 +27,89 @@ __all__ = ["KernelTensors", "BlockResult", "evaluate_block", "reduce_evaluations
 
 @dataclass
 class KernelTensors:
-    """Set-up values moved to the render device and dtype."""
+    """Set-up values moved to the render device and dtype.
+
+    Vectors are in the C lab frame; geometry tensors are float64 whatever the render dtype
+    (C's precision for ``h = a·q``). ``T`` is the number of sensor layers, ``S`` of sources,
+    ``P`` of phi steps and ``M`` of mosaic domains.
+
+    Attributes
+    ----------
+    dtype : torch.dtype
+        The render dtype (float32 or float64) of the intensities and per-subpixel factors.
+    device : torch.device
+        The render device.
+    fdet : torch.Tensor
+        [3] unit vector along the detector's fast axis.
+    sdet : torch.Tensor
+        [3] unit vector along the detector's slow axis.
+    odet : torch.Tensor
+        [3] unit vector normal to the detector (the direction of the sensor's depth).
+    pix0 : torch.Tensor
+        [3] position of the first pixel's outer corner relative to the sample, metres.
+    beam : torch.Tensor
+        [3] unit vector of the incident beam direction.
+    pixel_size : float
+        Pixel size, metres.
+    subpixel_size : float
+        ``pixel_size / oversample``, metres.
+    oversample : int
+        Subpixels per pixel along each detector axis.
+    thick_offsets : torch.Tensor
+        [T] depth of each sensor layer's front along ``odet``, metres.
+    thickstep : float
+        Thickness of one sensor layer, metres.
+    mu : float
+        Sensor attenuation coefficient, 1/m.
+    thick : float
+        Sensor thickness, metres (0: no sensor absorption, every capture fraction 1).
+    distance : float
+        Sample-to-detector distance along the beam, metres.
+    close_distance : float
+        Perpendicular distance from the sample to the detector plane, metres.
+    curved : bool
+        A curved detector (every pixel at ``distance`` from the sample).
+    point_pixel : bool
+        Solid angle ``1/r²`` instead of the pixel's projected area.
+    incident : torch.Tensor
+        [S, 3] unit vectors pointing along the beam, one per source.
+    inv_lambda : torch.Tensor
+        [S] inverse wavelength of each source, 1/Å.
+    polar_axis : torch.Tensor
+        [3] the polarisation axis of the incident beam (unit vector).
+    kahn : float
+        Kahn polarisation factor (0: unpolarised).
+    nopolar : bool
+        Polarisation factor switched off (every factor 1).
+    dmin_A : float
+        The -dmin resolution limit, Å (0: none); evaluations beyond it are skipped.
+    lattice : torch.Tensor
+        [P, M, 3, 3] real-space cell vectors (rows a, b, c), Å, per phi step and mosaic domain.
+    lattice_first : torch.Tensor or None
+        [P, M, 3, 3] the same for the very first pixel's phi loop (C's phi = 0 quirk), or None when it
+        equals ``lattice``.
+    a_star : torch.Tensor
+        [3, 3] reciprocal vectors (rows a*, b*, c*), 1/Å, unrotated; the gauss and tophat lattice
+        factors use them for the distance to the nearest reciprocal-lattice point.
+    N : tuple
+        Unit cells (Na, Nb, Nc) along a, b and c.
+    shape : str
+        Crystal shape: ``"square"``, ``"round"``, ``"gauss"`` or ``"tophat"``.
+    fudge : float
+        The -fudge width factor of the non-square lattice factors.
+    water : bool
+        Whether a water background is on (evaluations with a zero lattice factor are then not skipped).
+    table : torch.Tensor or None
+        Flattened structure-factor box (h slowest, l fastest) in the render dtype, or None without a table.
+    listed : torch.Tensor or None
+        Flattened bool, True where the table's file listed the cell, or None.
+    bounds : tuple or None
+        ``(h_min, h_max, k_min, k_max, l_min, l_max)`` of the table's box (inclusive), or None.
+    default_F : float
+        Structure factor of every lookup outside the box or unlisted.
+    interpolate : bool
+        Tricubic interpolation of the table (only with a table).
+    """
 
     dtype: torch.dtype
     device: torch.device
@@ -74,6 +156,38 @@ class BlockResult:
     Shapes: per-evaluation tensors are ``[R, C, T, os, os, S, P, M]``;
     per-subpixel tensors ``[R, C, T, os, os]``; per-(subpixel, source)
     ``[R, C, T, os, os, S]``.
+
+    The fields name the entries of :func:`evaluate_block`'s result with ``detail=True``.
+
+    Attributes
+    ----------
+    hkl : torch.Tensor
+        Per evaluation ``[..., 3]``: the fractional Miller indices h, k, l.
+    hkl0 : torch.Tensor
+        Per evaluation ``[..., 3]`` int64: the indices rounded to the nearest integers.
+    F_cell : torch.Tensor
+        Per evaluation: the structure factor looked up (or interpolated).
+    F_latt : torch.Tensor
+        Per evaluation: the lattice factor.
+    reason : torch.Tensor
+        Per evaluation, uint8: how the structure factor was found, a code of
+        :data:`~torchbragg.kernels.reasons.LOOKUP_REASONS`.
+    skipped : torch.Tensor
+        Per evaluation, bool: skipped by -dmin or a zero lattice factor (no lookup, nothing summed).
+    dmin_skip : torch.Tensor
+        Per (subpixel, source), bool: beyond the -dmin resolution limit.
+    position : torch.Tensor
+        Per subpixel ``[..., 3]``: position relative to the sample, metres.
+    airpath : torch.Tensor
+        Per subpixel: distance from the sample, metres.
+    omega : torch.Tensor
+        Per subpixel: solid angle, steradians (``1/r²``, in m⁻², with ``point_pixel``).
+    capture : torch.Tensor
+        Per subpixel: fraction of the photons captured in that sensor layer.
+    polar : torch.Tensor
+        Per (subpixel, source): polarisation factor.
+    scattering : torch.Tensor
+        Per (subpixel, source) ``[..., 3]``: scattering vector, 1/Å.
     """
 
     hkl: torch.Tensor  # [..., 3] fractional
@@ -139,12 +253,17 @@ def evaluate_block(kt: KernelTensors, rows: torch.Tensor, cols: torch.Tensor, *,
     Parameters
     ----------
     kt : KernelTensors
-    rows, cols : 1-D int64 tensors
-        Slow and fast pixel indices of the block.
+        The set-up on the render device.
+    rows : torch.Tensor
+        1-D int64: slow pixel indices of the block.
+    cols : torch.Tensor
+        1-D int64: fast pixel indices of the block.
     interp_cutoff : int, optional
         Global evaluation ordinal ``(slow*fpixels + fast)*E + e`` from which
         interpolation is switched off (C's switch-off-for-the-rest-of-the-run
         rule); ``None`` means it never switches off.
+    fpixels : int, optional
+        Pixels per detector row, for the global ordinals of ``interp_cutoff``.
     first_pixel : (slow, fast), optional
         The first pixel C renders; its first phi loop uses ``lattice_first``.
     detail : bool
@@ -156,6 +275,11 @@ def evaluate_block(kt: KernelTensors, rows: torch.Tensor, cols: torch.Tensor, *,
     Returns
     -------
     dict of tensors
+        With ``want_hkl_only``: ``hkl`` (float64 fractional indices), ``skipped`` and ``E`` (int, the
+        evaluations per pixel). Otherwise ``intensity`` (per evaluation, ``F_cell² F_latt²``, 0 where
+        skipped), ``omega``, ``capture``, ``polar``, ``dmin_skip``, ``skipped``, ``reason`` and ``E``;
+        with ``detail`` also ``hkl``, ``hkl0``, ``F_cell``, ``F_latt``, ``position``, ``airpath`` and
+        ``scattering`` (see :class:`BlockResult`).
     """
     dt, dev = kt.dtype, kt.device
     gdt = kt.fdet.dtype  # geometry dtype: float64
@@ -296,7 +420,21 @@ def _polarization(kt: KernelTensors, diffracted: torch.Tensor) -> torch.Tensor:
 
 
 def interp_out_of_range(kt: KernelTensors, hkl: torch.Tensor) -> torch.Tensor:
-    """C's test for a 4×4×4 neighbourhood that leaves the table."""
+    """C's test for a 4×4×4 neighbourhood that leaves the table.
+
+    Parameters
+    ----------
+    kt : KernelTensors
+        The set-up; its ``bounds`` must not be None.
+    hkl : torch.Tensor
+        ``[..., 3]`` fractional Miller indices.
+
+    Returns
+    -------
+    torch.Tensor
+        Bool, ``hkl.shape[:-1]``: True where the interpolation neighbourhood of that h, k, l reaches
+        outside the table's box by C's integer test.
+    """
     hmin, hmax, kmin, kmax, lmin, lmax = kt.bounds
     h, k, l = hkl.unbind(-1)
     hr, kr, lr = hmax - hmin + 1, kmax - kmin + 1, lmax - lmin + 1
@@ -305,7 +443,27 @@ def interp_out_of_range(kt: KernelTensors, hkl: torch.Tensor) -> torch.Tensor:
 
 
 def evaluation_ordinals(rows, cols, fpixels: int, E: int, evshape) -> torch.Tensor:
-    """Global loop-order ordinal of every evaluation of a block."""
+    """Global loop-order ordinal of every evaluation of a block.
+
+    Parameters
+    ----------
+    rows : torch.Tensor
+        1-D int64: slow pixel indices of the block.
+    cols : torch.Tensor
+        1-D int64: fast pixel indices of the block.
+    fpixels : int
+        Pixels per detector row.
+    E : int
+        Evaluations per pixel.
+    evshape : tuple of int
+        Shape of the block's per-evaluation tensors, ``[R, C, ...]`` whose trailing axes hold ``E``
+        elements in all.
+
+    Returns
+    -------
+    torch.Tensor
+        int64 of shape ``evshape``: ``(slow * fpixels + fast) * E + e`` for evaluation ``e`` of each pixel.
+    """
     pix = rows[:, None] * fpixels + cols[None, :]  # [R,C]
     e = torch.arange(E, device=rows.device).reshape(evshape[2:])
     return pix.reshape(pix.shape + (1,) * (len(evshape) - 2)) * E + e
@@ -352,7 +510,7 @@ def reduce_evaluations(res: dict, setup, *, dtype: torch.dtype, running_product:
         The set-up (fluence, steps, background, -oversample_* flags).
     dtype : torch.dtype
         The render dtype (float64 sums stay float64).
-    running_product : bool
+    running_product : bool, optional
         With -oversample_* flags: C's running product (True) or per-term weighting.
 
     Returns

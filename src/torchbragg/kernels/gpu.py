@@ -52,9 +52,25 @@ _lock = threading.Lock()
 def gpu_source(dtype: torch.dtype, shape: str, table: bool, count: bool, interp: bool, over: int = 0) -> NativeSource:
     """``gpu_render.cu`` with the switches of one variant (see :func:`~torchbragg.kernels.packing.variant_defines`).
 
+    Parameters
+    ----------
+    dtype : torch.dtype
+        The render dtype, float32 or float64.
+    shape : str
+        Crystal shape, a key of :data:`~torchbragg.kernels.packing.SHAPE_CODES`.
+    table : bool
+        Whether the set-up has a structure-factor table.
+    count : bool
+        Whether the variant also writes the default_F fallback maps.
+    interp : bool
+        Whether every lookup is interpolated (only with a table).
+    over : int, optional
+        The -oversample_* rule: 0 none, 1 C's running product, 2 per-term weighting.
+
     Returns
     -------
     NativeSource
+        The source file name and its ``NAME=VALUE`` switches.
     """
     return NativeSource("gpu_render.cu", tuple(variant_defines(dtype, shape, table, count, interp, over)))
 
@@ -78,7 +94,21 @@ _nvrtc: ctypes.CDLL | None = None
 
 
 def nvrtc_library() -> ctypes.CDLL:
-    """The NVRTC library (``libnvrtc``); OSError naming the places tried when there is none."""
+    """The NVRTC library (``libnvrtc``); OSError naming the places tried when there is none.
+
+    The first library that loads is kept for the rest of the process.
+
+    Returns
+    -------
+    ctypes.CDLL
+        The loaded NVRTC library.
+
+    Raises
+    ------
+    OSError
+        When no candidate (the loader's path, pip's ``nvidia-*`` packages, ``CUDA_HOME``/``CUDA_PATH``,
+        ``/usr/local/cuda``) loads; the message names the first few tried.
+    """
     global _nvrtc
     if _nvrtc is not None:
         return _nvrtc
@@ -96,6 +126,13 @@ def nvrtc_library() -> ctypes.CDLL:
 
 
 def nvrtc_version() -> tuple[int, int]:
+    """The NVRTC library's version.
+
+    Returns
+    -------
+    tuple of int
+        ``(major, minor)``.
+    """
     lib = nvrtc_library()
     major, minor = ctypes.c_int(), ctypes.c_int()
     lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor))
@@ -121,7 +158,7 @@ def nvrtc_compile(source: NativeSource, arch: int, options: tuple[str, ...] = ()
         The file (its headers go to NVRTC as its header list) and its ``-D`` switches.
     arch : int
         The compute capability, major * 10 + minor.
-    options : tuple of str
+    options : tuple of str, optional
         More NVRTC options.
 
     Returns
@@ -263,6 +300,12 @@ def host_library(source: NativeSource) -> Path:
     Returns
     -------
     pathlib.Path
+        The library in the kernel cache (built with the system C++ compiler, ``-x c++``, on first use).
+
+    Raises
+    ------
+    RuntimeError
+        When no C++ compiler is found.
     """
     cxx = cxx_compiler()
     if cxx is None:
@@ -307,11 +350,36 @@ class GpuPlan(KernelParameters):
     ----------
     kt : KernelTensors
         The set-up (on a CUDA device, or any with ``emulate``).
-    emulate : bool
+    I_bg : float
+        The background added to every pixel's sum (see :class:`~torchbragg.kernels.packing.KernelParameters`).
+    scale : float
+        The pixel scale applied after the sum.
+    fpixels : int
+        Pixels per detector row.
+    mask : numpy.ndarray, optional
+        [slow, fast] non-zero where a pixel is rendered.
+    emulate : bool, optional
         Run the kernel's per-pixel code on the CPU (a host build of ``gpu_render.cu``), for tests.
-    **packing
-        ``I_bg``, ``scale``, ``fpixels``, ``mask``, ``oversample_factors``, ``running_product``:
-        see :class:`~torchbragg.kernels.packing.KernelParameters`.
+    oversample_factors : tuple of bool, optional
+        -oversample_thick, -oversample_polar, -oversample_omega.
+    running_product : bool, optional
+        With any of those: C's running product (True) or per-term weighting.
+
+    Attributes
+    ----------
+    emulate : bool
+        Whether the host build runs instead of the CUDA kernel.
+    device : torch.device
+        Where the packed parameters live and the outputs must be (``cuda:N`` with its index; the CPU when
+        emulating).
+    on_device : dict
+        The packed arrays (``dparams``, ``iparams``, ``lattice``, ``src``, ``table``, ``mask``) as tensors
+        on ``device``; ``table`` and ``mask`` may be None.
+
+    Raises
+    ------
+    ValueError
+        When the kernel does not cover the set-up (:func:`~torchbragg.kernels.packing.compiled_kernels_unsupported`).
     """
 
     #: what ``Simulation.last_kernel`` calls this kernel
@@ -349,19 +417,45 @@ class GpuPlan(KernelParameters):
         self._wide_dev = None
 
     def device_flagged_table(self) -> torch.Tensor:
-        """:meth:`~KernelParameters.flagged_table` on the device."""
+        """:meth:`~KernelParameters.flagged_table` on the device.
+
+        Returns
+        -------
+        torch.Tensor
+            The sign-flagged table on :attr:`device` (copied once, then kept).
+        """
         if self._flagged_dev is None:
             self._flagged_dev = self.flagged_table().to(self.device)
         return self._flagged_dev
 
     def device_wide_table(self) -> torch.Tensor:
-        """:meth:`~KernelParameters.wide_table` on the device."""
+        """:meth:`~KernelParameters.wide_table` on the device.
+
+        Returns
+        -------
+        torch.Tensor
+            The float64 table on :attr:`device` (copied once, then kept).
+        """
         if self._wide_dev is None:
             self._wide_dev = self.wide_table().to(self.device)
         return self._wide_dev
 
     def function(self, count: bool, interp: bool = False):
-        """The compiled variant (compiling it on first use), or None with a warning."""
+        """The compiled variant (compiling it on first use), or None with a warning.
+
+        Parameters
+        ----------
+        count : bool
+            Whether the variant also writes the default_F fallback maps.
+        interp : bool, optional
+            The variant that interpolates every lookup.
+
+        Returns
+        -------
+        object or None
+            The host build's ctypes function when emulating, else ``(device index, CUfunction)``; None when
+            it cannot be built (see :meth:`problem`) or the table is too thin to interpolate.
+        """
         table = self.table is not None
         if interp and table and not self.interpolates:
             return None  # a table under 4 entries along an axis: the eager kernel interpolates
@@ -383,12 +477,32 @@ class GpuPlan(KernelParameters):
         return fn
 
     def problem(self, count: bool, interp: bool = False) -> str | None:
-        """Why :meth:`function` returned None (no NVRTC, driver or compiler), else None."""
+        """Why :meth:`function` returned None (no NVRTC, driver or compiler), else None.
+
+        Parameters
+        ----------
+        count : bool
+            As for :meth:`function`.
+        interp : bool, optional
+            As for :meth:`function`.
+
+        Returns
+        -------
+        str or None
+            The build or load error of that variant, or None.
+        """
         table = self.table is not None
         return _errors.get((self.emulate, str(self.device), self.dtype, self.kt.shape, table, bool(count),
                             bool(interp and table), self.over))
 
     def scan_function(self):
+        """No compiled switch-off scan on the GPU.
+
+        Returns
+        -------
+        None
+            Always: C's interpolation switch-off scan runs on the CPU.
+        """
         return None  # C's interpolation switch-off scan runs on the CPU (Simulation._scan_plan)
 
     def run(self, row0: int, nrows: int, col0: int, ncols: int, image: torch.Tensor,
@@ -399,6 +513,42 @@ class GpuPlan(KernelParameters):
         Returns the ``[nrows, 8]`` row statistics (:data:`~torchbragg.kernels.row_stats.ROW_STATS`),
         reduced on the device; with ``stats=False`` only launches the kernel (asynchronously on
         the current stream; for timing the kernel alone) and returns None.
+
+        Parameters
+        ----------
+        row0 : int
+            First detector row (slow index) of the block.
+        nrows : int
+            Rows in the block.
+        col0 : int
+            First column (fast index) of the block.
+        ncols : int
+            Columns in the block.
+        image : torch.Tensor
+            ``[nrows, ncols]`` view to fill, of the plan's dtype on :attr:`device`; rows may be strided,
+            columns must be contiguous.
+        counts : torch.Tensor or None, optional
+            ``[nrows, ncols]`` fallback counts (dtype :attr:`count_dtype`) to fill, or None for no fallback map.
+        reasons : torch.Tensor or None, optional
+            ``[nrows, ncols]`` uint8 fallback reasons, with the same row stride as ``counts``.
+        threads : int or None, optional
+            Not used (the interface of :meth:`CpuPlan.run`).
+        interp : bool, optional
+            Interpolate every lookup of the block.
+        stats : bool, optional
+            Compute and return the row statistics.
+
+        Returns
+        -------
+        numpy.ndarray or None
+            float64 ``[nrows, 8]`` row statistics, or None with ``stats=False``.
+
+        Raises
+        ------
+        RuntimeError
+            When the variant is unavailable or the host build fails.
+        ValueError
+            When an output view has the wrong dtype, shape, layout or device.
         """
         count = counts is not None
         fn = self.function(count, interp)

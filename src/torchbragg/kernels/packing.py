@@ -61,6 +61,7 @@ def parameter_defines() -> list[str]:
     Returns
     -------
     list of str
+        ``D_<name>=<offset>`` for every float64 field, then ``I_<name>=<offset>`` for every int64 field.
     """
     return [f"D_{k}={v}" for k, v in D_OFFSETS.items()] + [f"I_{k}={v}" for k, v in I_OFFSETS.items()]
 
@@ -75,8 +76,12 @@ def variant_defines(dtype: torch.dtype, shape: str, table: bool, count: bool, in
         float32 or float64 (``TB_REAL``, ``TB_DOUBLE``).
     shape : str
         Crystal shape, a key of :data:`SHAPE_CODES`.
-    table, count, interp : bool
-        A structure-factor table; fallback counting; tricubic interpolation (only with a table).
+    table : bool
+        Whether the variant reads a structure-factor table.
+    count : bool
+        Whether the variant counts default_F fallbacks (writes the fallback maps).
+    interp : bool
+        Tricubic interpolation of every lookup (only with a table).
     over : int
         The -oversample_* rule: 0 none, 1 C's running product, 2 per-term weighting.
 
@@ -98,7 +103,7 @@ def compiled_kernels_unsupported(kt: KernelTensors, device_type: str | None = "c
     ----------
     kt : KernelTensors
         The set-up.
-    device_type : {"cpu", "cuda", None}
+    device_type : {"cpu", "cuda", None}, optional
         The kernel: the CPU one, the GPU one, or None for what both have in common whatever the
         set-up's device (the GPU kernel's host build renders a CPU set-up).
 
@@ -122,6 +127,16 @@ def fallback_count_dtype(evaluations_per_pixel: int) -> torch.dtype:
     int8 up to 127, int16 up to 32767, int32 beyond. The map is written into fresh memory on
     every render, and the operating system's zeroing of those pages is most of its cost when a
     pixel has few evaluations, so the narrower the better.
+
+    Parameters
+    ----------
+    evaluations_per_pixel : int
+        The largest count a pixel can reach: its number of evaluations.
+
+    Returns
+    -------
+    torch.dtype
+        ``torch.int8``, ``torch.int16`` or ``torch.int32``.
     """
     for dt in (torch.int8, torch.int16):
         if evaluations_per_pixel <= torch.iinfo(dt).max:
@@ -144,10 +159,40 @@ class KernelParameters:
         Pixels per detector row (the mask's row stride).
     mask : numpy.ndarray, optional
         [slow, fast] non-zero where a pixel is rendered.
-    oversample_factors : tuple of bool
+    oversample_factors : tuple of bool, optional
         -oversample_thick, -oversample_polar, -oversample_omega.
-    running_product : bool
+    running_product : bool, optional
         With any of those: C's running product (True) or per-term weighting.
+
+    Attributes
+    ----------
+    kt : KernelTensors
+        The set-up.
+    dtype : torch.dtype
+        The render dtype (``kt.dtype``).
+    fpixels : int
+        Pixels per detector row.
+    dparams : numpy.ndarray
+        float64 scalars and vectors at the ``D_*`` offsets (lengths in metres, wavelengths as 1/Å).
+    iparams : numpy.ndarray
+        int64 counts and switches at the ``I_*`` offsets.
+    lattice : numpy.ndarray
+        float64 ``[P*M, 9]``: the real-space cell vectors (a, b, c rows, Å) per phi step and mosaic domain.
+    src : numpy.ndarray
+        float64 ``[S, 10]`` per source: incident direction (3), 1/λ in 1/Å (1), and the polarisation
+        frame's B and E vectors (3 + 3, zero when polarisation is off or the Kahn factor is 0).
+    table : torch.Tensor or None
+        The flattened structure-factor table on the CPU with one extra last entry, default_F, or None.
+    mask : numpy.ndarray or None
+        uint8 ``[slow, fast]``, 1 where a pixel is rendered, or None for every pixel.
+    evaluations_per_pixel : int
+        Layers x subpixels x sources x phi steps x mosaic domains.
+    count_dtype : torch.dtype
+        The dtype of the fallback counts (:func:`fallback_count_dtype`).
+    oversample_factors : tuple of bool
+        Which of -oversample_thick, -oversample_polar, -oversample_omega apply per evaluation.
+    over : int
+        The variant's -oversample_* rule: 0 none, 1 C's running product, 2 per-term weighting.
 
     Raises
     ------
@@ -246,6 +291,11 @@ class KernelParameters:
 
         Only squared there, so the image is unchanged; the sign tells the kernel a lookup used
         default_F (unlisted, or the extra entry outside the box) without a second gather.
+
+        Returns
+        -------
+        torch.Tensor
+            The flagged copy of :attr:`table` (made once, then kept); the table must not be None.
         """
         if self._flagged is None:
             kt = self.kt
@@ -257,12 +307,24 @@ class KernelParameters:
     @property
     def interpolates(self) -> bool:
         """Whether the compiled kernels can interpolate this table: at least 4 entries along each
-        axis, the neighbourhood tb_tricubic reads (else the eager kernel interpolates)."""
+        axis, the neighbourhood tb_tricubic reads (else the eager kernel interpolates).
+
+        Returns
+        -------
+        bool
+            False without a table.
+        """
         b = self.kt.bounds
         return b is not None and all(b[2 * i + 1] - b[2 * i] + 1 >= 4 for i in range(3))
 
     def wide_table(self) -> torch.Tensor:
-        """The table in float64, what the interpolating variants read (the same values)."""
+        """The table in float64, what the interpolating variants read (the same values).
+
+        Returns
+        -------
+        torch.Tensor
+            float64 copy of :attr:`table` (made once, then kept); the table must not be None.
+        """
         if getattr(self, "_wide", None) is None:
             self._wide = self.table.to(torch.float64).contiguous()
         return self._wide

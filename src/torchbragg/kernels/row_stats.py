@@ -29,6 +29,21 @@ def row_statistics(values: torch.Tensor, active: torch.Tensor | None = None,
     which of them are rendered (broadcast to ``values``; None: all of them), ``omega``
     each row's solid-angle sum. The reductions run on the values' device; only the
     ``[rows, 8]`` result moves.
+
+    Parameters
+    ----------
+    values : torch.Tensor
+        ``[rows, ROI columns]`` pixel values, photons; rounded to float32 first, like C's float image.
+    active : torch.Tensor or None, optional
+        Bool, broadcastable to ``values``: the rendered pixels (None: every pixel).
+    omega : torch.Tensor or None, optional
+        ``[rows]`` sum of the solid angles of each row's rendered pixels, steradians (None: 0).
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 ``[rows, 8]`` with the columns of :data:`ROW_STATS`; ``argmax`` is the column within the
+        row (``-1`` and ``max`` of ``-inf`` for a row with no rendered pixel).
     """
     v = values.detach().to(torch.float32).to(torch.float64)
     nroi = torch.full(v.shape[:-1], float(v.shape[-1]), dtype=torch.float64, device=v.device)
@@ -65,6 +80,34 @@ def combine_row_statistics(stats: np.ndarray, row_index: np.ndarray, col0: int):
     Returns ``(n, mean, rms, rmsd, max_I, (slow, fast) of the first maximum, omega_sum)``
     with the conventions of :meth:`Simulation._stats`: mean and rms over the
     rendered pixels, rmsd about that mean over every ROI pixel (masked ones 0).
+
+    Parameters
+    ----------
+    stats : numpy.ndarray
+        ``[rows, 8]`` row statistics (columns of :data:`ROW_STATS`), from the compiled kernels or
+        :func:`row_statistics`, in any row order.
+    row_index : numpy.ndarray
+        ``[rows]`` the detector row (slow index) of each row of ``stats``.
+    col0 : int
+        The first column of the rows, added to each row's ``argmax`` for the fast index.
+
+    Returns
+    -------
+    n : int
+        Rendered pixels.
+    mean : float
+        Mean pixel value over the rendered pixels, photons.
+    rms : float
+        ``sqrt(sum of squares / (n - 1))`` over the rendered pixels.
+    rmsd : float
+        ``sqrt(sum of squared deviations / (ROI pixels - 1))``, the deviations about ``mean`` taken over
+        every ROI pixel (masked ones as 0).
+    max_I : float
+        The largest rendered pixel value.
+    where : tuple of int
+        ``(slow, fast)`` of the first pixel holding ``max_I`` in row-major order.
+    omega_sum : float
+        Sum of the solid angles of the rendered pixels, steradians.
     """
     cnt, s, sq, m2, mx, am, om, nroi = (stats[:, j] for j in range(len(ROW_STATS)))
     n = int(cnt.sum())
