@@ -68,10 +68,11 @@ def digest(t: torch.Tensor) -> str:
 def gpu_host_plan(sim):
     try:
         from torchbragg.kernels.gpu import GpuPlan
-    except ImportError:
-        from torchbragg.kernels.gpu import GpuPlan
+    except ImportError:  # the flat layout before torchbragg.kernels existed
+        from torchbragg.gpu_kernel import GpuPlan
     plan = GpuPlan(sim._tensors, emulate=True, **sim.plan_arguments())
-    sim.__dict__["_compiled_plan_cache"] = (plan,)
+    # _fast_plan_cache: the name before the rebuild
+    sim.__dict__["_compiled_plan_cache"] = sim.__dict__["_fast_plan_cache"] = (plan,)
     return plan
 
 

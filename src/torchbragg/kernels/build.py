@@ -36,7 +36,7 @@ HEADERS = ("kernel_math.h",)
 NO_COMPILER_MESSAGE = ("no C++ compiler found (g++, c++ or clang++ on PATH, or $CXX); install g++ "
                        "(bash scripts/bootstrap.sh does) for the compiled kernel")
 #: the start of the one line the command line and the inspector show when a compiled kernel cannot be used
-SLOW_PATH_MESSAGE = "rendering uses the slower PyTorch path (about 75 times slower)"
+SLOW_PATH_MESSAGE = "rendering uses the slower PyTorch path (tens of times slower)"
 #: how old a cached file of another source text must be before :func:`prune_kernel_cache` removes it (s):
 #: a process of another version that has just built it may still be loading it
 PRUNE_MIN_AGE_S = 600.0
@@ -53,7 +53,7 @@ def slow_path_note(problem: str | None) -> str:
     Returns
     -------
     str
-        For example "rendering uses the slower PyTorch path (about 75 times slower): no C++
+        For example "rendering uses the slower PyTorch path (tens of times slower): no C++
         compiler found ...; install g++ (bash scripts/bootstrap.sh does) for the compiled kernel".
     """
     lines = (problem or "").strip().splitlines()
