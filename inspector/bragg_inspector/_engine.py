@@ -109,17 +109,6 @@ def lookup_descriptions() -> dict[str, str]:
     return dict(_source_literal("kernels.reasons", "LOOKUP_DESCRIPTIONS"))
 
 
-def fallback_reasons() -> dict[int, str]:
-    """The engine's fallback-map reason codes and names.
-
-    Returns
-    -------
-    dict of int to str
-        A copy of ``torchbragg.FallbackMap.REASONS``.
-    """
-    return dict(tb().FallbackMap.REASONS)
-
-
 def torch_dtype(name: str):
     """The torch dtype of a dtype name.
 

@@ -831,7 +831,6 @@ class InspectorController:
 
     def _on_zoom(self, event=None) -> None:
         self._spread_labels()
-        layer = self._layer(RINGS_LAYER)
         zoom = float(self.viewer.scene.camera.zoom) or 1.0
         for name in (RINGS_LAYER, BOX_LAYER):
             layer = self._layer(name)
