@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import weakref
@@ -23,7 +24,7 @@ from .kernels.row_stats import ROW_STATS, combine_row_statistics, row_statistics
 from .resolve import R_E_SQR, ResolvedSetup, SetupError, resolve
 from .rotations import axis_rotation_matrix
 
-__all__ = ["Simulation", "RenderCancelled", "FallbackMap", "RenderStats"]
+__all__ = ["Simulation", "RenderCancelled", "FallbackMap", "RenderStats", "build_kernel_tensors"]
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -143,6 +144,11 @@ class Simulation:
     chunk_rows : int, optional
         Detector rows rendered at once; by default chosen to hold about two
         million evaluations. The image does not depend on it.
+    requires_grad : sequence of str, optional
+        Parameter families to differentiate (keys of
+        :data:`torchbragg.differentiable.PARAMETER_FAMILIES`: ``"distance"``,
+        ``"beam_center"``, ``"misset"``, ``"cell"``, ...). :meth:`parameters` then
+        gives their leaf tensors and :meth:`render` a differentiable image.
 
     Raises
     ------
@@ -162,29 +168,20 @@ class Simulation:
     use_compiled_kernels: bool | None = None
 
     def __init__(self, config: SimulationConfig, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, chunk_rows: int | None = None):
+                 dtype: torch.dtype = torch.float32, chunk_rows: int | None = None,
+                 requires_grad: Sequence[str] | None = None):
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-        self.config = config
-        try:
-            self.setup: ResolvedSetup = resolve(config)
-        except (OverflowError, ZeroDivisionError, ValueError) as err:
-            if isinstance(err, ValueError) and type(err) is not ValueError:
-                raise  # the project's own errors (SetupError, HKLFormatError, ...) say it better
-            raise SetupError(f"the flag values make the set-up arithmetic fail ({err}): give values of "
-                             "smaller magnitude") from None
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # as tensors report it: cuda:N
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = dtype
-        self._tensors = self._make_tensors()
+        self._bind(config)
         E = self.evaluations_per_pixel
         if chunk_rows and int(chunk_rows) < 1:  # 0 or None: automatic
             raise SetupError(f"chunk_rows: expected a positive number of rows, got {chunk_rows}")
         self.chunk_rows = int(chunk_rows) if chunk_rows else max(
             1, DEFAULT_EVALUATIONS_PER_CHUNK // max(1, self.setup.fpixels * E))
-        #: C's interpolation switch-off search for this simulation
-        self.switch_off = InterpolationSwitchOff(self)
         self.last_stats: RenderStats | None = None
         #: which kernel rendered the last image: "fused CPU kernel", "GPU kernel" or "eager kernel"
         #: (with "+ eager rows" where the row of C's interpolation switch-off was rendered eagerly)
@@ -192,12 +189,18 @@ class Simulation:
         #: after a render that wanted a compiled kernel but could not build one: the one plain line
         #: saying it took the PyTorch path, why, and how to get the fast one (else None)
         self.last_kernel_note: str | None = None
+        #: the differentiable parameters (see :mod:`torchbragg.differentiable`), or None
+        self.gradients = None
+        if requires_grad:
+            from .differentiable import DifferentiableParameters
+
+            self.gradients = DifferentiableParameters(self, list(requires_grad))
 
     # ------------------------------------------------------------------ API
     @classmethod
     def from_args(cls, args: Sequence[str], device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32, cwd: str | None = None,
-                  chunk_rows: int | None = None) -> Simulation:
+                  chunk_rows: int | None = None, requires_grad: Sequence[str] | None = None) -> Simulation:
         """Build a simulation from nanoBragg command-line arguments.
 
         Parameters
@@ -213,6 +216,8 @@ class Simulation:
             folder when omitted.
         chunk_rows : int, optional
             Detector rows rendered at once (see :class:`Simulation`).
+        requires_grad : sequence of str, optional
+            Parameter families to differentiate (see :class:`Simulation`).
 
         Returns
         -------
@@ -221,7 +226,48 @@ class Simulation:
         """
         cfg = parse_args(list(args))
         cfg.cwd = str(cwd) if cwd is not None else None
-        return cls(cfg, device=device, dtype=dtype, chunk_rows=chunk_rows)
+        return cls(cfg, device=device, dtype=dtype, chunk_rows=chunk_rows, requires_grad=requires_grad)
+
+    def parameters(self) -> dict:
+        """The differentiable parameters: family name → leaf tensor (flag units, ``.grad`` after backward).
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            Empty unless the simulation was built with ``requires_grad``. Units: distance mm,
+            beam_center mm (pixels for -ORGX/-ORGY), angles degrees, cell Å and degrees, N cells,
+            wavelength Å, dispersion percent, fluence photons/m², F and default_F electrons.
+        """
+        return dict(self.gradients.leaves) if self.gradients is not None else {}
+
+    def _bind(self, config: SimulationConfig, table_values=None, continuous_N: bool = False) -> None:
+        """Resolve ``config`` and make it this simulation's set-up (tensors and caches renewed).
+
+        ``table_values`` replaces the listed structure factors; ``continuous_N`` renders a
+        non-integer N with the differentiable peak shape (eager kernel, see
+        :mod:`torchbragg.differentiable`) rather than C's formula.
+        """
+        try:
+            setup: ResolvedSetup = resolve(config)
+        except (OverflowError, ZeroDivisionError, ValueError) as err:
+            if isinstance(err, ValueError) and type(err) is not ValueError:
+                raise  # the project's own errors (SetupError, HKLFormatError, ...) say it better
+            raise SetupError(f"the flag values make the set-up arithmetic fail ({err}): give values of "
+                             "smaller magnitude") from None
+        if table_values is not None and setup.hkl is not None:
+            values = np.array(setup.hkl.values, dtype=np.float64, copy=True)
+            values[np.asarray(setup.hkl.listed, dtype=bool)] = table_values
+            setup.hkl = dataclasses.replace(setup.hkl, values=values)
+        self.config = config
+        self.setup = setup
+        self._tensors = self._make_tensors()
+        self._eager_only = continuous_N
+        if continuous_N:
+            N = tuple(torch.tensor(float(n), dtype=torch.float64, device=self.device) for n in setup.N)
+            self._tensors = dataclasses.replace(self._tensors, N=N)
+        self.switch_off = InterpolationSwitchOff(self)
+        self.__dict__.pop("_compiled_plan_cache", None)
+        self.__dict__.pop("_first_pixel", None)
 
     @property
     def kernel_tensors(self) -> KernelTensors:
@@ -267,6 +313,13 @@ class Simulation:
         RenderCancelled
             When ``should_cancel()`` returned True.
         """
+        if self.gradients is not None and torch.is_grad_enabled():
+            return self.gradients.render(progress, should_cancel)
+        if self.gradients is not None:
+            self.gradients.sync()
+        return self._render_image(progress, should_cancel)
+
+    def _render_image(self, progress=None, should_cancel=None) -> torch.Tensor:
         image, _ = self._render(progress, should_cancel, fallback=False)
         return image
 
@@ -316,54 +369,13 @@ class Simulation:
         """
         from .taps import run_tap
 
+        if self.gradients is not None:
+            self.gradients.sync()
         return run_tap(self, slow, fast, taps)
 
     # ------------------------------------------------------------ internals
     def _make_tensors(self) -> KernelTensors:
-        s, dt, dev = self.setup, self.dtype, self.device
-
-        def t(x):
-            return torch.as_tensor(np.asarray(x, dtype=np.float64), dtype=dt, device=dev)
-
-        def g(x):  # geometry is always float64: h = a·q needs C's precision
-            return torch.as_tensor(np.asarray(x, dtype=np.float64), dtype=torch.float64, device=dev)
-
-        phis = s.phi_values
-        base = s.a0 * 1e10  # rows a, b, c in Å
-        rotations = [axis_rotation_matrix(s.spindle, p) if p != 0.0 else None for p in phis]
-        normal, first = _phi_orientations(phis, self.config.compat.phi0_reuse)
-        umats = s.mosaic_umats if s.mosaic_spread > 0 else np.eye(3)[None]
-        if s.mosaic_spread <= 0:
-            umats = np.repeat(umats, len(s.mosaic_umats), axis=0)
-
-        def lattice(index_list):
-            mats = []
-            for q in index_list:
-                ap = base if q is None or rotations[q] is None else base @ rotations[q].T
-                mats.append(np.stack([ap @ u.T for u in umats]))
-            return np.stack(mats)  # [P,M,3,3]
-
-        lat = lattice(normal)
-        lat_first = lattice(first) if first != normal else None
-        table = listed = bounds = None
-        if s.hkl is not None:
-            tb = s.hkl
-            table = t(np.ascontiguousarray(tb.values).reshape(-1))
-            listed = torch.as_tensor(np.ascontiguousarray(tb.listed).reshape(-1), device=dev)
-            bounds = (tb.h_min, tb.h_max, tb.k_min, tb.k_max, tb.l_min, tb.l_max)
-        return KernelTensors(
-            dtype=dt, device=dev, fdet=g(s.fdet), sdet=g(s.sdet), odet=g(s.odet), pix0=g(s.pix0), beam=g(s.beam),
-            pixel_size=s.pixel_size, subpixel_size=s.pixel_size / s.oversample, oversample=s.oversample,
-            thick_offsets=g(np.arange(s.thicksteps) * s.thickstep), thickstep=s.thickstep, mu=s.mu, thick=s.thick,
-            distance=s.distance, close_distance=s.close_distance, curved=s.curved, point_pixel=s.point_pixel,
-            incident=g(-s.source_dirs), inv_lambda=g(1e-10 / s.source_lambdas), polar_axis=g(s.polar_vector),
-            # C recomputes the polarisation per subpixel even with -nopolar
-            kahn=s.kahn, nopolar=s.nopolar and not s.oversample_polar,
-            dmin_A=s.dmin * 1e10, lattice=g(lat),
-            lattice_first=g(lat_first) if lat_first is not None else None, a_star=g(s.a_star), N=s.N,
-            shape=s.shape, fudge=s.fudge, water=s.water_size != 0.0, table=table, listed=listed, bounds=bounds,
-            default_F=s.default_F, interpolate=s.interpolate and s.hkl is not None,
-        )
+        return build_kernel_tensors(self.setup, self.config, self.dtype, self.device)
 
     def active_mask(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Pixels of a block that C renders (inside -roi, not zero in -mask).
@@ -492,7 +504,7 @@ class Simulation:
         CpuPlan or GpuPlan or None
             The plan, built on first use and kept.
         """
-        if not self.compiled_kernels_on():
+        if not self.compiled_kernels_on() or self._eager_only:
             return None
         cached = self.__dict__.get("_compiled_plan_cache")
         if cached is None:
@@ -683,6 +695,72 @@ class Simulation:
         roi_vals = img[in_roi]
         rmsd = math.sqrt(float(((roi_vals - mean) ** 2).sum()) / max(1, int(roi_vals.numel()) - 1))
         return RenderStats(max_I, f_m, s_m, (sl, fa), mean, rms, rmsd, omega_sum / s.steps, n)
+
+
+def build_kernel_tensors(setup: ResolvedSetup, config: SimulationConfig, dtype: torch.dtype,
+                         device: torch.device) -> KernelTensors:
+    """The set-up as the kernels read it, on ``device`` in ``dtype`` (geometry in float64).
+
+    Parameters
+    ----------
+    setup : ResolvedSetup
+        The resolved set-up.
+    config : SimulationConfig
+        The configuration it was resolved from (for C's phi = 0 quirk switch).
+    dtype : torch.dtype
+        The render dtype.
+    device : torch.device
+        The render device.
+
+    Returns
+    -------
+    KernelTensors
+        The kernels' inputs.
+    """
+    s, dt, dev = setup, dtype, device
+
+    def t(x):
+        return torch.as_tensor(np.asarray(x, dtype=np.float64), dtype=dt, device=dev)
+
+    def g(x):  # geometry is always float64: h = a·q needs C's precision
+        return torch.as_tensor(np.asarray(x, dtype=np.float64), dtype=torch.float64, device=dev)
+
+    phis = s.phi_values
+    base = s.a0 * 1e10  # rows a, b, c in Å
+    rotations = [axis_rotation_matrix(s.spindle, p) if p != 0.0 else None for p in phis]
+    normal, first = _phi_orientations(phis, config.compat.phi0_reuse)
+    umats = s.mosaic_umats if s.mosaic_spread > 0 else np.eye(3)[None]
+    if s.mosaic_spread <= 0:
+        umats = np.repeat(umats, len(s.mosaic_umats), axis=0)
+
+    def lattice(index_list):
+        mats = []
+        for q in index_list:
+            ap = base if q is None or rotations[q] is None else base @ rotations[q].T
+            mats.append(np.stack([ap @ u.T for u in umats]))
+        return np.stack(mats)  # [P,M,3,3]
+
+    lat = lattice(normal)
+    lat_first = lattice(first) if first != normal else None
+    table = listed = bounds = None
+    if s.hkl is not None:
+        tb = s.hkl
+        table = t(np.ascontiguousarray(tb.values).reshape(-1))
+        listed = torch.as_tensor(np.ascontiguousarray(tb.listed).reshape(-1), device=dev)
+        bounds = (tb.h_min, tb.h_max, tb.k_min, tb.k_max, tb.l_min, tb.l_max)
+    return KernelTensors(
+        dtype=dt, device=dev, fdet=g(s.fdet), sdet=g(s.sdet), odet=g(s.odet), pix0=g(s.pix0), beam=g(s.beam),
+        pixel_size=s.pixel_size, subpixel_size=s.pixel_size / s.oversample, oversample=s.oversample,
+        thick_offsets=g(np.arange(s.thicksteps) * s.thickstep), thickstep=s.thickstep, mu=s.mu, thick=s.thick,
+        distance=s.distance, close_distance=s.close_distance, curved=s.curved, point_pixel=s.point_pixel,
+        incident=g(-s.source_dirs), inv_lambda=g(1e-10 / s.source_lambdas), polar_axis=g(s.polar_vector),
+        # C recomputes the polarisation per subpixel even with -nopolar
+        kahn=s.kahn, nopolar=s.nopolar and not s.oversample_polar,
+        dmin_A=s.dmin * 1e10, lattice=g(lat),
+        lattice_first=g(lat_first) if lat_first is not None else None, a_star=g(s.a_star), N=s.N,
+        shape=s.shape, fudge=s.fudge, water=s.water_size != 0.0, table=table, listed=listed, bounds=bounds,
+        default_F=s.default_F, interpolate=s.interpolate and s.hkl is not None,
+    )
 
 
 def _kernel_label(plan, segments) -> str:

@@ -210,7 +210,20 @@ def _sincg_frac(frac: torch.Tensor, h0: torch.Tensor, N: float, h: torch.Tensor)
 
     Using the distance to the nearest integer keeps float32 renders accurate at
     high Miller indices, where sin(πh) of a large argument loses digits.
+
+    ``N`` given as a tensor (a differentiated number of cells) takes the same
+    path with the sign of the nearest integer: at integer N the value is C's, and
+    the derivative in N is that of the peak shape sin(πN·frac)/sin(π·frac)
+    around every reflection (C's formula for non-integer N, sin(πNh)/sin(πh),
+    is not continuous in N at the peaks).
     """
+    if isinstance(N, torch.Tensor):
+        x = frac * math.pi
+        n = int(round(float(N.detach())))
+        sign = 1.0 - 2.0 * torch.remainder(h0 * (n - 1), 2).to(frac.dtype)
+        safe = torch.where(x == 0, torch.ones_like(x), x)
+        value = torch.sin(N.to(frac.dtype) * safe) / torch.sin(safe)
+        return sign * torch.where(x == 0, N.to(frac.dtype).expand_as(frac), value)
     if N != int(N):
         x = math.pi * h
         return torch.where(x == 0, torch.full_like(h, N), torch.sin(N * x) / torch.sin(x))
@@ -220,6 +233,13 @@ def _sincg_frac(frac: torch.Tensor, h0: torch.Tensor, N: float, h: torch.Tensor)
     safe = torch.where(x == 0, torch.ones_like(x), x)
     value = torch.sin(n * safe) / torch.sin(safe)
     return sign * torch.where(x == 0, torch.full_like(frac, float(n)), value)
+
+
+def _filled(like: torch.Tensor, value) -> torch.Tensor:
+    """``like``-shaped tensor of ``value`` (a number, or a 0-d tensor whose gradient is kept)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(like.dtype).expand_as(like)
+    return torch.full_like(like, value)
 
 
 def _sinc3(x: torch.Tensor) -> torch.Tensor:
@@ -332,11 +352,15 @@ def evaluate_block(kt: KernelTensors, rows: torch.Tensor, cols: torch.Tensor, *,
     if kt.shape == "square":
         F_latt = torch.ones_like(fh)
         for x, x0, n, full in ((fh, h0, Na, 0), (fk, k0, Nb, 1), (fl, l0, Nc, 2)):
-            if n > 1:
+            if isinstance(n, torch.Tensor) or n > 1:  # a differentiated N has a derivative at 1 too
                 F_latt = F_latt * _sincg_frac(x, x0, n, hkl[..., full].to(dt))
     elif kt.shape == "round":
         hrad = fh * fh * Na * Na + fk * fk * Nb * Nb + fl * fl * Nc * Nc
-        F_latt = Na * Nb * Nc * 0.723601254558268 * _sinc3(math.pi * torch.sqrt(hrad * kt.fudge))
+        # sqrt has no derivative at 0; hrad is quadratic in the fractions there, so the
+        # lattice factor's derivative is 0 and the safe argument keeps it finite
+        u = hrad * kt.fudge
+        root = torch.where(u > 0, torch.sqrt(torch.where(u > 0, u, torch.ones_like(u))), torch.zeros_like(u))
+        F_latt = Na * Nb * Nc * 0.723601254558268 * _sinc3(math.pi * root)
     else:
         dq = torch.einsum("...j,jx->...x", hkl - hkl0, kt.a_star)
         rad = ((dq * dq).sum(-1) * (Na * Na * Nb * Nb * Nc * Nc)).to(dt)
@@ -358,7 +382,7 @@ def evaluate_block(kt: KernelTensors, rows: torch.Tensor, cols: torch.Tensor, *,
     # structure factor lookup
     h0i, k0i, l0i = h0.long(), k0.long(), l0.long()
     if kt.table is None:
-        F_cell = torch.full_like(h, kt.default_F)
+        F_cell = _filled(h, kt.default_F)
         reason = torch.full(evshape, 1, dtype=torch.uint8, device=dev)
     else:
         hmin, hmax, kmin, kmax, lmin, lmax = kt.bounds
@@ -366,7 +390,7 @@ def evaluate_block(kt: KernelTensors, rows: torch.Tensor, cols: torch.Tensor, *,
         inside = ((h0i >= hmin) & (h0i <= hmax) & (k0i >= kmin) & (k0i <= kmax) & (l0i >= lmin) & (l0i <= lmax))
         idx = ((h0i - hmin) * nk + (k0i - kmin)) * nl + (l0i - lmin)
         idx = torch.where(inside, idx, torch.zeros_like(idx))
-        F_cell = torch.where(inside, kt.table[idx], torch.full_like(h, kt.default_F))
+        F_cell = torch.where(inside, kt.table[idx], _filled(h, kt.default_F))
         reason = torch.where(inside, torch.where(kt.listed[idx], 0, 3), 2).to(torch.uint8)
         if kt.interpolate:
             F_cell, reason = _interpolate(kt, hkl, F_cell, reason, skipped, rows, cols, fpixels, E, interp_cutoff)
@@ -415,7 +439,10 @@ def _polarization(kt: KernelTensors, diffracted: torch.Tensor) -> torch.Tensor:
     B_in = B_in / torch.linalg.vector_norm(B_in, dim=-1, keepdim=True)
     E_in = torch.cross(inc, B_in, dim=-1)
     E_in = E_in / torch.linalg.vector_norm(E_in, dim=-1, keepdim=True)
-    psi = -torch.atan2((d * B_in).sum(-1), (d * E_in).sum(-1))
+    y, x = (d * B_in).sum(-1), (d * E_in).sum(-1)
+    # along the beam (2θ = 0) atan2(0, 0) = 0 has no derivative; the factor multiplying it, sin²2θ, is 0
+    along = (y == 0) & (x == 0)
+    psi = -torch.atan2(torch.where(along, torch.zeros_like(y), y), torch.where(along, torch.ones_like(x), x))
     return 0.5 * (1.0 + cos2t_sq - kt.kahn * torch.cos(2 * psi) * sin2t_sq)
 
 
