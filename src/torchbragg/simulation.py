@@ -229,7 +229,7 @@ class Simulation:
         return cls(cfg, device=device, dtype=dtype, chunk_rows=chunk_rows, requires_grad=requires_grad)
 
     def parameters(self) -> dict:
-        """The differentiable parameters: family name → leaf tensor (flag units, ``.grad`` after backward).
+        """The differentiable parameters: family name → float64 leaf tensor (flag units, ``.grad`` after backward).
 
         Returns
         -------

@@ -18,6 +18,10 @@ the numbers the image was made from. Tap names:
     solid angle and the final value (equal to the rendered pixel).
 ``geometry``
     lab position, scattering vector, 2θ and resolution d of the pixel centre.
+``sensitivity``
+    dI/dp of the pixel for every differentiable parameter (photons per mm, per degree, per Å,
+    per F, ...) with the relative change for a stated step, and the structure factors the pixel
+    depends on most (:func:`torchbragg.differentiable.pixel_sensitivity`).
 
 The JSON layout of a tap is specified in ``specs/tap_schema.json``.
 """
@@ -40,7 +44,7 @@ from .resolve import R_E_SQR
 __all__ = ["TAP_NAMES", "SCHEMA_VERSION", "PixelTap", "TapError", "run_tap", "format_tap_table",
            "tap_filename", "write_tap_json"]
 
-TAP_NAMES = ("hkl_subpixel", "f_cell", "omega", "intensity", "geometry")
+TAP_NAMES = ("hkl_subpixel", "f_cell", "omega", "intensity", "geometry", "sensitivity")
 SCHEMA_VERSION = "1.0"
 
 
@@ -262,6 +266,10 @@ def run_tap(sim, slow: int, fast: int, taps: Sequence[str] = ("hkl_subpixel",)) 
             }
         elif name == "geometry":
             values[name] = geometry
+        elif name == "sensitivity":
+            from .differentiable import pixel_sensitivity
+
+            values[name] = pixel_sensitivity(sim, slow, fast)
     meta = {
         "oversample": s.oversample,
         "config": _config_block(sim),
