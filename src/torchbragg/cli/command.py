@@ -29,6 +29,8 @@ USAGE = """usage: torchbragg <nanoBragg arguments> [-device cpu|cuda] [-dtype fl
        torchbragg bench [--help]
        torchbragg defaultf-map --renderer PROGRAM [--out DIR] [--list N] [--no-engine] [--timeout S]
                                -- <nanoBragg arguments>
+       torchbragg fit REF --params distance,beam_center,misset [--roi XMIN XMAX YMIN YMAX] [--out DIR]
+                      [--loss lsq|poisson] [--max-iter N] -- <nanoBragg arguments>
        torchbragg --help-flags        (every nanoBragg flag this engine understands)
 
 example:
@@ -580,7 +582,7 @@ def run_command(prog: str, body, argv: Sequence[str] | None = None, aftermath=No
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``torchbragg`` console script.
 
-    Dispatches ``compare``, ``bench`` and ``defaultf-map`` to their subcommands, prints the usage or the
+    Dispatches ``compare``, ``fit``, ``bench`` and ``defaultf-map`` to their subcommands, prints the usage or the
     flag list for ``--help`` and ``--help-flags``, and otherwise renders with :func:`run_simulation`.
 
     Parameters
@@ -615,6 +617,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
         from .compare import main_compare
 
         return main_compare(argv[1:])
+    if argv[0] == "fit":
+        from .fit import main as fit_main
+
+        return fit_main(argv[1:])
     if argv[0] == "bench":
         from .bench import main as bench_main
 
