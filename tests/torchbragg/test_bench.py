@@ -550,3 +550,17 @@ def test_recycled_fallback_memory_is_cleared_outside_the_roi():
     inside[5:61, 3:51] = True
     assert bool((part.counts[~inside] == 0).all()) and bool((part.reason[~inside] == 0).all())
     assert bool((part.counts[inside] > 0).all())
+
+
+def test_bench_gradient_measurement(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCHBRAGG_CACHE_DIR", str(tmp_path / "kernel-cache"))
+    rc = cli.main(["bench", "--configs", "tap128", "--dtype", "float64", "--repeats", "2", "--gradient",
+                   "--no-pytorch-path", "--no-first-ever", "--no-tap-process", "--quiet", "--json"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    doc = json.loads(text)
+    gr = doc["configs"]["tap128"]["runs"]["float64"]["gradient"]
+    assert gr["process"]["returncode"] == 0 and gr["components"] == 10
+    assert gr["parameters"] == list(bench.GRADIENT_PARAMS)
+    assert len(gr["forward_s"]) == 2 and gr["warm_min_s"] == pytest.approx(gr["forward_s"][1] + gr["backward_s"][1])
+    assert "forward + backward of sum(image^2), 10 parameters" in bench.format_table(doc)

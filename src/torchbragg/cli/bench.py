@@ -324,6 +324,45 @@ def _pytorch_path_child(spec_json: str) -> int:
     return 0
 
 
+#: the parameter families of the gradient measurement: 10 components
+GRADIENT_PARAMS = ("distance", "beam_center", "misset", "detector_rotation", "wavelength")
+
+
+def _gradient_child(spec_json: str) -> int:
+    """Body of the process timing forward + backward of a sum-of-squares loss; prints one JSON line.
+
+    The loss is ``sum(image²)`` differentiated with respect to :data:`GRADIENT_PARAMS` (10
+    components); the first pass includes the warm-up, the minimum over ``repeats`` passes is reported.
+    """
+    spec = json.loads(spec_json)
+    import torch
+
+    import torchbragg
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    dtype = torch.float64 if spec["dtype"] == "float64" else torch.float32
+    sim = torchbragg.Simulation.from_args(spec["args"], device=spec["device"], dtype=dtype,
+                                          requires_grad=list(GRADIENT_PARAMS))
+    forward, backward = [], []
+    for _ in range(max(2, int(spec["repeats"]))):
+        for leaf in sim.parameters().values():
+            leaf.grad = None
+        t0 = time.perf_counter()
+        image = sim.render()
+        t1 = time.perf_counter()
+        (image.to(torch.float64) ** 2).sum().backward()
+        t2 = time.perf_counter()
+        forward.append(t1 - t0)
+        backward.append(t2 - t1)
+    total = [f + b for f, b in zip(forward, backward, strict=True)]
+    components = sum(int(p.numel()) for p in sim.parameters().values())
+    out = {"forward_s": forward, "backward_s": backward, "warm_min_s": min(total[1:]), "first_s": total[0],
+           "parameters": list(GRADIENT_PARAMS), "components": components}
+    print(_MARK + json.dumps(out), flush=True)
+    return 0
+
+
 # -------------------------------------------------------------------- parent
 def _run_process(cmd: Sequence[str], env: dict | None = None, cwd: str | None = None,
                  timeout: float = 3600.0) -> dict:
@@ -412,6 +451,16 @@ def _measure_config(name: str, args: list[str], dtype: str, opts) -> dict:
             if path.get("render_min_s") and render.get("warm_min_s"):
                 path["over_compiled"] = path["render_min_s"] / render["warm_min_s"]
             res["pytorch_path"] = path
+        if getattr(opts, "gradient", False):
+            child = _run_process([sys.executable, "-c",
+                                  "import sys; from torchbragg.cli.bench import _gradient_child; "
+                                  "sys.exit(_gradient_child(sys.argv[1]))", json.dumps(spec)],
+                                 env=_env(**base_env), cwd=work)
+            grad = {"process": _summary(child)}
+            for line in child["stdout"].splitlines():
+                if line.startswith(_MARK):
+                    grad.update(json.loads(line[len(_MARK):]))
+            res["gradient"] = grad
     return res
 
 
@@ -603,6 +652,15 @@ def format_table(doc: dict) -> str:
                     lines.append(f"    PyTorch path (no compiled kernel): {_fmt(pp['render_min_s'])} per render, "
                                  f"{pp['ns_per_eval']:.1f} ns/eval, peak RSS {pp['process']['peak_rss_mib']:.0f}Mi"
                                  + (f"; {ratio:.1f}x the compiled kernel's warm render" if ratio else ""))
+            gr = run.get("gradient")
+            if gr:
+                if gr.get("process", {}).get("error"):
+                    lines.append(f"    gradient failed: {gr['process']['error'].splitlines()[-1]}")
+                elif gr.get("warm_min_s"):
+                    lines.append(f"    forward + backward of sum(image^2), {gr['components']} parameters: "
+                                 f"{_fmt(gr['warm_min_s'])} warm (forward {_fmt(min(gr['forward_s'][1:]))}, "
+                                 f"backward {_fmt(min(gr['backward_s'][1:]))}), first {_fmt(gr['first_s'])}, "
+                                 f"peak RSS {gr['process']['peak_rss_mib']:.0f}Mi")
             if rr.get("gpu"):
                 lines.append(f"    {rr.get('kernel', '?')} on {rr['gpu']}, peak GPU memory "
                              f"{rr.get('gpu_peak_memory_mib', 0):.0f} MiB")
@@ -687,6 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let the command-line runs write -floatfile (to a temporary folder)")
     p.add_argument("--no-first-ever", action="store_true", help="skip the empty-kernel-cache run")
     p.add_argument("--no-tap-process", action="store_true", help="skip timing the bragg-tap command")
+    p.add_argument("--gradient", action="store_true",
+                   help="also time forward + backward of sum(image^2) with respect to 10 parameters")
     p.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
     p.add_argument("--out", default=None, metavar="DIR", help="write DIR/<UTC stamp>/bench.json")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
