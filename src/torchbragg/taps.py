@@ -398,6 +398,17 @@ def format_tap_table(tap: PixelTap) -> str:
                   f"{r['F_cell']:>12.6g}", f"{r['F_latt']:>12.6g}",
                   f"  {r['lookup']}{' (skipped)' if r['skipped'] else ''}"]
         lines.append("  " + " ".join(cells))
+    sens = tap.values.get("sensitivity")
+    if sens:
+        lines.append("  sensitivity dI/dp (photons per unit; relative change for the step):")
+        for r in sens["parameters"]:
+            rel = f"{100 * r['relative_change']:+.3g}%" if r["relative_change"] is not None else "-"
+            lines.append(f"    {r['family'] + ' ' + r['component']:<24} {r['value']:>14.6g} {r['unit']:<11}"
+                         f"{r['dI_dp']:>14.5g}   step {r['step']:g}: {rel}")
+        for r in sens["reflections"][:8]:
+            lines.append(f"    F{tuple(r['hkl'])} = {r['F']:g}: dI/dF {r['dI_dF']:.5g}")
+        for name, why in sens["not_differentiable"].items():
+            lines.append(f"    {name}: not differentiable here ({why})")
     return "\n".join(lines)
 
 
