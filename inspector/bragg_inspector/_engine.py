@@ -17,7 +17,8 @@ import numpy as np
 
 __all__ = [
     "Fallback", "tap_config_args", "render_cancelled_type", "user_error_types", "lookup_descriptions",
-    "make_simulation", "render", "tap", "pixel_geometry", "structure_factor_source", "beam_centre",
+    "make_simulation", "render", "tap", "SENSITIVITY_TAP", "pixel_sensitivity", "attach_tap", "pixel_geometry",
+    "structure_factor_source", "beam_centre",
     "resolution_ring", "default_ring_spacings", "table_box_mask", "compare_fallback", "fallback_labels",
     "measure_default_F", "write_tap_json", "new_evidence_bundle", "is_evidence_bundle", "record_command",
     "compare_images", "load_image_info", "load_image_photons", "read_smv", "image_suffixes",
@@ -246,6 +247,46 @@ def tap(sim, slow: int, fast: int):
     return sim.tap(int(slow), int(fast), taps=TAPS)
 
 
+#: the engine's tap of dI/dp (computed on request: about a second per pixel)
+SENSITIVITY_TAP = "sensitivity"
+
+
+def pixel_sensitivity(sim, slow: int, fast: int) -> dict:
+    """The engine's ``sensitivity`` tap of one pixel (:func:`torchbragg.differentiable.pixel_sensitivity`).
+
+    Parameters
+    ----------
+    sim : torchbragg.Simulation
+        The simulation (not changed).
+    slow, fast : int
+        The pixel.
+
+    Returns
+    -------
+    dict
+        ``intensity``, ``parameters`` (family, component, unit, value, ``dI_dp``, step,
+        ``relative_change``), ``reflections`` (hkl, F, ``dI_dF``), ``not_differentiable`` and ``method``.
+    """
+    return _module("differentiable").pixel_sensitivity(sim, int(slow), int(fast))
+
+
+def attach_tap(tap_obj, name: str, values: dict) -> None:
+    """Add a tap computed later to a pixel's ``PixelTap`` (its documents then include it).
+
+    Parameters
+    ----------
+    tap_obj : torchbragg.taps.PixelTap
+        The pixel's tap.
+    name : str
+        The tap's name (e.g. :data:`SENSITIVITY_TAP`).
+    values : dict
+        Its payload, as the engine returned it.
+    """
+    tap_obj.values[name] = values
+    if name not in tap_obj.taps:
+        tap_obj.taps = tuple(tap_obj.taps) + (name,)
+
+
 # ------------------------------------------------------------------ geometry
 def pixel_geometry(sim, slow, fast) -> dict:
     """``torchbragg.detector_geometry.pixel_geometry`` of pixel centres.
@@ -405,7 +446,7 @@ def measure_default_F(program: str, args: list[str], cwd: str | None = None):
 
 
 # ------------------------------------------------------------------ evidence
-def write_tap_json(tap_obj, folder: Path, tag: str | None = None) -> Path:
+def write_tap_json(tap_obj, folder: Path, tag: str | None = None, tap_id: str = "hkl_subpixel") -> Path:
     """Write one tap document into ``folder`` with the engine's writer (never overwrites).
 
     Parameters
@@ -416,13 +457,15 @@ def write_tap_json(tap_obj, folder: Path, tag: str | None = None) -> Path:
         Folder to write into.
     tag : str, optional
         A suffix of the file name.
+    tap_id : str
+        Which computed tap to write (``specs/tap_schema.json``'s ``tap_id``).
 
     Returns
     -------
     Path
         The written file.
     """
-    return Path(_module("taps").write_tap_json(tap_obj, folder, tag=tag))
+    return Path(_module("taps").write_tap_json(tap_obj, folder, tag=tag, tap_id=tap_id))
 
 
 def new_evidence_bundle(parent: Path) -> Path:

@@ -142,6 +142,9 @@ class InspectorController:
     pinned_changed = Signal()
     default_F_compared = Signal(object)  # counts dict, or None when cleared
     first_picture = Signal()             # the first rendered image is on screen (once)
+    sensitivity_started = Signal(object)  # TapRecord whose sensitivity tap is being computed
+    sensitivity_ready = Signal(object)    # TapRecord, its ``sensitivity`` filled
+    sensitivity_failed = Signal(object, str)  # TapRecord, message
 
     def __init__(self, viewer, cwd: str | None = None, runner=None):
         self._viewer_ref = weakref.ref(viewer)
@@ -162,6 +165,8 @@ class InspectorController:
         self._result: tuple[bool, Any] | None = None
         self._header_sim = None  # geometry of an opened SMV image when nothing is rendered
         self.first_picture_shown = False  # a rendered image is on screen (the launcher's timing)
+        self._sensitivity_jobs: set[tuple[int, int, int]] = set()  # (id(sim), slow, fast) being computed
+        self.last_sensitivity_s: float | None = None
         viewer.mouse_drag_callbacks.append(self._on_mouse_drag)
         for name, fn in (("flip", self.flip), ("overlay", self.toggle_overlay), ("rings", self.toggle_rings),
                          ("clear", self.clear_selection), ("export", self._export_key)):
@@ -751,6 +756,71 @@ class InspectorController:
         """
         rec = self.model.current
         return rec.table() if rec is not None else []
+
+    # ------------------------------------------------------------------ sensitivity tap
+    @property
+    def sensitivity_running(self) -> bool:
+        """True while a ``sensitivity`` tap is being computed."""
+        return bool(self._sensitivity_jobs)
+
+    def compute_sensitivity(self, rec: TapRecord | None = None, *, wait: bool = False,
+                            timeout: float | None = None) -> bool:
+        """Compute the engine's ``sensitivity`` tap (dI/dp) of a pixel in the runner (a worker thread
+        in Qt); :attr:`sensitivity_ready` fires with the record when it is there.
+
+        Parameters
+        ----------
+        rec : TapRecord, optional
+            The engine tap of the pixel (default: the shown one).
+        wait : bool
+            Block (the event loop keeps running) until it is computed.
+        timeout : float, optional
+            With ``wait``: seconds to wait at most.
+
+        Returns
+        -------
+        bool
+            True when it was started or is already there; False when there is no engine tap to compute it for.
+        """
+        rec = rec if rec is not None else self.model.current
+        if rec is None or rec.source != "engine" or self.model.sim is None:
+            return False
+        if rec.sensitivity is not None:
+            self.sensitivity_ready.emit(rec)
+            return True
+        sim, model = self.model.sim, self.model
+        key = (id(sim), rec.slow, rec.fast)
+        if key not in self._sensitivity_jobs:
+            self._sensitivity_jobs.add(key)
+            self.sensitivity_started.emit(rec)
+            self._info(f"computing dI/dp of pixel ({rec.slow}, {rec.fast})…", "busy")
+            t0 = time.perf_counter()
+
+            def job(progress=None):
+                return model.sensitivity(sim, rec.slow, rec.fast)
+
+            def done(values):
+                self._sensitivity_jobs.discard(key)
+                if model.sim is not sim:  # a new render replaced the simulation meanwhile
+                    return
+                self.last_sensitivity_s = time.perf_counter() - t0
+                model.attach_sensitivity(rec, values)
+                self._info(f"dI/dp of pixel ({rec.slow}, {rec.fast}): {len(values['parameters'])} parameter "
+                           f"component(s) in {self.last_sensitivity_s:.2g} s")
+                self.sensitivity_ready.emit(rec)
+
+            def failed(exc):
+                self._sensitivity_jobs.discard(key)
+                msg = self.report_error(exc, "Sensitivity failed")
+                self.sensitivity_failed.emit(rec, msg)
+
+            self.runner.start(job, lambda *_: None, done, failed)
+        if wait:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while key in self._sensitivity_jobs and (deadline is None or time.monotonic() < deadline):
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                self.runner.wait(left, lambda: None)
+        return True
 
     def jump_to(self, pixel: tuple[int, int], visible_pixels: int = 48) -> TapRecord | None:
         """Centre the view on a selected pixel, zoom so that about

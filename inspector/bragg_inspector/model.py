@@ -19,7 +19,8 @@ from .readout import group_by_reflection, hover_text, significant
 
 __all__ = [
     "REASON_COLOURS", "DEFAULT_TOLERANCE", "row_uses_default_F", "format_cell", "table_columns", "TapRecord",
-    "tap_view", "PinnedRun", "ReferenceShapeError", "Comparison", "InspectorModel", "percentile_limits",
+    "tap_view", "SENSITIVITY_COLUMNS", "REFLECTION_COLUMNS", "sensitivity_view",
+    "PinnedRun", "ReferenceShapeError", "Comparison", "InspectorModel", "percentile_limits",
 ]
 
 # Columns of the tap table, in display order.  The loop-index columns other than
@@ -140,6 +141,8 @@ class TapRecord:
         Rows that used default_F.
     source : str
         ``"engine"`` (tapped now) or where the stored document came from.
+    sensitivity : dict or None
+        The engine's ``sensitivity`` tap of the pixel (dI/dp per parameter), once computed.
     """
 
     slow: int
@@ -156,6 +159,8 @@ class TapRecord:
 
     #: where the rows came from: "engine" (tapped now) or the tap JSON file it was read from
     source: str = "engine"
+    #: the engine's ``sensitivity`` tap of the pixel, once computed (None until then)
+    sensitivity: dict | None = None
 
     @property
     def pixel(self) -> tuple[int, int]:
@@ -259,6 +264,53 @@ def tap_view(rec: TapRecord, group: bool = False, default_F_only: bool = False) 
     if default_F_only:
         caption += " (default_F only)"
     return cols, rows, caption
+
+
+#: columns of the sensitivity table (one row per differentiable parameter component)
+SENSITIVITY_COLUMNS = ["parameter", "unit", "value", "dI/dp", "step", "relative change"]
+#: columns of the structure-factor table of the sensitivity view
+REFLECTION_COLUMNS = ["h,k,l", "F", "dI/dF"]
+
+
+def _num(value: Any, spec: str = ".6g") -> str:
+    if value is None:
+        return "—"
+    return format(float(value), spec)
+
+
+def sensitivity_view(doc: Mapping[str, Any], max_reflections: int = 10) -> dict[str, Any]:
+    """What the Sensitivity view shows of the engine's ``sensitivity`` tap, as text.
+
+    Parameters
+    ----------
+    doc : mapping
+        The tap's values (``intensity``, ``parameters``, ``reflections``, ``not_differentiable``).
+    max_reflections : int
+        How many structure factors (largest |dI/dF| first) to list.
+
+    Returns
+    -------
+    dict
+        ``caption`` (str), ``parameters`` (rows: dict of :data:`SENSITIVITY_COLUMNS` to text),
+        ``reflections`` (rows: dict of :data:`REFLECTION_COLUMNS` to text) and
+        ``not_differentiable`` (list of ``"family: reason"``).
+    """
+    params = []
+    for p in doc.get("parameters", []):
+        name = p["family"] if p["component"] == p["family"] else f"{p['family']}.{p['component']}"
+        rel = p.get("relative_change")
+        params.append({"parameter": name, "unit": str(p["unit"]), "value": _num(p["value"]),
+                       "dI/dp": _num(p["dI_dp"], ".4g"), "step": _num(p["step"], ".3g"),
+                       "relative change": "—" if rel is None else f"{100.0 * float(rel):+.3g} %"})
+    refl_all = list(doc.get("reflections", []))
+    refl = [{"h,k,l": "({},{},{})".format(*r["hkl"]), "F": _num(r["F"]), "dI/dF": _num(r["dI_dF"], ".4g")}
+            for r in refl_all[:max_reflections]]
+    nd = [f"{fam}: {why}" for fam, why in (doc.get("not_differentiable") or {}).items()]
+    caption = (f"I = {_num(doc.get('intensity'))} photons; {len(params)} parameter component(s); "
+               f"relative change = dI/dp × step / I")
+    if len(refl_all) > len(refl):
+        caption += f"; top {len(refl)} of {len(refl_all)} structure factors"
+    return {"caption": caption, "parameters": params, "reflections": refl, "not_differentiable": nd}
 
 
 @dataclass
@@ -762,6 +814,43 @@ class InspectorModel:
         )
         return rec
 
+    def sensitivity(self, sim, slow: int, fast: int) -> dict:
+        """The engine's ``sensitivity`` tap of a pixel of ``sim`` (about a second; safe in a worker thread).
+
+        Parameters
+        ----------
+        sim : torchbragg.Simulation
+            The simulation the pixel was tapped on (not changed).
+        slow, fast : int
+            The pixel.
+
+        Returns
+        -------
+        dict
+            The tap's values (:func:`_engine.pixel_sensitivity`).
+        """
+        return _engine.pixel_sensitivity(sim, slow, fast)
+
+    def attach_sensitivity(self, rec: TapRecord, values: dict) -> None:
+        """Keep a computed ``sensitivity`` tap with its record (and the selected record of the same pixel),
+        so that the export writes it too.
+
+        Parameters
+        ----------
+        rec : TapRecord
+            The engine tap of the pixel, on the current simulation.
+        values : dict
+            The tap's values.
+        """
+        recs = [rec]
+        other = self.selection.get(rec.pixel)
+        if other is not None and other is not rec and other.source == "engine":
+            recs.append(other)
+        for r in recs:
+            r.sensitivity = values
+            if r.source == "engine":
+                _engine.attach_tap(r.tap, _engine.SENSITIVITY_TAP, values)
+
     # ------------------------------------------------------------ selection
     def select(self, rec: TapRecord) -> bool:
         """Add a tapped pixel to the selection; False if it was already there.
@@ -807,7 +896,8 @@ class InspectorModel:
 
     def export(self, folder: str | Path | None = None, *, bundle_root: str | Path | None = None) -> list[Path]:
         """One tap JSON per selected pixel (engine schema, engine writer), never
-        overwriting.  ``folder`` None → a fresh evidence bundle under
+        overwriting; a pixel whose ``sensitivity`` tap was computed gets a
+        second file with it.  ``folder`` None → a fresh evidence bundle under
         ``bundle_root`` (default ``reports/inspector/export``), taps in its
         ``py_taps/`` and the arguments in its ``commands.txt``; an existing
         bundle folder → its ``py_taps/``.  If a write fails, what this export
@@ -851,6 +941,8 @@ class InspectorModel:
             target.mkdir(parents=True, exist_ok=True)
             for rec in self.selection.values():
                 written.append(_engine.write_tap_json(rec.tap, target))
+                if rec.sensitivity is not None and rec.source == "engine":
+                    written.append(_engine.write_tap_json(rec.tap, target, tap_id=_engine.SENSITIVITY_TAP))
             if bundle is not None:
                 self._write_comparisons(bundle / "comparison")
                 pixels = " ".join(f"({s},{f})" for s, f in self.selection)

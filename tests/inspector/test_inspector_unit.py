@@ -123,3 +123,45 @@ def test_model_export_requires_selection(tmp_path):
         m.export(tmp_path)
     with pytest.raises(ValueError, match="run a simulation"):
         m.check_pixel(0, 0)
+
+
+def test_sensitivity_view_text():
+    from bragg_inspector.model import REFLECTION_COLUMNS, SENSITIVITY_COLUMNS, sensitivity_view
+
+    doc = {"intensity": 2.0,
+           "parameters": [{"family": "distance", "component": "distance", "unit": "mm", "value": 100.0,
+                           "dI_dp": -0.25, "step": 0.1, "relative_change": -0.0125},
+                          {"family": "cell", "component": "a", "unit": "Å", "value": 50.0,
+                           "dI_dp": 0.0, "step": 0.01, "relative_change": None}],
+           "reflections": [{"hkl": [1, -2, 3], "F": 40.0, "dI_dF": 0.05}] * 12,
+           "not_differentiable": {"mosaic": "no mosaic spread"}}
+    v = sensitivity_view(doc)
+    assert [list(r) for r in v["parameters"]] == [SENSITIVITY_COLUMNS] * 2
+    assert v["parameters"][0] == {"parameter": "distance", "unit": "mm", "value": "100", "dI/dp": "-0.25",
+                                  "step": "0.1", "relative change": "-1.25 %"}
+    assert v["parameters"][1]["parameter"] == "cell.a" and v["parameters"][1]["relative change"] == "—"
+    assert len(v["reflections"]) == 10 and list(v["reflections"][0]) == REFLECTION_COLUMNS
+    assert v["reflections"][0]["h,k,l"] == "(1,-2,3)"
+    assert v["not_differentiable"] == ["mosaic: no mosaic spread"]
+    assert "top 10 of 12 structure factors" in v["caption"]
+
+
+@needs_engine
+def test_model_exports_the_computed_sensitivity_tap(tmp_path):
+    from bragg_inspector import _engine
+    from inspector_helpers import small_args, validate_tap_json
+
+    m = InspectorModel(cwd=str(tmp_path))
+    args = small_args(None, detpixels=16)
+    sim = m.prepare(args)
+    img, fb = _engine.render(sim)
+    m.set_rendered(sim, args, img, fb, m.device, m.dtype)
+    rec = m.tap(8, 8)
+    m.select(rec)
+    assert [p.name for p in m.export(tmp_path / "a")] == ["tap_hkl_subpixel_s8_f8.json"]
+    m.attach_sensitivity(rec, m.sensitivity(m.sim, 8, 8))
+    paths = m.export(tmp_path / "b")
+    assert [p.name for p in paths] == ["tap_hkl_subpixel_s8_f8.json", "tap_sensitivity_s8_f8.json"]
+    for p in paths:
+        validate_tap_json(json.loads(p.read_text()))
+    assert json.loads(paths[1].read_text())["values"] == json.loads(json.dumps(rec.sensitivity))
