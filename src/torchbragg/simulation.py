@@ -350,6 +350,8 @@ class Simulation:
         RenderCancelled
             When ``should_cancel()`` returned True.
         """
+        if self.gradients is not None:  # the current values of the parameters (not differentiable)
+            self.gradients.sync()
         return self._render(progress, should_cancel, fallback=True)
 
     def tap(self, slow: int, fast: int, taps: Sequence[str] = ("hkl_subpixel",)):

@@ -243,3 +243,11 @@ def test_sensitivity_tap_matches_finite_differences_and_validates(tmp_path):
     # the sensitivity does not touch the simulation it was asked of
     assert sim.gradients is None and torch.equal(sim.render(), Simulation.from_args(
         BASE + ["-hkl", hkl, "-default_F", "7"], dtype=torch.float64).render())
+
+
+def test_fallback_render_follows_the_parameters():
+    sim = _sim([], ["distance"])
+    with torch.no_grad():
+        sim.parameters()["distance"].fill_(62.0)
+    image, _ = sim.render_with_fallback()
+    assert torch.equal(image, Simulation.from_args(BASE + ["-distance", "62"], dtype=torch.float64).render())
