@@ -17,8 +17,8 @@ import numpy as np
 
 __all__ = [
     "Fallback", "tap_config_args", "render_cancelled_type", "user_error_types", "lookup_descriptions",
-    "make_simulation", "render", "tap", "SENSITIVITY_TAP", "pixel_sensitivity", "attach_tap", "pixel_geometry",
-    "structure_factor_source", "beam_centre",
+    "make_simulation", "render", "fit_reference", "tap", "SENSITIVITY_TAP", "pixel_sensitivity", "attach_tap",
+    "pixel_geometry", "structure_factor_source", "beam_centre",
     "resolution_ring", "default_ring_spacings", "table_box_mask", "compare_fallback", "fallback_labels",
     "measure_default_F", "write_tap_json", "new_evidence_bundle", "is_evidence_bundle", "record_command",
     "compare_images", "load_image_info", "load_image_photons", "read_smv", "image_suffixes",
@@ -224,6 +224,41 @@ def render(sim, progress: Callable[[int, int], None] | None = None,
                   reasons={int(k): str(v) for k, v in fmap.REASONS.items()},
                   evaluations_per_pixel=fmap.evaluations_per_pixel)
     return np.ascontiguousarray(to_numpy(img), dtype=np.float32), fb
+
+
+def fit_reference(args: list[str], reference: np.ndarray, params: str, *, device: str = "cpu",
+                  dtype: str = "float64", cwd: str | None = None, max_iter: int = 60,
+                  progress: Callable[[int, int], None] | None = None,
+                  should_cancel: Callable[[], bool] | None = None):
+    """Fit parameters of the simulation of ``args`` to a reference image (``torchbragg.fit.fit_reference``).
+
+    Parameters
+    ----------
+    args : list of str
+        nanoBragg arguments (the starting values).
+    reference : numpy.ndarray
+        ``[slow, fast]`` reference image in photons, the simulation's shape.
+    params : str
+        Comma-separated fittable parameter families, e.g. ``"distance,beam_center,misset"``.
+    device, dtype : str
+        Where and in which precision (``"float32"``/``"float64"``) to render.
+    cwd : str, optional
+        Folder that relative file names in ``args`` resolve against.
+    max_iter : int
+        Most loss evaluations of the optimiser.
+    progress : callable, optional
+        ``progress(evaluations, max_iter)`` after each loss evaluation.
+    should_cancel : callable, optional
+        True stops the fit (the engine raises ``RenderCancelled``).
+
+    Returns
+    -------
+    torchbragg.fit.FitResult
+        Fitted values, uncertainties, fitted arguments and the metrics before and after.
+    """
+    return _module("fit").fit_reference(list(args), reference, params, device=device, dtype=torch_dtype(dtype),
+                                        cwd=cwd, max_iter=int(max_iter), progress=progress,
+                                        should_cancel=should_cancel)
 
 
 TAPS = ("hkl_subpixel", "geometry", "intensity")

@@ -126,6 +126,8 @@ class InspectorController:
         Files of the last successful export.
     first_picture_shown : bool
         A rendered image has been on screen.
+    last_fit : torchbragg.fit.FitResult or None
+        The last fit to the reference image (see :meth:`fit_reference`).
     """
 
     status = Signal(str, str)            # message, level ("info" | "busy" | "error")
@@ -145,6 +147,9 @@ class InspectorController:
     sensitivity_started = Signal(object)  # TapRecord whose sensitivity tap is being computed
     sensitivity_ready = Signal(object)    # TapRecord, its ``sensitivity`` filled
     sensitivity_failed = Signal(object, str)  # TapRecord, message
+    fit_started = Signal()
+    fit_progress = Signal(int, int)      # loss evaluations done, most evaluations
+    fit_finished = Signal(object)        # torchbragg.fit.FitResult, or None when it failed or was cancelled
 
     def __init__(self, viewer, cwd: str | None = None, runner=None):
         self._viewer_ref = weakref.ref(viewer)
@@ -167,6 +172,7 @@ class InspectorController:
         self.first_picture_shown = False  # a rendered image is on screen (the launcher's timing)
         self._sensitivity_jobs: set[tuple[int, int, int]] = set()  # (id(sim), slow, fast) being computed
         self.last_sensitivity_s: float | None = None
+        self.last_fit = None
         viewer.mouse_drag_callbacks.append(self._on_mouse_drag)
         for name, fn in (("flip", self.flip), ("overlay", self.toggle_overlay), ("rings", self.toggle_rings),
                          ("clear", self.clear_selection), ("export", self._export_key)):
@@ -451,6 +457,102 @@ class InspectorController:
         viewer.add_image(img, name=SIM_LAYER, colormap="gray_r", gamma=self.gamma, interpolation2d="nearest",
                          contrast_limits=limits, metadata={"args": list(self.model.args)})
         viewer.reset_view()
+
+    # ------------------------------------------------------------------ fit
+    def fit_reference(self, params: str, args: str | Sequence[str] | None = None, *, device: str | None = None,
+                      dtype: str = "float64", max_iter: int = 60, wait: bool = False,
+                      timeout: float | None = None) -> bool:
+        """Fit parameters of the simulation to the reference image in the runner (the engine's
+        ``fit_reference``); :attr:`fit_finished` fires with the result (None when it failed or was
+        cancelled, see :meth:`cancel`).  The image shown and the arguments stay as they are.
+
+        Parameters
+        ----------
+        params : str
+            Comma-separated fittable parameter families, e.g. ``"distance,beam_center,misset"``.
+        args : str or sequence of str, optional
+            Starting arguments (an argument line or the split arguments); None: the model's.
+        device : str, optional
+            Default: the model's.
+        dtype : str
+            ``"float64"`` (default) or ``"float32"``.
+        max_iter : int
+            Most loss evaluations of the optimiser.
+        wait : bool
+            Block (the event loop keeps running) until the fit ends.
+        timeout : float, optional
+            With ``wait``: seconds after which the fit is cancelled.
+
+        Returns
+        -------
+        bool
+            True once started (``wait=False``) or when it succeeded (``wait=True``); False when there is
+            no reference image, the arguments are bad or something already runs (shown as a message).
+        """
+        if self._running:
+            self._info("a render or fit is already running: cancel it first", "error")
+            return False
+        cmp = self.model.comparison
+        if cmp is None:
+            self.report_error("open a reference image of the simulation's size first", "Fit to reference")
+            return False
+        try:
+            argv = split_args(args) if args is not None else list(self.model.args)
+        except ValueError as exc:
+            self.report_error(exc, "Bad argument line")
+            return False
+        device = device or self.model.device
+        reference, cwd = cmp.reference, self.model.cwd
+        cancel = self._cancel = threading.Event()
+        self._running = True
+        self._result = None
+        self.last_fit = None
+        self.fit_started.emit()
+        self._info(f"fitting {params} to {Path(cmp.path).name} on {device} ({dtype})…", "busy")
+
+        def job(progress=None):
+            return _engine.fit_reference(argv, reference, params, device=device, dtype=dtype, cwd=cwd,
+                                         max_iter=max_iter, progress=progress, should_cancel=cancel.is_set)
+
+        def done(res):
+            self._running = False
+            self._result = (True, None)
+            self.last_fit = res
+            after = res.metrics_after
+            self._info(f"fitted {params}: rmsd {res.metrics_before['rmsd']:.4g} → {after['rmsd']:.4g} photons "
+                       f"in {res.iterations} evaluations; 'Use fitted arguments' puts them in the argument line")
+            self.fit_finished.emit(res)
+
+        def failed(exc):
+            self._running = False
+            if isinstance(exc, _engine.render_cancelled_type()) or cancel.is_set():
+                self._result = (False, "cancelled")
+                self._info("fit cancelled; the arguments are unchanged", "info")
+            else:
+                self._result = (False, exc)
+                if not isinstance(exc, _engine.user_error_types()):
+                    traceback.print_exception(type(exc), exc, exc.__traceback__)
+                self.report_error(exc, "Fit failed")
+            self.fit_finished.emit(None)
+
+        self.runner.start(job, lambda d, t: self.fit_progress.emit(int(d), int(t)), done, failed)
+        if wait:
+            self.runner.wait(timeout, self.cancel)
+            return bool(self._result and self._result[0])
+        return True
+
+    def use_fitted_args(self) -> list[str] | None:
+        """Put the last fit's arguments in the argument line (:meth:`set_args`; nothing is rendered).
+
+        Returns
+        -------
+        list of str or None
+            The fitted arguments; None when there is no fit.
+        """
+        if self.last_fit is None:
+            self.report_error("no fit yet", "Use fitted arguments")
+            return None
+        return self.set_args(list(self.last_fit.fitted_args))
 
     def _progress(self, done: int, total: int) -> None:
         self.render_progress.emit(int(done), int(total))

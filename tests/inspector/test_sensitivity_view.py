@@ -11,11 +11,12 @@ import pytest
 from bragg_inspector import _engine
 from bragg_inspector.args import join_args
 from gui_helpers import real_click, zoom_to
-from inspector_helpers import ROOT, needs_taps, validate_tap_json
+from inspector_helpers import ROOT, SCREENSHOTS, needs_taps, validate_tap_json
 
 pytestmark = [pytest.mark.gui, pytest.mark.slow]
 
 PLUGIN = "bragg-inspector"
+#: the committed picture, rewritten only with BRAGG_SCREENSHOTS=docs (otherwise the test's tmp folder)
 SCREENSHOT = ROOT / "reports" / "screenshots" / "sensitivity_tap.png"
 
 
@@ -36,7 +37,7 @@ def _radio(choice, text):
 
 
 @needs_taps
-def test_sensitivity_view_of_the_centre_pixel_and_its_export(make_napari_viewer, qtbot, tmp_path):
+def test_sensitivity_view_of_the_centre_pixel_and_its_export(make_napari_viewer, qtbot, tmp_path, screenshot_dir):
     from torchbragg.differentiable import pixel_sensitivity
 
     viewer = make_napari_viewer(show=True)
@@ -100,9 +101,10 @@ def test_sensitivity_view_of_the_centre_pixel_and_its_export(make_napari_viewer,
     for fam, why in expected["not_differentiable"].items():
         assert f"{fam}: {why}" in nd_text
 
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    shot = SCREENSHOT if screenshot_dir == SCREENSHOTS else screenshot_dir / SCREENSHOT.name
+    shot.parent.mkdir(parents=True, exist_ok=True)
     qtbot.wait(50)
-    assert panel.native.grab().save(str(SCREENSHOT))
+    assert panel.native.grab().save(str(shot))
 
     # Export to a folder: the pixel's tap JSON and its sensitivity document, both valid
     out = tmp_path / "export"

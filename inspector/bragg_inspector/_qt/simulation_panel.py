@@ -1,6 +1,6 @@
 """The "Bragg simulation" dock panel (magicgui): arguments, HKL file, device,
 Run/Cancel with progress, contrast, structure-factor source, rings, default_F
-regions and the comparison with a reference image."""
+regions, the comparison with a reference image and the fit to it."""
 
 from __future__ import annotations
 
@@ -30,8 +30,10 @@ from ..io import image_suffixes
 if TYPE_CHECKING:
     import napari
 
-__all__ = ["SimulationPanel", "wrapped_label", "fit_label", "heading", "row"]
+__all__ = ["SimulationPanel", "DEFAULT_FIT_PARAMS", "wrapped_label", "fit_label", "heading", "row", "fit_html"]
 
+#: the parameters the fit field starts with
+DEFAULT_FIT_PARAMS = "distance,beam_center,misset"
 STATUS_STYLE = {"error": "color: #ff6b6b;", "busy": "color: #ffd166;", "warning": "color: #f4a261;", "info": ""}
 
 
@@ -133,6 +135,41 @@ def row(*widgets) -> Container:
     return Container(widgets=list(widgets), layout="horizontal", labels=False)
 
 
+def fit_html(res) -> str:
+    """A fit's parameters (start, fitted, offset ± uncertainty) and metrics (before, after) as HTML tables.
+
+    Parameters
+    ----------
+    res : torchbragg.fit.FitResult
+        The fit.
+
+    Returns
+    -------
+    str
+        Rich text for a label.
+    """
+    esc = html.escape
+    cols = (("parameter", "left"), ("start", "right"), ("fitted", "right"), ("offset ± σ", "right"),
+            ("", "left"))
+    head = "".join(f"<th align='{a}'>{t}</th>" for t, a in cols)
+    rows = []
+    for p in res.parameters:
+        name = p["family"] if p["component"] == p["family"] else f"{p['family']}.{p['component']}"
+        unc = f" ± {p['uncertainty']:.2g}" if p["uncertainty"] is not None else ""
+        rows.append(f"<tr><td title='{esc(p['flag'])}'>{esc(name)}</td><td align='right'>{p['start']:.6g}</td>"
+                    f"<td align='right'>{p['fitted']:.6g}</td><td align='right'>{p['offset']:+.3g}{esc(unc)}</td>"
+                    f"<td>{esc(p['unit'])}</td></tr>")
+    b, a = res.metrics_before, res.metrics_after
+    metrics = [("loss", "loss", "{:.4g}"), ("rmsd", "rmsd (photons)", "{:.4g}"),
+               ("max_abs_diff", "max |diff| (photons)", "{:.4g}"), ("correlation", "correlation", "{:.6f}")]
+    mrows = "".join(f"<tr><td>{esc(label)}</td><td align='right'>{fmt.format(b[k])}</td>"
+                    f"<td align='right'>{fmt.format(a[k])}</td></tr>" for k, label, fmt in metrics)
+    return (f"<table cellspacing='4'><tr>{head}</tr>{''.join(rows)}</table>"
+            f"<table cellspacing='4'><tr><th align='left'>{esc(res.loss)} fit</th><th align='right'>before</th>"
+            f"<th align='right'>after</th></tr>{mrows}</table>"
+            f"<small>{a['pixels']:,} pixels, {res.iterations} loss evaluations</small>")
+
+
 class SimulationPanel(Container):
     """nanoBragg arguments → Run; where F came from; rings; default_F regions; compare.
 
@@ -206,6 +243,17 @@ class SimulationPanel(Container):
         self.ref_clear.native.setMaximumWidth(28)
         self.flip_button = PushButton(text=f"Difference → ref → sim ({KEYS['flip']})")
         self.metrics_label = wrapped_label(name="metrics_label")
+        self.fit_params = LineEdit(value=DEFAULT_FIT_PARAMS, name="fit_params",
+                                   tooltip="comma-separated parameter families to fit, e.g. distance, beam_center, "
+                                           "detector_rotation, twotheta, misset, cell, mosaic, wavelength")
+        self.fit_button = PushButton(text="Fit to reference", name="fit_button",
+                                     tooltip="fit these parameters of the arguments above to the reference "
+                                             "image (float64; Cancel stops it)")
+        self.fit_result_label = wrapped_label(name="fit_result_label")
+        self.fit_result_label.native.setTextFormat(Qt.TextFormat.RichText)
+        self.use_fit_button = PushButton(text="Use fitted arguments", name="use_fit_button", enabled=False,
+                                         tooltip="put the fitted values in the nanoBragg arguments (press Run "
+                                                 "to render them)")
         super().__init__(
             widgets=[
                 heading("Simulation"), Label(value="nanoBragg arguments:"), self.args_edit,
@@ -221,6 +269,8 @@ class SimulationPanel(Container):
                 heading("Compare with a reference image"), row(self.ref_file, self.ref_clear), self.ref_shape,
                 row(Label(value="tolerance (× max|ref|)"), self.tolerance_spin), self.flip_button,
                 self.metrics_label,
+                heading("Fit to the reference image"), row(Label(value="parameters"), self.fit_params),
+                row(self.fit_button, self.use_fit_button), self.fit_result_label,
             ],
             labels=False, name="bragg_inspector_simulation",
         )
@@ -265,6 +315,11 @@ class SimulationPanel(Container):
         c.overlay_changed.connect(self._on_overlay)
         c.rings_changed.connect(self._on_rings_changed)
         c.compared.connect(self._on_compared)
+        self.fit_button.changed.connect(self._fit)
+        self.use_fit_button.changed.connect(lambda *_: c.use_fitted_args())
+        c.fit_started.connect(self._on_fit_started)
+        c.fit_progress.connect(self._on_progress)
+        c.fit_finished.connect(self._on_fit_finished)
 
     # ------------------------------------------------------------------ actions
     def args_text(self) -> str:
@@ -280,6 +335,10 @@ class SimulationPanel(Container):
     def _run(self, *_):
         self.controller.simulate(self.args_text(), device=self.device_combo.value,
                                  dtype=self.dtype_combo.value, wait=False)
+
+    def _fit(self, *_):
+        self.controller.fit_reference(self.fit_params.value.strip(), self.args_text(),
+                                      device=self.device_combo.value)
 
     def set_hkl(self, path) -> None:
         """Add, replace (a path) or remove (None) ``-hkl`` in the argument line.
@@ -477,3 +536,25 @@ class SimulationPanel(Container):
             lines.append(self.controller.model.reference_note)
         self.metrics_label.value = "\n".join(lines)
         fit_label(self.metrics_label)
+
+    # ------------------------------------------------------------------ fit
+    def _on_fit_started(self):
+        self.run_button.enabled = False
+        self.fit_button.enabled = False
+        self.use_fit_button.enabled = False
+        self.cancel_button.enabled = True
+        self.progress.value = 0
+        self.fit_result_label.value = ""
+
+    def _on_fit_finished(self, res):
+        self.run_button.enabled = True
+        self.fit_button.enabled = True
+        self.cancel_button.enabled = False
+        self.use_fit_button.enabled = res is not None
+        if res is None:
+            self.fit_result_label.value = ""
+            return
+        self.progress.value = 100
+        self.fit_result_label.value = fit_html(res)
+        fit_label(self.fit_result_label)
+
