@@ -527,36 +527,35 @@ class DifferentiableParameters:
         from .simulation import build_kernel_tensors
 
         base = self._fields(self.sim.kernel_tensors)
-        if True:
-            v0 = self._point[n]
-            per = {f: torch.zeros((len(v0),) + tuple(t.shape), dtype=torch.float64, device=self.sim.device)
-                   for f, t in base.items()}
-            for j in range(len(v0)):
-                h = 1e-5 * max(abs(float(v0[j])), 1.0)
-                if n == "mosaic":
-                    # C draws each domain's rotation angle in single precision (a staircase in the spread at
-                    # 1e-7); the angle is proportional to the spread, so a wide step is exact to ~1e-9
-                    h = 1e-2 * abs(float(v0[j]))
-                sides = []
-                for sign in (1.0, -1.0):
-                    vals = {k: v.copy() for k, v in self._point.items()}
-                    vals[n][j] += sign * h
-                    cfg = self._config_at(vals, table=False)
-                    try:
-                        setup = resolve(cfg)
-                    except (SetupError, ValueError, ZeroDivisionError, OverflowError) as err:
-                        raise GradientError(f"{n}: the set-up fails next to the value {v0[j]:g} ({err})") from None
-                    self._check_discrete(n, setup)
-                    fields = self._fields(build_kernel_tensors(setup, cfg, torch.float64, self.sim.device))
-                    if fields.keys() != base.keys() or any(fields[f].shape != base[f].shape for f in base):
-                        raise GradientError(f"{n}: the set-up's structure changes next to the value {v0[j]:g}")
-                    sides.append(fields)
-                for f in base:
-                    per[f][j] = (sides[0][f] - sides[1][f]) / (2.0 * h)
-            if all(float(t.abs().max()) == 0.0 for t in per.values()):
-                raise GradientError(f"{n}: changing it does not change this configuration's set-up (a value "
-                                    "the -img header, -sourcefile or another flag fixes)")
-            return {f: t for f, t in per.items() if float(t.abs().max()) != 0.0}
+        v0 = self._point[n]
+        per = {f: torch.zeros((len(v0),) + tuple(t.shape), dtype=torch.float64, device=self.sim.device)
+               for f, t in base.items()}
+        for j in range(len(v0)):
+            h = 1e-5 * max(abs(float(v0[j])), 1.0)
+            if n == "mosaic":
+                # C draws each domain's rotation angle in single precision (a staircase in the spread at
+                # 1e-7); the angle is proportional to the spread, so a wide step is exact to ~1e-9
+                h = 1e-2 * abs(float(v0[j]))
+            sides = []
+            for sign in (1.0, -1.0):
+                vals = {k: v.copy() for k, v in self._point.items()}
+                vals[n][j] += sign * h
+                cfg = self._config_at(vals, table=False)
+                try:
+                    setup = resolve(cfg)
+                except (SetupError, ValueError, ZeroDivisionError, OverflowError) as err:
+                    raise GradientError(f"{n}: the set-up fails next to the value {v0[j]:g} ({err})") from None
+                self._check_discrete(n, setup)
+                fields = self._fields(build_kernel_tensors(setup, cfg, torch.float64, self.sim.device))
+                if fields.keys() != base.keys() or any(fields[f].shape != base[f].shape for f in base):
+                    raise GradientError(f"{n}: the set-up's structure changes next to the value {v0[j]:g}")
+                sides.append(fields)
+            for f in base:
+                per[f][j] = (sides[0][f] - sides[1][f]) / (2.0 * h)
+        if all(float(t.abs().max()) == 0.0 for t in per.values()):
+            raise GradientError(f"{n}: changing it does not change this configuration's set-up (a value "
+                                "the -img header, -sourcefile or another flag fixes)")
+        return {f: t for f, t in per.items() if float(t.abs().max()) != 0.0}
 
     def _check_discrete(self, name: str, setup) -> None:
         s = self.sim.setup

@@ -329,9 +329,7 @@ class TapPanel(Container):
         list of dict of str to str
             Column header → cell text.
         """
-        t = self.table.native
-        cols = [t.horizontalHeaderItem(j).text() for j in range(t.columnCount())]
-        return [{c: t.item(i, j).text() for j, c in enumerate(cols)} for i in range(t.rowCount())]
+        return _cells(self.table)
 
     def row_highlighted(self, i: int) -> bool:
         """Whether a row of the table has the default_F highlight.
