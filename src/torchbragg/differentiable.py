@@ -14,10 +14,13 @@ How the gradient is computed
 * The forward pass is the normal render (compiled kernel where available): the same image, the
   same C parity. When a leaf's value has changed since the last render, the configuration is
   rebuilt from the new values first, so the image is always the render of the current values.
-* The backward pass re-evaluates the image in blocks of rows with the eager kernel
-  (:func:`torchbragg.kernels.eager.evaluate_block`, written in differentiable torch operations),
-  so memory stays bounded whatever the image size, and any function of the image may be
-  differentiated (the incoming gradient is a whole image; nothing needs to decompose over pixels).
+* The backward pass takes the incoming gradient as a whole image (any function of the image may
+  be differentiated; nothing needs to decompose over pixels) and differentiates the render with
+  the compiled CPU adjoint (:mod:`torchbragg.kernels.cpu_adjoint`: every evaluation's derivative
+  in one pass over the pixels, memory that of the image) where it covers the set-up, else by
+  re-evaluating blocks of rows with the eager kernel (:func:`torchbragg.kernels.eager.evaluate_block`,
+  written in differentiable torch operations) under autograd, memory bounded by the block size.
+  ``sim.gradients.last_backward`` says which kernel ran and why.
 * The set-up (detector axes, pix0, source directions and wavelengths, lattice vectors per phi
   step and mosaic domain) is resolved once, by :func:`torchbragg.resolve.resolve`; its derivative
   with respect to each geometric parameter is taken by central differences of that one set-up
@@ -385,6 +388,10 @@ class DifferentiableParameters:
         self._jacobian = None
         self.progress = None
         self.should_cancel = None
+        #: "auto": the compiled CPU adjoint where it covers the set-up, else the eager kernel; "eager": always it
+        self.backward_kernel = "auto"
+        #: which kernel differentiated the last backward pass (and why not the compiled one)
+        self.last_backward: str | None = None
         sim._bind(self._config_at(self._point), table_values=self._point.get("F"),
                   continuous_N=self._continuous_N(self._point))
 
@@ -569,6 +576,10 @@ class DifferentiableParameters:
     def pullback(self, grad_image: torch.Tensor, image: torch.Tensor) -> dict:
         """Gradients of the leaves given the gradient of the image (the backward pass).
 
+        The compiled CPU adjoint (:mod:`torchbragg.kernels.cpu_adjoint`) differentiates the image
+        where it covers the set-up and compiled kernels are on; otherwise (and for the first pixel's
+        phi = 0 quirk) the eager kernel under autograd does, in blocks. :attr:`last_backward` says which.
+
         Parameters
         ----------
         grad_image : torch.Tensor
@@ -581,7 +592,7 @@ class DifferentiableParameters:
         dict of str to torch.Tensor
             One gradient per family, float64, shaped as the leaf.
         """
-        from .kernels.eager import evaluate_block, reduce_evaluations
+        from .kernels.cpu_adjoint import adjoint_unsupported
         from .simulation import RenderCancelled
 
         sim, s = self.sim, self.sim.setup
@@ -607,36 +618,25 @@ class DifferentiableParameters:
         if "fluence" in self.names:
             out["fluence"][0] = (g64 * image.detach().to(torch.float64)).sum() / float(self._point["fluence"][0])
         if inputs and r_hi >= r_lo and c_hi >= c_lo:
-            E = sim.evaluations_per_pixel
-            ncols = c_hi - c_lo + 1
-            col_step = max(1, min(ncols, BACKWARD_EVALUATIONS_PER_CHUNK // max(1, E)))
-            row_step = max(1, BACKWARD_EVALUATIONS_PER_CHUNK // max(1, E * ncols)) if col_step == ncols else 1
-            cutoff = sim.interpolation_cutoff()
-            total, done = r_hi - r_lo + 1, 0
-            for r0 in range(r_lo, r_hi + 1, row_step):
-                r1 = min(r_hi + 1, r0 + row_step)
-                for c0 in range(c_lo, c_hi + 1, col_step):
-                    if self.should_cancel is not None and self.should_cancel():
-                        raise RenderCancelled("gradient cancelled")
-                    c1 = min(c_hi + 1, c0 + col_step)
-                    g = g64[r0:r1, c0:c1]
-                    if not bool((g != 0).any()):
-                        continue
-                    rows = torch.arange(r0, r1, device=sim.device)
-                    cols = torch.arange(c0, c1, device=sim.device)
-                    with torch.enable_grad():  # a custom function's backward runs with grad mode off
-                        kt = self._kernel_tensors(kt0, leaves, table_leaf, default_leaf)
-                        res = evaluate_block(kt, rows, cols, interp_cutoff=cutoff, fpixels=s.fpixels,
-                                             first_pixel=sim.first_pixel())
-                        red = reduce_evaluations(res, s, dtype=sim.dtype,
-                                                 running_product=sim.config.compat.oversample_running_product)
-                        act = sim.active_mask(rows, cols)
-                        local = (torch.where(act, red["value"].to(torch.float64), 0.0) * g).sum()
-                        if local.requires_grad:
-                            torch.autograd.backward(local, inputs=inputs)
-                done += r1 - r0
-                if self.progress is not None:
-                    self.progress(done, total)
+            plan = sim.compiled_plan() if self.backward_kernel != "eager" else None
+            why = adjoint_unsupported(plan, set(needed)) if plan is not None else "compiled kernels off"
+            done = False
+            if why is None:
+                first = sim.first_pixel() if kt0.lattice_first is not None else None
+                done = self._compiled_pullback(plan, g64, (r_lo, r_hi), (c_lo, c_hi), first, leaves, table_leaf,
+                                               default_leaf)
+                if done and first is not None and r_lo <= first[0] <= r_hi and c_lo <= first[1] <= c_hi:
+                    # the first pixel's phi = 0 quirk (its own lattice): the eager kernel's
+                    self._eager_pullback(g64, [(first[0], first[0] + 1, first[1], first[1] + 1)], leaves,
+                                         table_leaf, default_leaf, inputs)
+                if not done:
+                    why = "the compiled adjoint kernel is unavailable"
+            if not done:
+                self._eager_pullback(g64, self._blocks(r_lo, r_hi, c_lo, c_hi), leaves, table_leaf, default_leaf,
+                                     inputs, progress=True)
+            self.last_backward = "compiled CPU adjoint" if why is None else f"eager kernel ({why})"
+            if self.should_cancel is not None and self.should_cancel():
+                raise RenderCancelled("gradient cancelled")
         for n, per in jac.items():
             for f, J in per.items():
                 gf = leaves[f].grad
@@ -648,6 +648,102 @@ class DifferentiableParameters:
         if "default_F" in self.names and default_leaf.grad is not None:
             out["default_F"][0] = default_leaf.grad
         return out
+
+    def _blocks(self, r_lo: int, r_hi: int, c_lo: int, c_hi: int) -> list[tuple[int, int, int, int]]:
+        """The backward pass's blocks ``(r0, r1, c0, c1)`` (ends exclusive) of at most
+        :data:`BACKWARD_EVALUATIONS_PER_CHUNK` evaluations."""
+        E = self.sim.evaluations_per_pixel
+        ncols = c_hi - c_lo + 1
+        col_step = max(1, min(ncols, BACKWARD_EVALUATIONS_PER_CHUNK // max(1, E)))
+        row_step = max(1, BACKWARD_EVALUATIONS_PER_CHUNK // max(1, E * ncols)) if col_step == ncols else 1
+        return [(r0, min(r_hi + 1, r0 + row_step), c0, min(c_hi + 1, c0 + col_step))
+                for r0 in range(r_lo, r_hi + 1, row_step) for c0 in range(c_lo, c_hi + 1, col_step)]
+
+    def _eager_pullback(self, g64, blocks, leaves, table_leaf, default_leaf, inputs, progress: bool = False):
+        """Accumulate the leaves' gradients over ``blocks`` with the eager kernel under autograd."""
+        from .kernels.eager import evaluate_block, reduce_evaluations
+        from .simulation import RenderCancelled
+
+        sim, s = self.sim, self.sim.setup
+        kt0 = sim.kernel_tensors
+        cutoff = sim.interpolation_cutoff()
+        last_col = blocks[-1][3] if blocks else 0
+        rows_total = sum(r1 - r0 for r0, r1, _, c1 in blocks if c1 == last_col)
+        rows_done = 0
+        for r0, r1, c0, c1 in blocks:
+            if self.should_cancel is not None and self.should_cancel():
+                raise RenderCancelled("gradient cancelled")
+            g = g64[r0:r1, c0:c1]
+            if bool((g != 0).any()):
+                rows = torch.arange(r0, r1, device=sim.device)
+                cols = torch.arange(c0, c1, device=sim.device)
+                with torch.enable_grad():  # a custom function's backward runs with grad mode off
+                    kt = self._kernel_tensors(kt0, leaves, table_leaf, default_leaf)
+                    res = evaluate_block(kt, rows, cols, interp_cutoff=cutoff, fpixels=s.fpixels,
+                                         first_pixel=sim.first_pixel())
+                    red = reduce_evaluations(res, s, dtype=sim.dtype,
+                                             running_product=sim.config.compat.oversample_running_product)
+                    act = sim.active_mask(rows, cols)
+                    local = (torch.where(act, red["value"].to(torch.float64), 0.0) * g).sum()
+                    if local.requires_grad:
+                        torch.autograd.backward(local, inputs=inputs)
+            if progress and self.progress is not None and c1 == last_col:
+                rows_done += r1 - r0
+                self.progress(rows_done, rows_total)
+
+    def _compiled_pullback(self, plan, g64, rows, cols, first, leaves, table_leaf, default_leaf) -> bool:
+        """Add the compiled adjoint's gradients to the leaves; False when the kernel is unavailable."""
+        from .kernels.cpu_adjoint import run_adjoint
+        from .kernels.packing import D_OFFSETS
+
+        sim = self.sim
+        kt0 = sim.kernel_tensors
+        want_table = table_leaf is not None or (default_leaf is not None and kt0.table is not None)
+        res = run_adjoint(plan, g64, rows, cols, skip_pixel=first, want_table=want_table,
+                          progress=self.progress, should_cancel=self.should_cancel)
+        if res is None:
+            return bool(self.should_cancel is not None and self.should_cancel())
+        dev = sim.device
+        t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), device=dev)  # noqa: E731
+        dp, src = res["dp"], res["src"]
+        S = src.shape[0]
+        grads = {f: t(dp[D_OFFSETS[f]:D_OFFSETS[f] + 3]) for f in ("fdet", "sdet", "odet", "pix0")}
+        grads["close_distance"] = t(dp[D_OFFSETS["close"]])
+        grads["N"] = t(dp[D_OFFSETS["N"]:D_OFFSETS["N"] + 3])
+        grads["a_star"] = t(dp[D_OFFSETS["a_star"]:D_OFFSETS["a_star"] + 9]).reshape(3, 3)
+        grads["lattice"] = t(res["lattice"]).reshape(kt0.lattice.shape)
+        grads["inv_lambda"] = t(src[:, 3]).reshape(kt0.inv_lambda.shape)
+        if "incident" in leaves:
+            g_inc = t(src[:, 0:3]).reshape(S, 3)
+            if not kt0.nopolar and kt0.kahn != 0.0:  # through the polarisation frame of the packing
+                with torch.enable_grad():
+                    inc = kt0.incident.detach().to(torch.float64).clone().requires_grad_(True)
+                    axis = kt0.polar_axis.detach().to(torch.float64).expand_as(inc)
+                    B = torch.linalg.cross(axis, inc)
+                    B = B / torch.linalg.vector_norm(B, dim=-1, keepdim=True)
+                    E = torch.linalg.cross(inc, B)
+                    E = E / torch.linalg.vector_norm(E, dim=-1, keepdim=True)
+                    g_be, = torch.autograd.grad((B * t(src[:, 4:7])).sum() + (E * t(src[:, 7:10])).sum(), inc)
+                g_inc = g_inc + g_be
+            grads["incident"] = g_inc
+        for f, leaf in leaves.items():
+            g = grads.get(f)  # distance, beam: only -curved_det uses them; lattice_first: the first pixel's
+            if g is None:
+                continue
+            g = g.reshape(leaf.shape)
+            leaf.grad = g if leaf.grad is None else leaf.grad + g
+        if res["table"] is not None:
+            tab = t(res["table"])
+            entries, extra = tab[:-1], tab[-1]
+            if table_leaf is not None and table_leaf.requires_grad:
+                table_leaf.grad = entries if table_leaf.grad is None else table_leaf.grad + entries
+            if default_leaf is not None:  # unlisted entries hold default_F, as does the extra one
+                gd = extra + entries[~kt0.listed.reshape(-1)].sum()
+                default_leaf.grad = gd if default_leaf.grad is None else default_leaf.grad + gd
+        elif default_leaf is not None:
+            gd = t(dp[D_OFFSETS["default_F"]])
+            default_leaf.grad = gd if default_leaf.grad is None else default_leaf.grad + gd
+        return True
 
     def _kernel_tensors(self, kt0, leaves: dict, table_leaf, default_leaf):
         changes = {}

@@ -5,6 +5,7 @@
 - :mod:`.packing`: the parameters of one simulation packed for the compiled kernels;
 - :mod:`.cpu`, :mod:`.gpu`: the plans that run ``cpu_render.cpp`` and ``gpu_render.cu``,
   whose per-evaluation physics is one header, ``kernel_math.h``;
+- :mod:`.cpu_adjoint`: ``cpu_adjoint.cpp``, the compiled backward pass of a CPU render;
 - :mod:`.build`: compiler, sources and the on-disk cache;
 - :mod:`.row_stats`: the per-row statistics the compiled kernels return;
 - :mod:`.reasons`: the structure-factor lookup reasons.

@@ -232,7 +232,7 @@ def _load_variant(dtype, shape, table, count, interp, over):
     return fn
 
 
-def _thread_pool(n: int) -> ThreadPoolExecutor | None:
+def thread_pool(n: int) -> ThreadPoolExecutor | None:
     global _pool, _pool_size
     if n <= 1:
         return None
@@ -385,7 +385,7 @@ class CpuPlan(KernelParameters):
                     first_hit_row[0] = min(first_hit_row[0], int(out[0]) // E // self.fpixels)
 
         n = max(1, min(int(threads or torch.get_num_threads()), nrows))
-        pool = _thread_pool(n)
+        pool = thread_pool(n)
         if pool is None:
             call(row0, nrows)
         else:
@@ -476,7 +476,7 @@ class CpuPlan(KernelParameters):
                 raise RuntimeError(f"CPU kernel failed ({rc})")
 
         n = max(1, min(int(threads or torch.get_num_threads()), nrows))
-        pool = _thread_pool(n)
+        pool = thread_pool(n)
         if pool is None:
             call(row0, nrows)
         else:
