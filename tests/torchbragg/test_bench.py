@@ -563,4 +563,7 @@ def test_bench_gradient_measurement(tmp_path, capsys, monkeypatch):
     assert gr["process"]["returncode"] == 0 and gr["components"] == 10
     assert gr["parameters"] == list(bench.GRADIENT_PARAMS)
     assert len(gr["forward_s"]) == 2 and gr["warm_min_s"] == pytest.approx(gr["forward_s"][1] + gr["backward_s"][1])
-    assert "forward + backward of sum(image^2), 10 parameters" in bench.format_table(doc)
+    assert gr["backward_kernel"] == "compiled CPU adjoint"
+    table = bench.format_table(doc)
+    assert "forward + backward of sum(image^2), 10 parameters" in table
+    assert "backward by the compiled CPU adjoint" in table

@@ -358,7 +358,8 @@ def _gradient_child(spec_json: str) -> int:
     total = [f + b for f, b in zip(forward, backward, strict=True)]
     components = sum(int(p.numel()) for p in sim.parameters().values())
     out = {"forward_s": forward, "backward_s": backward, "warm_min_s": min(total[1:]), "first_s": total[0],
-           "parameters": list(GRADIENT_PARAMS), "components": components}
+           "parameters": list(GRADIENT_PARAMS), "components": components,
+           "backward_kernel": sim.gradients.last_backward}
     print(_MARK + json.dumps(out), flush=True)
     return 0
 
@@ -660,7 +661,8 @@ def format_table(doc: dict) -> str:
                     lines.append(f"    forward + backward of sum(image^2), {gr['components']} parameters: "
                                  f"{_fmt(gr['warm_min_s'])} warm (forward {_fmt(min(gr['forward_s'][1:]))}, "
                                  f"backward {_fmt(min(gr['backward_s'][1:]))}), first {_fmt(gr['first_s'])}, "
-                                 f"peak RSS {gr['process']['peak_rss_mib']:.0f}Mi")
+                                 f"peak RSS {gr['process']['peak_rss_mib']:.0f}Mi"
+                                 + (f", backward by the {gr['backward_kernel']}" if gr.get("backward_kernel") else ""))
             if rr.get("gpu"):
                 lines.append(f"    {rr.get('kernel', '?')} on {rr['gpu']}, peak GPU memory "
                              f"{rr.get('gpu_peak_memory_mib', 0):.0f} MiB")
