@@ -42,8 +42,9 @@ typedef uint32_t u32_t;
 
 #define TB_PI 3.14159265358979323846
 
-// tb_sincg(f, h0, n, n_even), its derivative d/dn (dn) and its derivative d/df (slope), pi (n cos(pi n f) - sincg cos(pi f)) / sin(pi f), the
-// latter by its Taylor series where |pi n f| < 1e-3 (the difference cancels there); both with tb_sincg's sign
+// tb_sincg(f, h0, n, n_even) with its derivatives: d/df (slope), pi (n cos(pi n f) - sincg cos(pi f)) /
+// sin(pi f), by its Taylor series where |pi n f| < 1e-3 (the difference cancels there), and d/dn (dn),
+// pi f cos(pi n f) / sin(pi f); all with tb_sincg's sign
 TB_HD double tb_sincg_and_slope(double f, double h0, double n, bool n_even, double& slope, double& dn) {
     const double x = TB_PI * f, n2 = n * n;
     const double series = TB_PI * n * (-(n2 - 1.0) * x / 3.0 + (3.0 * n2 * n2 - 10.0 * n2 + 7.0) * x * x * x / 90.0);
