@@ -31,7 +31,7 @@ __all__ = ["KERNEL_DIR", "NativeSource", "compiled_kernels_enabled", "kernel_cac
 #: the folder holding the native sources
 KERNEL_DIR = Path(__file__).resolve().parent
 #: the headers the sources include (``#include "kernel_math.h"``)
-HEADERS = ("kernel_math.h", "cpu_exp.h")
+HEADERS = ("kernel_math.h", "cpu_kernel.h")
 #: why the compiled CPU kernel cannot be built when no C++ compiler is found, and what to do
 NO_COMPILER_MESSAGE = ("no C++ compiler found (g++, c++ or clang++ on PATH, or $CXX); install g++ "
                        "(bash scripts/bootstrap.sh does) for the compiled kernel")

@@ -15,25 +15,12 @@
 //   pixel value v = (sum_e I_e + I_bg) * scale * capture_last * polar_first * omega_first,
 //   I_e = F_cell^2 F_latt^2, F_latt of h = a . (d - i) / lambda, d = p / |p|,
 //   p = Fdet fdet + Sdet sdet + toff odet + pix0,
-// so each pixel first needs its three factors (a pre-pass), then every evaluation's adjoint weighted by
+// so each pixel first needs its three factors (computed with its first subpixel), then every evaluation's adjoint weighted by
 // W = g * scale * capture * polar * omega, then the factors' own adjoints once the sum is known.
-#include <math.h>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
+#include "cpu_kernel.h"
 
-typedef TB_REAL real;
 typedef double tb_table_t;
-typedef int64_t i64_t;
-typedef uint32_t u32_t;
-#define CB 256
 
-#define TB_HD static inline
-#define TB_SIGNBIT(x) std::signbit(x)
-#define TB_INDEX int
-#define TB_EXP tb_exp
-
-#include "cpu_exp.h"
 #include "kernel_math.h"
 
 #if !TB_DOUBLE || TB_INTERP || TB_OVER || TB_COUNT

@@ -5,28 +5,16 @@
 // factors per evaluation, 1 as C's running product of the pixel's sum, 2 each term weighted by its own
 // factors; which factors: I_ov_*) and the parameter indices -DD_*=, -DI_*= of
 // torchbragg.kernels.packing. The physics of one evaluation is kernel_math.h's, shared with the GPU
-// kernel, the vectorised exponential cpu_exp.h's; this file holds the loops and the switch-off scan.
-#include <math.h>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
+// kernel, the common definitions and the vectorised exponential cpu_kernel.h's; this file holds the loops and
+// the switch-off scan.
+#include "cpu_kernel.h"
 
-typedef TB_REAL real;
 #if TB_INTERP
 typedef double tb_table_t;  // interpolation reads 64 entries a lookup: the table comes widened already
 #else
 typedef real tb_table_t;
 #endif
-typedef int64_t i64_t;
-typedef uint32_t u32_t;
-#define CB 256
 
-#define TB_HD static inline
-#define TB_SIGNBIT(x) std::signbit(x)
-#define TB_INDEX int
-#define TB_EXP tb_exp
-
-#include "cpu_exp.h"
 #include "kernel_math.h"
 
 // -curved_det positions of a block of n columns from cstart (fast subpixel offset fo, slow part bx..bz,

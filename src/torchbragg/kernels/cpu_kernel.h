@@ -1,7 +1,21 @@
-// The CPU kernels' vectorising exponential: cpu_render.cpp and cpu_adjoint.cpp include it (after
-// typedef-ing ``real`` and defining TB_DOUBLE) as TB_EXP, the gauss lattice factor's exponential.
+// What both CPU kernels (cpu_render.cpp, cpu_adjoint.cpp) define before including kernel_math.h: the
+// render dtype ``real`` (-DTB_REAL), the integer types, the block width CB, the qualifiers and helpers
+// kernel_math.h asks for, and TB_EXP, the vectorising exponential of the gauss lattice factor. Each
+// kernel then typedefs ``tb_table_t`` (the table's entries) itself.
+#include <math.h>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+
+typedef TB_REAL real;
+typedef int64_t i64_t;
+typedef uint32_t u32_t;
+#define CB 256
+
+#define TB_HD static inline
+#define TB_SIGNBIT(x) std::signbit(x)
+#define TB_INDEX int
+#define TB_EXP tb_exp
 
 // 2^m for an integer-valued m in the exponent range (m >= -1022 double, -126 float), from the exponent
 // bits: m + bias added to 1.5 * 2^52 (2^23) lands in the low mantissa bits, a shift moves it into the
