@@ -592,7 +592,8 @@ class DifferentiableParameters:
         dict of str to torch.Tensor
             One gradient per family, float64, shaped as the leaf.
         """
-        from .kernels.cpu_adjoint import adjoint_unsupported
+        from .kernels.cpu_adjoint import adjoint_unsupported, cpu_adjoint_function
+        from .kernels.packing import compiled_kernels_unsupported
         from .simulation import RenderCancelled
 
         sim, s = self.sim, self.sim.setup
@@ -619,24 +620,28 @@ class DifferentiableParameters:
             out["fluence"][0] = (g64 * image.detach().to(torch.float64)).sum() / float(self._point["fluence"][0])
         if inputs and r_hi >= r_lo and c_hi >= c_lo:
             plan = sim.compiled_plan() if self.backward_kernel != "eager" else None
-            why = adjoint_unsupported(plan, set(needed)) if plan is not None else "compiled kernels off"
-            done = False
+            if self.backward_kernel == "eager":
+                why = "backward_kernel is 'eager'"
+            elif plan is None:
+                why = (compiled_kernels_unsupported(kt0, "cpu") if sim.compiled_kernels_on() else None) or \
+                    "compiled kernels off"
+            else:
+                why = adjoint_unsupported(plan, set(needed))
+            if why is None and cpu_adjoint_function(kt0.shape, kt0.table is not None) is None:
+                why = "the compiled adjoint kernel is unavailable"
+            self.last_backward = "compiled CPU adjoint" if why is None else f"eager kernel ({why})"
             if why is None:
                 first = sim.first_pixel() if kt0.lattice_first is not None else None
-                done = self._compiled_pullback(plan, g64, (r_lo, r_hi), (c_lo, c_hi), first, leaves, table_leaf,
-                                               default_leaf)
-                if done and first is not None and r_lo <= first[0] <= r_hi and c_lo <= first[1] <= c_hi:
+                if not self._compiled_pullback(plan, g64, (r_lo, r_hi), (c_lo, c_hi), first, leaves, table_leaf,
+                                               default_leaf):
+                    raise RenderCancelled("gradient cancelled")
+                if first is not None and r_lo <= first[0] <= r_hi and c_lo <= first[1] <= c_hi:
                     # the first pixel's phi = 0 quirk (its own lattice): the eager kernel's
                     self._eager_pullback(g64, [(first[0], first[0] + 1, first[1], first[1] + 1)], leaves,
                                          table_leaf, default_leaf, inputs)
-                if not done:
-                    why = "the compiled adjoint kernel is unavailable"
-            if not done:
+            else:
                 self._eager_pullback(g64, self._blocks(r_lo, r_hi, c_lo, c_hi), leaves, table_leaf, default_leaf,
                                      inputs, progress=True)
-            self.last_backward = "compiled CPU adjoint" if why is None else f"eager kernel ({why})"
-            if self.should_cancel is not None and self.should_cancel():
-                raise RenderCancelled("gradient cancelled")
         for n, per in jac.items():
             for f, J in per.items():
                 gf = leaves[f].grad
@@ -692,7 +697,7 @@ class DifferentiableParameters:
                 self.progress(rows_done, rows_total)
 
     def _compiled_pullback(self, plan, g64, rows, cols, first, leaves, table_leaf, default_leaf) -> bool:
-        """Add the compiled adjoint's gradients to the leaves; False when the kernel is unavailable."""
+        """Add the compiled adjoint's gradients to the leaves; False when the pass was cancelled."""
         from .kernels.cpu_adjoint import run_adjoint
         from .kernels.packing import D_OFFSETS
 
@@ -702,7 +707,7 @@ class DifferentiableParameters:
         res = run_adjoint(plan, g64, rows, cols, skip_pixel=first, want_table=want_table,
                           progress=self.progress, should_cancel=self.should_cancel)
         if res is None:
-            return bool(self.should_cancel is not None and self.should_cancel())
+            return False
         dev = sim.device
         t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64), device=dev)  # noqa: E731
         dp, src = res["dp"], res["src"]

@@ -20,7 +20,10 @@ MORE = {
     "round_table": (["-round_xtal", "-hkl", "{hkl}"], ["F", "default_F", "cell", "N"]),
     "gauss_mosaic": (["-gauss_xtal", "-mosaic", "0.5", "-mosaic_domains", "2"], ["cell", "misset", "mosaic", "N"]),
     "tophat": (["-tophat_spots"], ["distance", "N", "beam_center"]),
-    "dmin": (["-dmin", "1.6", "-polar", "0.6"], ["distance", "misset", "beam_center", "wavelength"]),
+    # -dmin skipping evaluations, with pixels whose first polarisation is a later (subpixel, source)
+    "dmin": (["-dmin", "36.548", "-polar", "0.6", "-oversample", "2", "-hdivrange", "0.6", "-hdivsteps", "3",
+              "-detector_thick", "200", "-detector_thicksteps", "2"],
+             ["distance", "misset", "beam_center", "wavelength", "detector_rotation"]),
     "point_pixel": (["-point_pixel", "-polar", "0.7"], ["distance", "beam_center", "wavelength"]),
     "roi": (["-roi", "2", "7", "1", "8"], ["distance", "misset", "cell"]),
     # the phi = 0 quirk's own lattice on the first rendered pixel, (0, 2) with this mask
@@ -56,6 +59,10 @@ def test_compiled_adjoint_equals_the_eager_gradient(case, tmp_path):
     eager, how_eager = _gradients(args, names, "eager", cwd=str(tmp_path))
     assert how == "compiled CPU adjoint"
     assert how_eager.startswith("eager kernel")
+    if case == "dmin":  # the limit cuts through the detector
+        plain = Simulation.from_args(BASE + args[2:], dtype=torch.float64).render()
+        cut = Simulation.from_args(BASE + args, dtype=torch.float64).render()
+        assert bool((cut != plain).any()) and bool((cut == plain).any())
     if case == "mask":
         sim = Simulation.from_args(BASE + args, dtype=torch.float64, cwd=str(tmp_path))
         assert sim.kernel_tensors.lattice_first is not None and sim.first_pixel() == (0, 2)
@@ -114,6 +121,44 @@ def test_threads_and_slices_do_not_change_the_sums():
     lower = run_adjoint(plan, part, (0, 39), (0, 39))
     only = run_adjoint(plan, img, (20, 39), (0, 39))
     assert np.allclose(lower["lattice"], only["lattice"], rtol=1e-12)
+
+
+def test_slices_give_the_same_gradient_with_progress_per_slice(monkeypatch):
+    import torchbragg.kernels.cpu_adjoint as adjoint
+
+    sim = Simulation.from_args(BASE + ["-detpixels", "30", "-oversample", "2"], dtype=torch.float64,
+                               requires_grad=["distance", "misset"])
+    sim.render().pow(2).sum().backward()
+    whole = {n: p.grad.clone() for n, p in sim.parameters().items()}
+    monkeypatch.setattr(adjoint, "ADJOINT_EVALUATIONS_PER_SLICE", 4 * 30)  # one row a slice
+    seen = []
+    img = sim.gradients.render(progress=lambda done, total: seen.append(done))
+    seen.clear()
+    for p in sim.parameters().values():
+        p.grad = None
+    img.pow(2).sum().backward()
+    assert seen == list(range(1, 31))
+    for n, g in whole.items():
+        assert torch.allclose(sim.parameters()[n].grad, g, rtol=1e-12, atol=0), n
+
+
+def test_cancel_is_asked_in_the_calling_thread_and_heard_once():
+    import threading
+
+    sim = Simulation.from_args(BASE + ["-detpixels", "40"], dtype=torch.float64, requires_grad=["distance"])
+    asked, answers = [], [False, True]  # the forward pass asks nothing of the backward's answers
+    img = sim.gradients.render(should_cancel=lambda: asked.append(threading.get_ident()) or False)
+    asked.clear()
+
+    def once():
+        asked.append(threading.get_ident())
+        return answers.pop(0) if answers else False
+
+    sim.gradients.should_cancel = once
+    with pytest.raises(RenderCancelled):
+        img.sum().backward()
+    assert set(asked) == {threading.get_ident()}
+    assert sim.gradients.last_backward == "compiled CPU adjoint"
 
 
 def test_progress_and_cancel_of_the_compiled_backward():

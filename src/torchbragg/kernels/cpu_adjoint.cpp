@@ -30,11 +30,14 @@ typedef double tb_table_t;
 #define TB_PI 3.14159265358979323846
 
 // tb_sincg(f, h0, n, n_even) with its derivatives: d/df (slope), pi (n cos(pi n f) - sincg cos(pi f)) /
-// sin(pi f), by its Taylor series where |pi n f| < 1e-3 (the difference cancels there), and d/dn (dn),
+// sin(pi f), by its Taylor series where |pi n f| < 0.03 (the difference cancels there; both are within
+// about 1e-12 of the exact value at the switch), and d/dn (dn),
 // pi f cos(pi n f) / sin(pi f); all with tb_sincg's sign
 TB_HD double tb_sincg_and_slope(double f, double h0, double n, bool n_even, double& slope, double& dn) {
     const double x = TB_PI * f, n2 = n * n;
-    const double series = TB_PI * n * (-(n2 - 1.0) * x / 3.0 + (3.0 * n2 * n2 - 10.0 * n2 + 7.0) * x * x * x / 90.0);
+    const double x2 = x * x;
+    const double series = TB_PI * n * x * (-(n2 - 1.0) / 3.0 + (3.0 * n2 * n2 - 10.0 * n2 + 7.0) * x2 / 90.0
+                                           - (3.0 * n2 * n2 * n2 - 21.0 * n2 * n2 + 49.0 * n2 - 31.0) * x2 * x2 / 2520.0);
     const double sf = tb_sin_poly(f), cf = tb_cos_poly(f);
     const double inv = 1.0 / (sf == 0.0 ? 1.0 : sf);
     // sin and cos of pi n f from one reduction by the nearest integer k (tb_sinpi's, sign (-1)^k)
@@ -45,20 +48,21 @@ TB_HD double tb_sincg_and_slope(double f, double h0, double n, bool n_even, doub
     const double direct = TB_PI * (n * cnf - v * cf) * inv;
     const double half = h0 * 0.5;
     const double sign = (n_even && (half - floor(half)) != 0.0) ? -1.0 : 1.0;
-    slope = sign * (std::fabs(n * x) < 1e-3 ? series : direct);
+    slope = sign * (std::fabs(n * x) < 3e-2 ? series : direct);
     dn = sign * (f == 0.0 ? 1.0 : x * cnf * inv);  // d/dn: pi f cos(pi n f) / sin(pi f)
     return sign * v;
 }
 
 // d/dhrad of tb_round_factor(hrad, fudge, nprod): nprod 0.7236 s3'(x) dx/dhrad with s3 = 3 (sin x - x cos x)
-// / x^3, x = pi sqrt(hrad fudge), dx/dhrad = pi^2 fudge / (2 x); s3'(x) / x by its series below x = 0.05
+// / x^3, x = pi sqrt(hrad fudge), dx/dhrad = pi^2 fudge / (2 x); s3'(x) / x by its series below x = 0.2
 TB_HD double tb_round_slope(double hrad, double fudge, double nprod) {
     const double y = std::sqrt(hrad * fudge), x = TB_PI * y;
     const double xs = x == 0.0 ? 1.0 : x, x2 = xs * xs;
     const double s = tb_sinpi(y), c = tb_cospi(y);
     const double direct = 3.0 * (x2 * s - 3.0 * s + 3.0 * xs * c) / (x2 * x2 * xs);
-    const double series = -0.2 + x * x / 70.0 - x * x * x * x / 2520.0;
-    return nprod * 0.723601254558268 * (x < 0.05 ? series : direct) * TB_PI * TB_PI * fudge * 0.5;
+    const double z = x * x;
+    const double series = -0.2 + z / 70.0 - z * z / 2520.0 + z * z * z / 166320.0;
+    return nprod * 0.723601254558268 * (x < 0.2 ? series : direct) * TB_PI * TB_PI * fudge * 0.5;
 }
 
 // the adjoint of tb_polar: g times its gradient added to gd (the diffracted direction) and gsp (the
@@ -187,7 +191,8 @@ TB_HD TbPoint tb_point(const double* dp, int64_t row, int64_t col, int64_t os, i
         p[i] = tb_flat_coordinate(q.Fdet, dp[D_fdet + i], q.Sdet * dp[D_sdet + i], q.toff, dp[D_odet + i],
                                   dp[D_pix0 + i]);
     q.air = std::sqrt(p[0] * p[0] + p[1] * p[1] + p[2] * p[2]);
-    for (int i = 0; i < 3; ++i) q.d[i] = p[i] / q.air;
+    const double inv = 1.0 / q.air;  // the render's arithmetic: -dmin picks the same evaluations
+    for (int i = 0; i < 3; ++i) q.d[i] = p[i] * inv;
     return q;
 }
 
@@ -317,6 +322,7 @@ extern "C" int tb_adjoint(const double* dp, const int64_t* ip, const double* lat
                 acc[c] = 0.0;
             }
             for (int c = 0; c < n && (thick_on || dmin_on); ++c) {
+                if (gv[c] == 0.0) continue;
                 const int64_t col = cstart + c;
                 if (thick_on) {
                     const TbPoint ql = tb_point(dp, row, col, os, T - 1, 0, 0);

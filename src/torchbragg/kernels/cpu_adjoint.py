@@ -15,7 +15,10 @@ render kernel (:mod:`torchbragg.kernels.cpu`), one variant per crystal shape and
 from __future__ import annotations
 
 import ctypes
+import threading
 import warnings
+from collections import deque
+from concurrent.futures import Future
 
 import numpy as np
 import torch
@@ -24,12 +27,16 @@ from .build import NO_COMPILER_MESSAGE, NativeSource, cached_build, compile_shar
 from .cpu import CXX_FLAGS, thread_pool
 from .packing import D_LEN, KernelParameters, variant_defines
 
-__all__ = ["adjoint_unsupported", "cpu_adjoint_function", "run_adjoint", "ADJOINT_ARGTYPES"]
+__all__ = ["adjoint_unsupported", "cpu_adjoint_function", "run_adjoint", "ADJOINT_ARGTYPES",
+           "ADJOINT_EVALUATIONS_PER_SLICE"]
 
 #: ctypes argument types of ``tb_adjoint``: dp, ip, lattice, src, table, mask, row0, nrows, col0, ncols,
 #: grad, grad_stride, skip_row, skip_col, g_dp, g_lattice, g_src, g_table
 ADJOINT_ARGTYPES = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] + [ctypes.c_int64] * 3
                     + [ctypes.c_void_p] * 4)
+
+#: evaluations per slice of rows of the backward pass: the unit of progress, cancellation and load balance
+ADJOINT_EVALUATIONS_PER_SLICE = 1 << 22
 
 _functions: dict[tuple, object] = {}
 _errors: dict[tuple, str] = {}
@@ -61,6 +68,8 @@ def adjoint_unsupported(plan: KernelParameters | None, fields: set[str] = frozen
         return "table interpolation"
     if plan.over:
         return "-oversample_thick/_polar/_omega"
+    if kt.shape == "square" and any(float(n) > 1 and float(n) != int(n) for n in kt.N):
+        return "fractional N with a square crystal"
     if "N" in fields and kt.shape == "square" and any(float(n) <= 1 for n in kt.N):
         return "a differentiated N of 1 or less with a square crystal"
     return None
@@ -109,6 +118,9 @@ def run_adjoint(plan: KernelParameters, grad: torch.Tensor, rows: tuple[int, int
                 threads: int | None = None, progress=None, should_cancel=None) -> dict | None:
     """The gradient of ``sum(grad * image)`` with respect to the plan's packed parameters.
 
+    The rows are cut into slices of at most :data:`ADJOINT_EVALUATIONS_PER_SLICE` evaluations (at
+    least four per thread), taken by the threads from a queue; each thread sums into its own buffers.
+
     Parameters
     ----------
     plan : KernelParameters
@@ -124,22 +136,26 @@ def run_adjoint(plan: KernelParameters, grad: torch.Tensor, rows: tuple[int, int
     threads : int, optional
         Threads to use (default ``torch.get_num_threads()``).
     progress : callable, optional
-        Called as ``progress(rows_done, rows_total)`` (in the calling thread) as slices finish.
+        Called as ``progress(rows_done, rows_total)`` in the calling thread as slices finish.
     should_cancel : callable, optional
-        Checked before each slice of rows; True stops and returns None.
+        Called in the calling thread before each slice is handed out; True stops the pass.
 
     Returns
     -------
     dict or None
         float64 numpy arrays ``dp`` (``[D_LEN]`` at the ``D_*`` offsets), ``lattice`` (``[P*M, 9]``),
-        ``src`` (``[S, 10]``) and ``table`` (``[entries + 1]`` or None); None when cancelled or
-        when the variant is unavailable.
+        ``src`` (``[S, 10]``) and ``table`` (``[entries + 1]`` or None); None when cancelled.
+
+    Raises
+    ------
+    RuntimeError
+        When the variant cannot be built (see :func:`cpu_adjoint_function`) or the kernel fails.
     """
     kt = plan.kt
     has_table = plan.table is not None
     fn = cpu_adjoint_function(kt.shape, has_table)
     if fn is None:
-        return None
+        raise RuntimeError(f"CPU adjoint kernel unavailable: {_errors.get((kt.shape, has_table))}")
     g = np.ascontiguousarray(grad.detach().cpu().to(torch.float64).numpy())
     (r_lo, r_hi), (c_lo, c_hi) = rows, cols
     nrows, ncols = r_hi - r_lo + 1, c_hi - c_lo + 1
@@ -151,38 +167,47 @@ def run_adjoint(plan: KernelParameters, grad: torch.Tensor, rows: tuple[int, int
              ptr(table) if table is not None else P(None), ptr(plan.mask) if plan.mask is not None else P(None))
     skip = skip_pixel if skip_pixel is not None else (-1, -1)
     n = max(1, min(int(threads or torch.get_num_threads()), nrows))
-    # several slices per thread balance ROIs and masks; each has its own sums (tables: one per thread)
-    pieces = n if want_table else 4 * n
-    step = max(1, -(-nrows // pieces))
+    per_slice = max(1, ADJOINT_EVALUATIONS_PER_SLICE // max(1, plan.evaluations_per_pixel * ncols))
+    step = max(1, min(per_slice, -(-nrows // (4 * n))))
     starts = list(range(r_lo, r_hi + 1, step))
-    outs = [(np.zeros(D_LEN), np.zeros_like(plan.lattice), np.zeros_like(plan.src),
-             np.zeros(table.numel()) if want_table else None) for _ in starts]
-    cancelled = []
+    sums: dict[int, tuple] = {}  # per thread: its own buffers
+    lock = threading.Lock()
 
-    def call(i):
-        if should_cancel is not None and should_cancel():
-            cancelled.append(True)
-            return
-        r0 = starts[i]
+    def call(r0):
+        key = threading.get_ident()
+        with lock:
+            if key not in sums:
+                sums[key] = (np.zeros(D_LEN), np.zeros_like(plan.lattice), np.zeros_like(plan.src),
+                             np.zeros(table.numel()) if want_table else None)
+            dp, lat, src, tab = sums[key]
         count = min(step, r_hi + 1 - r0)
-        dp, lat, src, tab = outs[i]
         rc = fn(*fixed, r0, count, c_lo, ncols, P(g.ctypes.data + (r0 * g.shape[1] + c_lo) * 8), g.shape[1],
                 skip[0], skip[1], ptr(dp), ptr(lat), ptr(src), ptr(tab) if tab is not None else P(None))
         if rc != 0:
             raise RuntimeError(f"CPU adjoint kernel failed ({rc})")
+        return count
 
     pool = thread_pool(n)
-    done = 0
-    futures = [pool.submit(call, i) for i in range(len(starts))] if pool is not None else None
-    for i, r0 in enumerate(starts):
-        if futures is None:
-            call(i)
-        else:
-            futures[i].result()
-        done += min(step, r_hi + 1 - r0)
-        if progress is not None and not cancelled:
-            progress(done, nrows)
+    pending: deque = deque()
+    nxt, done, cancelled = 0, 0, False
+    while pending or (nxt < len(starts) and not cancelled):
+        while nxt < len(starts) and len(pending) < 2 * n and not cancelled:
+            if should_cancel is not None and should_cancel():
+                cancelled = True
+                break
+            if pool is None:
+                f = Future()
+                f.set_result(call(starts[nxt]))
+            else:
+                f = pool.submit(call, starts[nxt])
+            pending.append(f)
+            nxt += 1
+        if pending:
+            done += pending.popleft().result()
+            if progress is not None and not cancelled:
+                progress(done, nrows)
     if cancelled:
         return None
-    return {"dp": sum(o[0] for o in outs), "lattice": sum(o[1] for o in outs), "src": sum(o[2] for o in outs),
-            "table": sum(o[3] for o in outs) if want_table else None}
+    parts = list(sums.values())
+    return {"dp": sum(o[0] for o in parts), "lattice": sum(o[1] for o in parts), "src": sum(o[2] for o in parts),
+            "table": sum(o[3] for o in parts) if want_table else None}
