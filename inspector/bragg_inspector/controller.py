@@ -128,6 +128,8 @@ class InspectorController:
         A rendered image has been on screen.
     last_fit : torchbragg.fit.FitResult or None
         The last fit to the reference image (see :meth:`fit_reference`).
+    detached : bool
+        The viewer's window has closed (:meth:`detach`).
     """
 
     status = Signal(str, str)            # message, level ("info" | "busy" | "error")
@@ -161,6 +163,8 @@ class InspectorController:
         self.upper_percentile = 99.9
         self.gamma = 1.0
         self.last_error: str | None = None
+        #: the viewer's window has closed (:meth:`detach`): nothing is shown or reported any more
+        self.detached = False
         self.timings: dict[str, float] = {}
         self.last_click_ms: dict[str, float] = {}  # tap / table (click → table filled) / total
         self.last_message: str = ""
@@ -228,6 +232,8 @@ class InspectorController:
         msg = f"{context}: {text}" if context else text
         self.last_error = msg
         self.last_message = msg
+        if self.detached:  # the window is gone: a job that ended with it is nobody's error
+            return msg
         self.status.emit(msg, "error")
         try:
             from napari.utils.notifications import show_error
@@ -556,6 +562,16 @@ class InspectorController:
 
     def _progress(self, done: int, total: int) -> None:
         self.render_progress.emit(int(done), int(total))
+
+    def detach(self) -> None:
+        """The viewer is closing: stop a running render or fit and disconnect every listener of the
+        controller's signals (the panels go with the window; a job still finishing in its thread then
+        reaches nobody)."""
+        self.detached = True
+        self.cancel()
+        for name, attr in vars(type(self)).items():
+            if isinstance(attr, Signal):
+                getattr(self, name).disconnect()
 
     def cancel(self) -> None:
         """Ask the engine to stop (its should_cancel); the old image stays."""
@@ -1647,5 +1663,9 @@ def controller_for(viewer, cwd: str | None = None) -> InspectorController:
 
         runner = QtRunner()
     ctrl = InspectorController(viewer, cwd=cwd, runner=runner)
+    if runner is not None:
+        from ._qt.worker import on_window_close
+
+        on_window_close(viewer, ctrl.detach)
     _CONTROLLERS[key] = (weakref.ref(viewer, lambda _r, k=key: _CONTROLLERS.pop(k, None)), ctrl)
     return ctrl

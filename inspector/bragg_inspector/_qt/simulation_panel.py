@@ -100,7 +100,11 @@ def fit_label(lab: Label) -> None:
                 w = w.parentWidget()
 
     fit()
-    QTimer.singleShot(0, fit)
+    timer = QTimer(lab.native)  # a child of the label: deleted with it, so never fires on a deleted panel
+    timer.setSingleShot(True)
+    timer.timeout.connect(fit)
+    timer.timeout.connect(timer.deleteLater)
+    timer.start(0)
 
 
 def heading(text: str) -> Label:

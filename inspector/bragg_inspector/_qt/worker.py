@@ -5,9 +5,39 @@ from __future__ import annotations
 
 import time
 
-from qtpy.QtCore import QEventLoop, QObject, QTimer, Signal
+from qtpy.QtCore import QEvent, QEventLoop, QObject, QTimer, Signal
 
-__all__ = ["QtRunner"]
+__all__ = ["QtRunner", "on_window_close"]
+
+
+class _CloseWatcher(QObject):
+    """Calls ``callback()`` once when the watched window receives its close event."""
+
+    def __init__(self, window, callback):
+        super().__init__(window)
+        self._callback = callback
+        window.installEventFilter(self)
+
+    def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
+        if event.type() == QEvent.Type.Close and self._callback is not None:
+            callback, self._callback = self._callback, None
+            callback()
+        return False
+
+
+def on_window_close(viewer, callback) -> None:
+    """Call ``callback()`` when the viewer's window is closed (before its widgets are deleted).
+
+    Parameters
+    ----------
+    viewer : napari.Viewer
+        A viewer with a Qt window.
+    callback : callable
+        Called without arguments, once.
+    """
+    window = getattr(getattr(viewer, "window", None), "_qt_window", None)
+    if window is not None:
+        window._bragg_close_watcher = _CloseWatcher(window, callback)
 
 
 class _Bridge(QObject):
