@@ -9,7 +9,7 @@ imported on first use, so loading the plugin's manifest stays fast.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,8 +227,8 @@ def render(sim, progress: Callable[[int, int], None] | None = None,
 
 
 def fit_reference(args: list[str], reference: np.ndarray, params: str, *, device: str = "cpu",
-                  dtype: str = "float64", cwd: str | None = None, max_iter: int = 60,
-                  progress: Callable[[int, int], None] | None = None,
+                  dtype: str = "float64", cwd: str | None = None, max_iter: int = 60, loss: str = "lsq",
+                  roi: Sequence[int] | None = None, progress: Callable[[int, int], None] | None = None,
                   should_cancel: Callable[[], bool] | None = None):
     """Fit parameters of the simulation of ``args`` to a reference image (``torchbragg.fit.fit_reference``).
 
@@ -246,6 +246,10 @@ def fit_reference(args: list[str], reference: np.ndarray, params: str, *, device
         Folder that relative file names in ``args`` resolve against.
     max_iter : int
         Most loss evaluations of the optimiser.
+    loss : str
+        ``"lsq"`` or ``"poisson"``.
+    roi : (xmin, xmax, ymin, ymax), optional
+        Pixels compared (fast and slow, inclusive); None: all.
     progress : callable, optional
         ``progress(evaluations, max_iter)`` after each loss evaluation.
     should_cancel : callable, optional
@@ -257,8 +261,8 @@ def fit_reference(args: list[str], reference: np.ndarray, params: str, *, device
         Fitted values, uncertainties, fitted arguments and the metrics before and after.
     """
     return _module("fit").fit_reference(list(args), reference, params, device=device, dtype=torch_dtype(dtype),
-                                        cwd=cwd, max_iter=int(max_iter), progress=progress,
-                                        should_cancel=should_cancel)
+                                        cwd=cwd, max_iter=int(max_iter), loss=loss, roi=roi,
+                                        progress=progress, should_cancel=should_cancel)
 
 
 TAPS = ("hkl_subpixel", "geometry", "intensity")

@@ -466,7 +466,8 @@ class InspectorController:
 
     # ------------------------------------------------------------------ fit
     def fit_reference(self, params: str, args: str | Sequence[str] | None = None, *, device: str | None = None,
-                      dtype: str = "float64", max_iter: int = 60, wait: bool = False,
+                      dtype: str = "float64", max_iter: int = 60, loss: str = "lsq",
+                      region: str | Sequence[int] | None = None, wait: bool = False,
                       timeout: float | None = None) -> bool:
         """Fit parameters of the simulation to the reference image in the runner (the engine's
         ``fit_reference``); :attr:`fit_finished` fires with the result (None when it failed or was
@@ -484,6 +485,11 @@ class InspectorController:
             ``"float64"`` (default) or ``"float32"``.
         max_iter : int
             Most loss evaluations of the optimiser.
+        loss : str
+            ``"lsq"`` (default) or ``"poisson"``.
+        region : str or sequence of int, optional
+            Pixels compared, ``xmin xmax ymin ymax`` (fast and slow, inclusive, as ``-roi``); None or
+            blank: the whole image.
         wait : bool
             Block (the event loop keeps running) until the fit ends.
         timeout : float, optional
@@ -507,6 +513,22 @@ class InspectorController:
         except ValueError as exc:
             self.report_error(exc, "Bad argument line")
             return False
+        roi = None
+        if isinstance(region, str):
+            region = region.replace(",", " ").split() or None
+        if region is not None:
+            try:
+                roi = [int(v) for v in region]
+            except ValueError:
+                roi = []
+            ny, nx = cmp.reference.shape
+            if len(roi) != 4 or not (0 <= roi[0] <= roi[1] < nx and 0 <= roi[2] <= roi[3] < ny):
+                self.report_error(f"the region must be four integers xmin xmax ymin ymax inside 0..{nx - 1} and "
+                                  f"0..{ny - 1}, not {' '.join(str(v) for v in region)!r}", "Fit to reference")
+                return False
+        if loss not in ("lsq", "poisson"):
+            self.report_error(f"loss must be lsq or poisson, not {loss!r}", "Fit to reference")
+            return False
         device = device or self.model.device
         reference, cwd = cmp.reference, self.model.cwd
         cancel = self._cancel = threading.Event()
@@ -518,7 +540,8 @@ class InspectorController:
 
         def job(progress=None):
             return _engine.fit_reference(argv, reference, params, device=device, dtype=dtype, cwd=cwd,
-                                         max_iter=max_iter, progress=progress, should_cancel=cancel.is_set)
+                                         max_iter=max_iter, loss=loss, roi=roi, progress=progress,
+                                         should_cancel=cancel.is_set)
 
         def done(res):
             self._running = False

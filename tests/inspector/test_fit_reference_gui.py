@@ -118,3 +118,38 @@ def test_fit_can_be_cancelled_from_the_panel(make_napari_viewer, qtbot, tmp_path
     assert "fit cancelled" in c.last_message
     assert not panel.use_fit_button.enabled and panel.fit_button.enabled and panel.run_button.enabled
     assert panel.args_text() == args_before
+
+
+@needs_engine
+def test_fit_loss_evaluations_and_region_from_the_panel(make_napari_viewer, qtbot, tmp_path):
+    ref_path = tmp_path / "reference_d101.bin"
+    _render(BASE.format(d=101), tmp_path).tofile(ref_path)
+    viewer = make_napari_viewer(show=True)
+    _, panel = viewer.window.add_plugin_dock_widget(PLUGIN, "Bragg simulation")
+    c = panel.controller
+    c.model.cwd = str(tmp_path)
+    panel.args_edit.value = BASE.format(d=100)
+    _click(qtbot, panel.run_button)
+    qtbot.waitUntil(lambda: not c.running and c.model.image is not None, timeout=60_000)
+    panel.ref_file.value = ref_path
+    qtbot.waitUntil(lambda: c.model.comparison is not None, timeout=10_000)
+
+    # a region outside the image is refused before any work, naming the bounds
+    panel.fit_region.value = "0 95 10 200"
+    _click(qtbot, panel.fit_button)
+    assert not c.running and c.last_fit is None
+    assert "region must be four integers xmin xmax ymin ymax inside 0..95 and 0..95" in (c.last_error or "")
+
+    panel.fit_params.value = "distance"
+    panel.fit_loss.value = "poisson"
+    panel.fit_iterations.value = 40
+    panel.fit_region.value = "8 87 8 87"
+    _click(qtbot, panel.fit_button)
+    qtbot.waitUntil(lambda: not c.running, timeout=300_000)
+    assert c.last_error is None, c.last_error
+    res = c.last_fit
+    assert res.loss == "poisson" and res.roi == [8, 87, 8, 87]
+    assert res.metrics_before["pixels"] == 80 * 80 and res.iterations <= 40
+    (dist,) = res.parameters
+    assert dist["offset"] == pytest.approx(1.0, abs=0.05)
+    assert "poisson fit" in panel.fit_result_label.value

@@ -18,6 +18,7 @@ from magicgui.widgets import (
     LineEdit,
     ProgressBar,
     PushButton,
+    SpinBox,
     TextEdit,
 )
 from qtpy.QtCore import Qt
@@ -250,6 +251,15 @@ class SimulationPanel(Container):
         self.fit_params = LineEdit(value=DEFAULT_FIT_PARAMS, name="fit_params",
                                    tooltip="comma-separated parameter families to fit, e.g. distance, beam_center, "
                                            "detector_rotation, twotheta, misset, cell, mosaic, wavelength")
+        self.fit_loss = ComboBox(choices=["lsq", "poisson"], value="lsq", name="fit_loss", label="loss",
+                                 tooltip="lsq: sum of squared differences; poisson: negative Poisson "
+                                         "log-likelihood of the reference's counts")
+        self.fit_iterations = SpinBox(value=60, min=1, max=1000, name="fit_iterations", label="evaluations",
+                                      tooltip="the most loss evaluations of the optimiser (L-BFGS)")
+        self.fit_region = LineEdit(value="", name="fit_region",
+                                   tooltip="pixels compared: xmin xmax ymin ymax (fast and slow, inclusive, as "
+                                           "-roi); blank: the whole image")
+        self.fit_region.native.setPlaceholderText("region: xmin xmax ymin ymax (blank: all)")
         self.fit_button = PushButton(text="Fit to reference", name="fit_button",
                                      tooltip="fit these parameters of the arguments above to the reference "
                                              "image (float64; Cancel stops it)")
@@ -274,7 +284,8 @@ class SimulationPanel(Container):
                 row(Label(value="tolerance (× max|ref|)"), self.tolerance_spin), self.flip_button,
                 self.metrics_label,
                 heading("Fit to the reference image"), row(Label(value="parameters"), self.fit_params),
-                row(self.fit_button, self.use_fit_button), self.fit_result_label,
+                row(Label(value="loss"), self.fit_loss, Label(value="evaluations"), self.fit_iterations),
+                self.fit_region, row(self.fit_button, self.use_fit_button), self.fit_result_label,
             ],
             labels=False, name="bragg_inspector_simulation",
         )
@@ -342,7 +353,8 @@ class SimulationPanel(Container):
 
     def _fit(self, *_):
         self.controller.fit_reference(self.fit_params.value.strip(), self.args_text(),
-                                      device=self.device_combo.value)
+                                      device=self.device_combo.value, loss=self.fit_loss.value,
+                                      max_iter=int(self.fit_iterations.value), region=self.fit_region.value)
 
     def set_hkl(self, path) -> None:
         """Add, replace (a path) or remove (None) ``-hkl`` in the argument line.
