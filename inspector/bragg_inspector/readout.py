@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _engine
 
-__all__ = ["hover_text", "group_by_reflection", "default_F_rows", "table_tsv", "spread_labels",
+__all__ = ["hover_text", "group_by_reflection", "table_tsv", "spread_labels",
            "reason_text", "significant"]
 
 
@@ -135,24 +135,6 @@ def group_by_reflection(rows: Sequence[Mapping[str, Any]], uses_default_F) -> tu
             "l": float(np.mean([r["l"] for r in rs])), "default_F": n_def > 0,
         })
     return ["h0", "k0", "l0", "evaluations", "default_F evals", "F_cell", "lookup", "h", "k", "l"], out
-
-
-def default_F_rows(rows: Sequence[Mapping[str, Any]], uses_default_F) -> list[int]:
-    """Indices of the rows whose F_cell came from default_F.
-
-    Parameters
-    ----------
-    rows : sequence of mapping
-        Tap rows.
-    uses_default_F : callable
-        ``uses_default_F(row)``: whether a row used default_F.
-
-    Returns
-    -------
-    list of int
-        The indices, in order.
-    """
-    return [i for i, r in enumerate(rows) if uses_default_F(r)]
 
 
 def table_tsv(columns: Sequence[str], cells: Sequence[Sequence[str]]) -> str:

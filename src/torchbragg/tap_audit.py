@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["write_audit", "compare_with_c", "nearest_neighbour_rule", "AUDIT_NAME", "load_c_taps"]
+__all__ = ["write_audit", "compare_with_c", "nearest_neighbour_rule", "AUDIT_NAME", "load_c_taps", "AuditError"]
 
 AUDIT_NAME = "tap5_hkl_audit.md"
 HKL_TOL = 1e-6
@@ -275,70 +275,69 @@ def _audit_one(path, doc, c_taps):
     total_problems = 0
     if not isinstance(doc, dict):
         raise TypeError("the document is not a JSON object")
-    if True:
-        s, f = doc["pixel_coords"]
-        cfg = doc["config"]
-        src = cfg["hkl_source"]
-        out += ["", f"## Pixel (slow {s}, fast {f}) — `{path.name}`", ""]
-        out.append(f"- arguments: `{' '.join(cfg['args'])}`")
-        out.append(f"- structure factors: {src.get('describe', src['kind'])}; bounds {cfg['hkl_bounds']}; "
-                   f"default_F {cfg['default_F']:g}; kind {src['kind']}")
-        for w in src.get("warnings", []):
-            out.append(f"- warning: {w}")
-        out.append(f"- oversample {doc['oversample']}, dtype {doc['dtype']}, device {doc['device']}, "
-                   f"final intensity {doc['final_intensity']:.9g} photons")
-        counts = {}
-        for r in doc["values"]["subpixels"]:
-            counts[r["lookup"]] = counts.get(r["lookup"], 0) + 1
-        out.append("- lookup reasons: " + ", ".join(f"{k} × {v}" for k, v in sorted(counts.items())))
-        out += ["", "| subS | subF | thick | src | phi | mos | h | k | l | h0 | k0 | l0 "
-                    "| F_cell | F_latt | oob | lookup |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:--:|:--|"]
-        for r in doc["values"]["subpixels"]:
-            h, k, l = r["hkl_fractional"]
-            h0, k0, l0 = r["hkl_rounded"]
-            out.append(f"| {r['subpixel_index'][0]} | {r['subpixel_index'][1]} | {r['thick']} | {r['source']} | "
-                       f"{r['phi']} | {r['mosaic']} | {h:.9g} | {k:.9g} | {l:.9g} | {h0} | {k0} | {l0} | "
-                       f"{r['F_cell']:.6g} | {r['F_latt']:.9g} | {_as_flag(r, 'out_of_bounds')} | {r['lookup']} |")
-        out += ["", "**Finding.** " + _conclusion(doc)]
-        bad = nonfinite_fields(doc)
-        if bad and c_taps is None:  # with C taps, compare_with_c counts them
-            total_problems += len(bad)
-            out += ["", f"**{len(bad)} non-finite number(s) in the tap** (a mismatch, whatever C says):"]
-            out += [f"- {p}" for p in bad[:20]]
-        if c_taps is not None:
+    s, f = doc["pixel_coords"]
+    cfg = doc["config"]
+    src = cfg["hkl_source"]
+    out += ["", f"## Pixel (slow {s}, fast {f}) — `{path.name}`", ""]
+    out.append(f"- arguments: `{' '.join(cfg['args'])}`")
+    out.append(f"- structure factors: {src.get('describe', src['kind'])}; bounds {cfg['hkl_bounds']}; "
+               f"default_F {cfg['default_F']:g}; kind {src['kind']}")
+    for w in src.get("warnings", []):
+        out.append(f"- warning: {w}")
+    out.append(f"- oversample {doc['oversample']}, dtype {doc['dtype']}, device {doc['device']}, "
+               f"final intensity {doc['final_intensity']:.9g} photons")
+    counts = {}
+    for r in doc["values"]["subpixels"]:
+        counts[r["lookup"]] = counts.get(r["lookup"], 0) + 1
+    out.append("- lookup reasons: " + ", ".join(f"{k} × {v}" for k, v in sorted(counts.items())))
+    out += ["", "| subS | subF | thick | src | phi | mos | h | k | l | h0 | k0 | l0 "
+                "| F_cell | F_latt | oob | lookup |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:--:|:--|"]
+    for r in doc["values"]["subpixels"]:
+        h, k, l = r["hkl_fractional"]
+        h0, k0, l0 = r["hkl_rounded"]
+        out.append(f"| {r['subpixel_index'][0]} | {r['subpixel_index'][1]} | {r['thick']} | {r['source']} | "
+                   f"{r['phi']} | {r['mosaic']} | {h:.9g} | {k:.9g} | {l:.9g} | {h0} | {k0} | {l0} | "
+                   f"{r['F_cell']:.6g} | {r['F_latt']:.9g} | {_as_flag(r, 'out_of_bounds')} | {r['lookup']} |")
+    out += ["", "**Finding.** " + _conclusion(doc)]
+    bad = nonfinite_fields(doc)
+    if bad and c_taps is None:  # with C taps, compare_with_c counts them
+        total_problems += len(bad)
+        out += ["", f"**{len(bad)} non-finite number(s) in the tap** (a mismatch, whatever C says):"]
+        out += [f"- {p}" for p in bad[:20]]
+    if c_taps is not None:
+        try:
+            hit = _find_c_pixel(c_taps, cfg["args"], [s, f])
+        except (KeyError, TypeError, IndexError, AttributeError) as err:
+            raise _CTapsShapeError(_shape_message(err)) from None
+        out.append("")
+        if hit is None:
+            out.append("C comparison: no C rows for these arguments and this pixel in the C taps file.")
+        else:
+            name, cpx = hit
             try:
-                hit = _find_c_pixel(c_taps, cfg["args"], [s, f])
+                problems = compare_with_c(doc, cpx)
             except (KeyError, TypeError, IndexError, AttributeError) as err:
                 raise _CTapsShapeError(_shape_message(err)) from None
+            total_problems += len(problems)
+            out += [f"### Side by side with C (config `{name}`)", "",
+                    "| subS | subF | h engine | h C | k engine | k C | l engine | l C "
+                    "| (h0,k0,l0) engine / C | F_cell engine / C | oob engine / C |",
+                    "|---:|---:|---:|---:|---:|---:|---:|---:|:--|:--|:--|"]
+            for o, c in zip(doc["values"]["subpixels"], cpx["rows"], strict=False):
+                out.append(f"| {c['subS']} | {c['subF']} | {o['hkl_fractional'][0]:.9g} | {c['h']:.9g} | "
+                           f"{o['hkl_fractional'][1]:.9g} | {c['k']:.9g} | {o['hkl_fractional'][2]:.9g} | "
+                           f"{c['l']:.9g} | {tuple(o['hkl_rounded'])} / {(c['h0'], c['k0'], c['l0'])} | "
+                           f"{o['F_cell']:g} / {c['F_cell']:g} | {_as_flag(o, 'out_of_bounds')} / {c['oob']} |")
             out.append("")
-            if hit is None:
-                out.append("C comparison: no C rows for these arguments and this pixel in the C taps file.")
+            out.append(f"Pixel value: engine {doc['final_intensity']:.9g}, C {cpx['pixel_value']:.9g}.")
+            if problems:
+                out.append(f"**{len(problems)} mismatch(es):**")
+                out += [f"- {p}" for p in problems]
             else:
-                name, cpx = hit
-                try:
-                    problems = compare_with_c(doc, cpx)
-                except (KeyError, TypeError, IndexError, AttributeError) as err:
-                    raise _CTapsShapeError(_shape_message(err)) from None
-                total_problems += len(problems)
-                out += [f"### Side by side with C (config `{name}`)", "",
-                        "| subS | subF | h engine | h C | k engine | k C | l engine | l C "
-                        "| (h0,k0,l0) engine / C | F_cell engine / C | oob engine / C |",
-                        "|---:|---:|---:|---:|---:|---:|---:|---:|:--|:--|:--|"]
-                for o, c in zip(doc["values"]["subpixels"], cpx["rows"], strict=False):
-                    out.append(f"| {c['subS']} | {c['subF']} | {o['hkl_fractional'][0]:.9g} | {c['h']:.9g} | "
-                               f"{o['hkl_fractional'][1]:.9g} | {c['k']:.9g} | {o['hkl_fractional'][2]:.9g} | "
-                               f"{c['l']:.9g} | {tuple(o['hkl_rounded'])} / {(c['h0'], c['k0'], c['l0'])} | "
-                               f"{o['F_cell']:g} / {c['F_cell']:g} | {_as_flag(o, 'out_of_bounds')} / {c['oob']} |")
-                out.append("")
-                out.append(f"Pixel value: engine {doc['final_intensity']:.9g}, C {cpx['pixel_value']:.9g}.")
-                if problems:
-                    out.append(f"**{len(problems)} mismatch(es):**")
-                    out += [f"- {p}" for p in problems]
-                else:
-                    out.append(f"**No mismatch**: h,k,l within {HKL_TOL:g}, identical (h0,k0,l0), F_cell and "
-                               f"out_of_bounds, F_latt within 1e-6, final intensity within "
-                               f"{INTENSITY_RTOL:g} relative.")
+                out.append(f"**No mismatch**: h,k,l within {HKL_TOL:g}, identical (h0,k0,l0), F_cell and "
+                           f"out_of_bounds, F_latt within 1e-6, final intensity within "
+                           f"{INTENSITY_RTOL:g} relative.")
     return out, total_problems
 
 
