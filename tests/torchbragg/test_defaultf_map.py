@@ -108,3 +108,14 @@ def test_options_are_checked_before_any_run(tmp_path, capsys):
     assert main(["--renderer", prog, "--"]) == 2
     assert "no nanoBragg arguments" in capsys.readouterr().err
     assert not list(tmp_path.rglob("ran"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the following arguments are required: --renderer"),
+    (["--renderer", "x", "--bogus", "--"] + SMALL, "unrecognized arguments: --bogus"),
+    (["--renderer", "x", "--list", "many", "--"] + SMALL, "argument --list: invalid int value: 'many'"),
+])
+def test_bad_options_are_one_line_errors(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"torchbragg defaultf-map: {message} (see --help)"

@@ -14,6 +14,12 @@ from ..resolve import SetupError
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on standard error and exit 2, not argparse's usage block
+        print(f"{self.prog}: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``torchbragg defaultf-map --renderer PROGRAM [--out DIR] [--list N] [--no-engine] [--timeout S]
     -- <nanoBragg args>``.
@@ -41,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in argv:
         k = argv.index("--")
         argv, nb = argv[:k], argv[k + 1:]
-    p = argparse.ArgumentParser(prog="torchbragg defaultf-map")
+    p = _Parser(prog="torchbragg defaultf-map")
     p.add_argument("--renderer", required=True)
     p.add_argument("--out")
     p.add_argument("--list", type=int, default=20)
