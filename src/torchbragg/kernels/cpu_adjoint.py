@@ -17,8 +17,7 @@ from __future__ import annotations
 import ctypes
 import threading
 import warnings
-from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import wait
 
 import numpy as np
 import torch
@@ -119,7 +118,8 @@ def run_adjoint(plan: KernelParameters, grad: torch.Tensor, rows: tuple[int, int
     """The gradient of ``sum(grad * image)`` with respect to the plan's packed parameters.
 
     The rows are cut into slices of at most :data:`ADJOINT_EVALUATIONS_PER_SLICE` evaluations (at
-    least four per thread), taken by the threads from a queue; each thread sums into its own buffers.
+    least four per thread); thread k takes slices k, k + n, ... into its own sums, so the result is
+    the same bit for bit on every run.
 
     Parameters
     ----------
@@ -136,9 +136,10 @@ def run_adjoint(plan: KernelParameters, grad: torch.Tensor, rows: tuple[int, int
     threads : int, optional
         Threads to use (default ``torch.get_num_threads()``).
     progress : callable, optional
-        Called as ``progress(rows_done, rows_total)`` in the calling thread as slices finish.
+        Called as ``progress(rows_done, rows_total)`` in the calling thread while slices finish.
     should_cancel : callable, optional
-        Called in the calling thread before each slice is handed out; True stops the pass.
+        Called in the calling thread before the pass and while its slices run (every 50 ms; before
+        each slice on one thread); True stops it before the next slices.
 
     Returns
     -------
@@ -170,44 +171,57 @@ def run_adjoint(plan: KernelParameters, grad: torch.Tensor, rows: tuple[int, int
     per_slice = max(1, ADJOINT_EVALUATIONS_PER_SLICE // max(1, plan.evaluations_per_pixel * ncols))
     step = max(1, min(per_slice, -(-nrows // (4 * n))))
     starts = list(range(r_lo, r_hi + 1, step))
-    sums: dict[int, tuple] = {}  # per thread: its own buffers
-    lock = threading.Lock()
+    # worker k takes slices k, k + n, ... in order into its own sums, summed in worker order at the end:
+    # the same additions in the same order on every run (a reproducible gradient)
+    sums = [(np.zeros(D_LEN), np.zeros_like(plan.lattice), np.zeros_like(plan.src),
+             np.zeros(table.numel()) if want_table else None) for _ in range(n)]
+    rows_done = [0] * n
+    stop = threading.Event()
 
-    def call(r0):
-        key = threading.get_ident()
-        with lock:
-            if key not in sums:
-                sums[key] = (np.zeros(D_LEN), np.zeros_like(plan.lattice), np.zeros_like(plan.src),
-                             np.zeros(table.numel()) if want_table else None)
-            dp, lat, src, tab = sums[key]
-        count = min(step, r_hi + 1 - r0)
-        rc = fn(*fixed, r0, count, c_lo, ncols, P(g.ctypes.data + (r0 * g.shape[1] + c_lo) * 8), g.shape[1],
-                skip[0], skip[1], ptr(dp), ptr(lat), ptr(src), ptr(tab) if tab is not None else P(None))
-        if rc != 0:
-            raise RuntimeError(f"CPU adjoint kernel failed ({rc})")
-        return count
+    def work(k):
+        dp, lat, src, tab = sums[k]
+        for r0 in starts[k::n]:
+            if stop.is_set():
+                return
+            count = min(step, r_hi + 1 - r0)
+            rc = fn(*fixed, r0, count, c_lo, ncols, P(g.ctypes.data + (r0 * g.shape[1] + c_lo) * 8), g.shape[1],
+                    skip[0], skip[1], ptr(dp), ptr(lat), ptr(src), ptr(tab) if tab is not None else P(None))
+            if rc != 0:
+                raise RuntimeError(f"CPU adjoint kernel failed ({rc})")
+            rows_done[k] += count
+
+    def report():
+        if progress is not None:
+            progress(sum(rows_done), nrows)
 
     pool = thread_pool(n)
-    pending: deque = deque()
-    nxt, done, cancelled = 0, 0, False
-    while pending or (nxt < len(starts) and not cancelled):
-        while nxt < len(starts) and len(pending) < 2 * n and not cancelled:
+    if pool is None:  # one thread: the calling one, asked to stop between slices
+        dp, lat, src, tab = sums[0]
+        for r0 in starts:
             if should_cancel is not None and should_cancel():
-                cancelled = True
-                break
-            if pool is None:
-                f = Future()
-                f.set_result(call(starts[nxt]))
-            else:
-                f = pool.submit(call, starts[nxt])
-            pending.append(f)
-            nxt += 1
-        if pending:
-            done += pending.popleft().result()
-            if progress is not None and not cancelled:
-                progress(done, nrows)
-    if cancelled:
-        return None
-    parts = list(sums.values())
+                return None
+            count = min(step, r_hi + 1 - r0)
+            rc = fn(*fixed, r0, count, c_lo, ncols, P(g.ctypes.data + (r0 * g.shape[1] + c_lo) * 8), g.shape[1],
+                    skip[0], skip[1], ptr(dp), ptr(lat), ptr(src), ptr(tab) if tab is not None else P(None))
+            if rc != 0:
+                raise RuntimeError(f"CPU adjoint kernel failed ({rc})")
+            rows_done[0] += count
+            report()
+    else:  # the calling thread asks should_cancel and reports progress while the workers run
+        if should_cancel is not None and should_cancel():
+            return None
+        futures = [pool.submit(work, k) for k in range(n)]
+        while not all(f.done() for f in futures):
+            wait(futures, timeout=0.05)
+            if not stop.is_set() and should_cancel is not None and should_cancel():
+                stop.set()
+            if not stop.is_set():
+                report()
+        for f in futures:
+            f.result()
+        if stop.is_set():
+            return None
+        report()
+    parts = sums
     return {"dp": sum(o[0] for o in parts), "lattice": sum(o[1] for o in parts), "src": sum(o[2] for o in parts),
             "table": sum(o[3] for o in parts) if want_table else None}
