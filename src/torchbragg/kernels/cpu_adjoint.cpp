@@ -353,10 +353,11 @@ extern "C" int tb_adjoint(const double* dp, const int64_t* ip, const double* lat
                     for (int64_t sf = 0; sf < os; ++sf) {
                         const double fo = (double)sf + 0.5;
                         // the sums over the block's columns of this subpixel's gradients: lattice (s*), a* (u*),
-                        // default_F, N, the source (gi*, gil), and the detector point (f* along fdet, q* plain)
+                        // default_F, N (per phi step and domain), the source (hi*, hil), and the detector point
+                        // (f* along fdet, q* plain)
                         double s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0, s8 = 0;
                         double u0 = 0, u1 = 0, u2 = 0, u3 = 0, u4 = 0, u5 = 0, u6 = 0, u7 = 0, u8 = 0;
-                        double sdef = 0, n0 = 0, n1 = 0, n2 = 0, gi0 = 0, gi1 = 0, gi2 = 0, gil = 0;
+                        double sdef = 0, n0 = 0, n1 = 0, n2 = 0;
                         double f0 = 0, f1 = 0, f2 = 0, q0 = 0, q1 = 0, q2 = 0;
                         {
 #pragma omp simd
