@@ -96,8 +96,8 @@ def test_fit_to_reference_from_the_compare_panel(make_napari_viewer, qtbot, tmp_
     assert not c.running and c.model.image is rendered_image  # no render started
 
 
-@needs_engine
-def test_fit_can_be_cancelled_from_the_panel(make_napari_viewer, qtbot, tmp_path):
+def _panel_with_reference(make_napari_viewer, qtbot, tmp_path):
+    """The simulation panel on a plain viewer, distance 100 rendered, a distance-101 reference open."""
     ref_path = tmp_path / "reference_d101.bin"
     _render(BASE.format(d=101), tmp_path).tofile(ref_path)
     viewer = make_napari_viewer(show=True)
@@ -109,6 +109,12 @@ def test_fit_can_be_cancelled_from_the_panel(make_napari_viewer, qtbot, tmp_path
     qtbot.waitUntil(lambda: not c.running and c.model.image is not None, timeout=60_000)
     panel.ref_file.value = ref_path
     qtbot.waitUntil(lambda: c.model.comparison is not None, timeout=10_000)
+    return panel, c
+
+
+@needs_engine
+def test_fit_can_be_cancelled_from_the_panel(make_napari_viewer, qtbot, tmp_path):
+    panel, c = _panel_with_reference(make_napari_viewer, qtbot, tmp_path)
     args_before = panel.args_text()
     _click(qtbot, panel.fit_button)
     assert c.running
@@ -122,17 +128,7 @@ def test_fit_can_be_cancelled_from_the_panel(make_napari_viewer, qtbot, tmp_path
 
 @needs_engine
 def test_fit_loss_evaluations_and_region_from_the_panel(make_napari_viewer, qtbot, tmp_path):
-    ref_path = tmp_path / "reference_d101.bin"
-    _render(BASE.format(d=101), tmp_path).tofile(ref_path)
-    viewer = make_napari_viewer(show=True)
-    _, panel = viewer.window.add_plugin_dock_widget(PLUGIN, "Bragg simulation")
-    c = panel.controller
-    c.model.cwd = str(tmp_path)
-    panel.args_edit.value = BASE.format(d=100)
-    _click(qtbot, panel.run_button)
-    qtbot.waitUntil(lambda: not c.running and c.model.image is not None, timeout=60_000)
-    panel.ref_file.value = ref_path
-    qtbot.waitUntil(lambda: c.model.comparison is not None, timeout=10_000)
+    panel, c = _panel_with_reference(make_napari_viewer, qtbot, tmp_path)
 
     # a region outside the image is refused before any work, naming the bounds
     panel.fit_region.value = "0 95 10 200"
