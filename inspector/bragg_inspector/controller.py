@@ -329,6 +329,8 @@ class InspectorController:
         bool
             As above; also False when a render is already running.
         """
+        if self.detached:
+            return False
         if self._running:
             self._info("a render is already running: cancel it first", "error")
             return False
@@ -410,6 +412,9 @@ class InspectorController:
                 return
             timer.stop()
             self._running = False
+            if self.detached:
+                pre.close()
+                return
             if not state:
                 pre.close()
                 self.simulate(argv, device=device, dtype=dtype)
@@ -501,6 +506,8 @@ class InspectorController:
             True once started (``wait=False``) or when it succeeded (``wait=True``); False when there is
             no reference image, the arguments are bad or something already runs (shown as a message).
         """
+        if self.detached:
+            return False
         if self._running:
             self._info("a render or fit is already running: cancel it first", "error")
             return False
@@ -515,10 +522,10 @@ class InspectorController:
             return False
         roi = None
         if isinstance(region, str):
-            region = region.replace(",", " ").split() or None
-        if region is not None:
+            region = region.replace(",", " ").split()
+        if region is not None and len(region) > 0:
             try:
-                roi = [int(v) for v in region]
+                roi = [int(str(v)) for v in region]  # whole numbers only: "1.5" and 1.5 are refused
             except ValueError:
                 roi = []
             ny, nx = cmp.reference.shape
@@ -547,6 +554,8 @@ class InspectorController:
             self._running = False
             self._result = (True, None)
             self.last_fit = res
+            if self.detached:
+                return
             after = res.metrics_after
             self._info(f"fitted {params}: rmsd {res.metrics_before['rmsd']:.4g} → {after['rmsd']:.4g} photons "
                        f"in {res.iterations} evaluations; 'Use fitted arguments' puts them in the argument line")
@@ -615,6 +624,10 @@ class InspectorController:
         self.render_finished.emit(False)
 
     def _render_done(self, res, argv, device, dtype) -> None:
+        if self.detached:  # the window closed while it ran: nothing to show it in
+            self._running = False
+            self._result = (False, "cancelled")
+            return
         sim, img, fb = res
         t0 = time.perf_counter()
         old_shape = self.model.shape

@@ -592,7 +592,7 @@ class DifferentiableParameters:
         dict of str to torch.Tensor
             One gradient per family, float64, shaped as the leaf.
         """
-        from .kernels.cpu_adjoint import adjoint_unsupported, cpu_adjoint_function
+        from .kernels.cpu_adjoint import adjoint_problem, adjoint_unsupported, cpu_adjoint_function
         from .kernels.packing import compiled_kernels_unsupported
         from .simulation import RenderCancelled
 
@@ -622,13 +622,15 @@ class DifferentiableParameters:
             plan = sim.compiled_plan() if self.backward_kernel != "eager" else None
             if self.backward_kernel == "eager":
                 why = "backward_kernel is 'eager'"
+            elif plan is None and not sim.compiled_kernels_on():
+                why = "compiled kernels off"
             elif plan is None:
-                why = (compiled_kernels_unsupported(kt0, "cpu") if sim.compiled_kernels_on() else None) or \
-                    "compiled kernels off"
+                why = compiled_kernels_unsupported(kt0, "cpu") or (
+                    "a non-integer N renders with the PyTorch kernel" if sim._eager_only else "no compiled CPU render")
             else:
                 why = adjoint_unsupported(plan, set(needed))
             if why is None and cpu_adjoint_function(kt0.shape, kt0.table is not None) is None:
-                why = "the compiled adjoint kernel is unavailable"
+                why = f"the compiled adjoint kernel is unavailable: {adjoint_problem(kt0.shape, kt0.table is not None)}"
             self.last_backward = "compiled CPU adjoint" if why is None else f"eager kernel ({why})"
             if why is None:
                 first = sim.first_pixel() if kt0.lattice_first is not None else None

@@ -157,6 +157,30 @@ def test_the_gradient_is_the_same_bit_for_bit_on_every_run(monkeypatch, tmp_path
     assert all(torch.equal(r, runs[0]) for r in runs[1:])
 
 
+def test_a_failing_slice_stops_the_others_and_raises(monkeypatch):
+    import time
+
+    import torchbragg.kernels.cpu_adjoint as adjoint
+
+    sim = Simulation.from_args(BASE + ["-detpixels", "24"], dtype=torch.float64, requires_grad=["distance"])
+    img = sim.render().detach()
+    plan = sim.compiled_plan()
+    calls = []
+
+    def kernel(*args):  # the compiled function's stand-in: the third slice fails
+        calls.append(1)
+        time.sleep(0.02)
+        return 7 if len(calls) == 3 else 0
+
+    monkeypatch.setattr(adjoint, "ADJOINT_EVALUATIONS_PER_SLICE", 24)  # one row a slice: 24 slices
+    monkeypatch.setattr(adjoint, "cpu_adjoint_function", lambda shape, table: kernel)
+    with pytest.raises(RuntimeError, match=r"CPU adjoint kernel failed \(7\)"):
+        run_adjoint(plan, img, (0, 23), (0, 23), threads=2)
+    settled = len(calls)
+    time.sleep(0.2)
+    assert len(calls) == settled < 24  # stopped, and nothing runs on after the call
+
+
 def test_cancel_is_asked_in_the_calling_thread_and_heard_once():
     import threading
 

@@ -118,4 +118,4 @@ def test_options_are_checked_before_any_run(tmp_path, capsys):
 def test_bad_options_are_one_line_errors(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"torchbragg defaultf-map: {message} (see --help)"
+    assert err == f"torchbragg defaultf-map: error: {message}"

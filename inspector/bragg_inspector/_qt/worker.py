@@ -11,22 +11,37 @@ __all__ = ["QtRunner", "on_window_close"]
 
 
 class _CloseWatcher(QObject):
-    """Calls ``callback()`` once when the watched window receives its close event."""
+    """Calls ``callback()`` once when the watched window has closed: after a close event the window's
+    own handler accepted (napari may ask "are you sure?" and keep it open), or when it is deleted."""
 
     def __init__(self, window, callback):
         super().__init__(window)
         self._callback = callback
+        self._window = window
         window.installEventFilter(self)
+        window.destroyed.connect(self._fire)
 
     def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
-        if event.type() == QEvent.Type.Close and self._callback is not None:
+        if event.type() == QEvent.Type.Close:
+            QTimer.singleShot(0, self._after_close)  # once the window's closeEvent has decided
+        return False
+
+    def _after_close(self):
+        try:
+            still_open = self._window.isVisible()
+        except RuntimeError:  # already deleted
+            still_open = False
+        if not still_open:
+            self._fire()
+
+    def _fire(self, *_):
+        if self._callback is not None:
             callback, self._callback = self._callback, None
             callback()
-        return False
 
 
 def on_window_close(viewer, callback) -> None:
-    """Call ``callback()`` when the viewer's window is closed (before its widgets are deleted).
+    """Call ``callback()`` once the viewer's window has closed (a close it accepted, or its deletion).
 
     Parameters
     ----------

@@ -26,7 +26,7 @@ from .build import NO_COMPILER_MESSAGE, NativeSource, cached_build, compile_shar
 from .cpu import CXX_FLAGS, thread_pool
 from .packing import D_LEN, KernelParameters, variant_defines
 
-__all__ = ["adjoint_unsupported", "cpu_adjoint_function", "run_adjoint", "ADJOINT_ARGTYPES",
+__all__ = ["adjoint_unsupported", "adjoint_problem", "cpu_adjoint_function", "run_adjoint", "ADJOINT_ARGTYPES",
            "ADJOINT_EVALUATIONS_PER_SLICE"]
 
 #: ctypes argument types of ``tb_adjoint``: dp, ip, lattice, src, table, mask, row0, nrows, col0, ncols,
@@ -112,6 +112,24 @@ def cpu_adjoint_function(shape: str, table: bool):
     return fn
 
 
+def adjoint_problem(shape: str, table: bool) -> str | None:
+    """Why :func:`cpu_adjoint_function` returned None for this variant (no compiler, a build error).
+
+    Parameters
+    ----------
+    shape : str
+        Crystal shape.
+    table : bool
+        Whether the set-up has a table.
+
+    Returns
+    -------
+    str or None
+        The reason, or None when the variant was built (or not yet tried).
+    """
+    return _errors.get((shape, bool(table)))
+
+
 def run_adjoint(plan: KernelParameters, grad: torch.Tensor, rows: tuple[int, int], cols: tuple[int, int], *,
                 skip_pixel: tuple[int, int] | None = None, want_table: bool = False,
                 threads: int | None = None, progress=None, should_cancel=None) -> dict | None:
@@ -156,7 +174,7 @@ def run_adjoint(plan: KernelParameters, grad: torch.Tensor, rows: tuple[int, int
     has_table = plan.table is not None
     fn = cpu_adjoint_function(kt.shape, has_table)
     if fn is None:
-        raise RuntimeError(f"CPU adjoint kernel unavailable: {_errors.get((kt.shape, has_table))}")
+        raise RuntimeError(f"CPU adjoint kernel unavailable: {adjoint_problem(kt.shape, has_table)}")
     g = np.ascontiguousarray(grad.detach().cpu().to(torch.float64).numpy())
     (r_lo, r_hi), (c_lo, c_hi) = rows, cols
     nrows, ncols = r_hi - r_lo + 1, c_hi - c_lo + 1
@@ -190,9 +208,13 @@ def run_adjoint(plan: KernelParameters, grad: torch.Tensor, rows: tuple[int, int
                 raise RuntimeError(f"CPU adjoint kernel failed ({rc})")
             rows_done[k] += count
 
+    reported = [-1]
+
     def report():
-        if progress is not None:
-            progress(sum(rows_done), nrows)
+        done = sum(rows_done)
+        if progress is not None and done != reported[0]:
+            reported[0] = done
+            progress(done, nrows)
 
     pool = thread_pool(n)
     if pool is None:  # one thread: the calling one, asked to stop between slices
@@ -211,12 +233,19 @@ def run_adjoint(plan: KernelParameters, grad: torch.Tensor, rows: tuple[int, int
         if should_cancel is not None and should_cancel():
             return None
         futures = [pool.submit(work, k) for k in range(n)]
-        while not all(f.done() for f in futures):
-            wait(futures, timeout=0.05)
-            if not stop.is_set() and should_cancel is not None and should_cancel():
+        try:
+            while not all(f.done() for f in futures):
+                wait(futures, timeout=0.05)
+                if any(f.done() and f.exception() is not None for f in futures):
+                    stop.set()  # a failed slice: the others stop too, and its error is raised below
+                elif not stop.is_set() and should_cancel is not None and should_cancel():
+                    stop.set()
+                if not stop.is_set():
+                    report()
+        finally:  # whatever happens here (an exception, an interrupt), no worker outlives the call
+            if not all(f.done() for f in futures):
                 stop.set()
-            if not stop.is_set():
-                report()
+                wait(futures)
         for f in futures:
             f.result()
         if stop.is_set():
