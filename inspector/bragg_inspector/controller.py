@@ -562,15 +562,7 @@ class InspectorController:
             self.fit_finished.emit(res)
 
         def failed(exc):
-            self._running = False
-            if isinstance(exc, _engine.render_cancelled_type()) or cancel.is_set():
-                self._result = (False, "cancelled")
-                self._info("fit cancelled; the arguments are unchanged", "info")
-            else:
-                self._result = (False, exc)
-                if not isinstance(exc, _engine.user_error_types()):
-                    traceback.print_exception(type(exc), exc, exc.__traceback__)
-                self.report_error(exc, "Fit failed")
+            self._job_failed(exc, cancel, "fit cancelled; the arguments are unchanged", "Fit failed")
             self.fit_finished.emit(None)
 
         self.runner.start(job, lambda d, t: self.fit_progress.emit(int(d), int(t)), done, failed)
@@ -611,16 +603,21 @@ class InspectorController:
             self._cancel.set()
             self._info("cancelling…", "busy")
 
-    def _render_failed(self, exc: BaseException) -> None:
+    def _job_failed(self, exc: BaseException, cancel: threading.Event, cancelled: str, context: str) -> None:
+        """A render or fit job ended without a result: record it, and say it was cancelled (``cancelled``)
+        or report the error under ``context`` (with its traceback on the console when it is a bug)."""
         self._running = False
-        if isinstance(exc, _engine.render_cancelled_type()) or self._cancel.is_set():
+        if isinstance(exc, _engine.render_cancelled_type()) or cancel.is_set():
             self._result = (False, "cancelled")
-            self._info("render cancelled; the previous image is kept", "info")
+            self._info(cancelled, "info")
         else:
             self._result = (False, exc)
             if not isinstance(exc, _engine.user_error_types()):
                 traceback.print_exception(type(exc), exc, exc.__traceback__)
-            self.report_error(exc, "Simulation failed")
+            self.report_error(exc, context)
+
+    def _render_failed(self, exc: BaseException) -> None:
+        self._job_failed(exc, self._cancel, "render cancelled; the previous image is kept", "Simulation failed")
         self.render_finished.emit(False)
 
     def _render_done(self, res, argv, device, dtype) -> None:
